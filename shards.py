@@ -1,0 +1,105 @@
+"""The token shard format (llm.c's) and the one reader that prepare.py, train.py and tests share.
+
+A shard `<split>_NNNNNN.bin` is a header of 256 little-endian int32 followed by the tokens:
+    header[0] = 20240520 (magic), header[1] = 1 (version), header[2] = number of tokens,
+    header[3:] = 0; then header[2] uint16 tokens (GPT-2 ids fit: 50257 < 65536).
+`meta.json` beside the shards records the tokenizer, vocab size, EOT id and each shard's token
+count; the reader checks every shard against its header, its file size and meta.json.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+TOKEN_DTYPE = np.uint16
+
+
+def atomic_write_bytes(path: Path, chunks) -> None:
+    """Writes chunks (bytes-like) to path via a temp name + fsync + rename: never half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_shard(path: Path, tokens: np.ndarray) -> None:
+    tokens = np.asarray(tokens)
+    if tokens.size and int(tokens.max()) > np.iinfo(TOKEN_DTYPE).max:
+        raise ValueError(f"token id {int(tokens.max())} does not fit in uint16; shards hold GPT-2-sized vocabularies")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (MAGIC, VERSION, tokens.size)
+    atomic_write_bytes(path, [header.tobytes(), tokens.astype("<u2", copy=False).tobytes()])
+
+
+def read_shard(path: Path) -> np.memmap:
+    """Memory-maps a shard's tokens after checking its header and size; errors name the file."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise ValueError(f"{path}: truncated shard ({size} bytes, header alone is {HEADER_BYTES}); rerun prepare.py")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header[0] != MAGIC or header[1] != VERSION:
+        raise ValueError(f"{path}: not a token shard (magic {header[0]}, version {header[1]}); rerun prepare.py")
+    expected = HEADER_BYTES + int(header[2]) * 2
+    if size != expected:
+        raise ValueError(f"{path}: size {size} bytes but header promises {expected}; the shard is damaged, rerun prepare.py")
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(int(header[2]),))
+
+
+def read_meta(data_dir: Path) -> dict:
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; run `python prepare.py` (or --dataset=austen) first")
+    return json.loads(path.read_text())
+
+
+class TokenWindows:
+    """Non-overlapping windows of block_size + 1 tokens over one split's shards.
+
+    Window i gives block_size inputs and block_size targets (shifted by one). Windows never cross
+    a shard boundary; the tail of a shard shorter than a window is not used.
+    """
+
+    def __init__(self, data_dir: Path, split: str, block_size: int):
+        self.data_dir = Path(data_dir)
+        self.meta = read_meta(self.data_dir)
+        self.block_size = block_size
+        shard_infos = self.meta["splits"].get(split, {}).get("shards", [])
+        if not shard_infos:
+            raise ValueError(f"{self.data_dir}: no '{split}' shards in meta.json; rerun prepare.py")
+        self.shards = []
+        for info in shard_infos:
+            tokens = read_shard(self.data_dir / info["file"])
+            if len(tokens) != info["tokens"]:
+                raise ValueError(f"{self.data_dir / info['file']}: {len(tokens)} tokens but meta.json says {info['tokens']}; rerun prepare.py --force")
+            self.shards.append(tokens)
+        counts = np.array([max(0, (len(s) - 1) // block_size) for s in self.shards], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(counts)])  # window index where each shard begins
+        if self.starts[-1] == 0:
+            raise ValueError(f"{self.data_dir}: '{split}' has fewer than block_size + 1 = {block_size + 1} tokens; use a smaller block_size or more data")
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        shard = int(np.searchsorted(self.starts, i, side="right")) - 1
+        offset = (i - int(self.starts[shard])) * self.block_size
+        return np.asarray(self.shards[shard][offset : offset + self.block_size + 1])
+
+    def batch(self, indices) -> np.ndarray:
+        """(len(indices), block_size + 1) int64, ready for torch.from_numpy."""
+        return np.stack([self[int(i)] for i in indices]).astype(np.int64)
