@@ -1,0 +1,176 @@
+"""Parity with transformers' GPT2LMHeadModel on random-init models (no downloads)."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from model import CONV1D_SUFFIXES, GPT, GPTConfig, config_from_hf, hf_config
+
+# Deliberately odd shapes: 3 heads of width 16, 37 positions, a vocabulary of 101; one head; many.
+SMALL_CONFIGS = [
+    dict(n_layer=2, n_head=3, n_embd=48, n_positions=37, vocab_size=101),
+    dict(n_layer=1, n_head=1, n_embd=8, n_positions=5, vocab_size=7),
+    dict(n_layer=3, n_head=4, n_embd=64, n_positions=64, vocab_size=257),
+]
+
+
+def make_pair(dropout=0.0, **kw):
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, **kw))
+    ours = GPT(config_from_hf(hf.config.to_dict()))
+    ours.load_hf_state_dict(hf.state_dict())
+    return hf, ours
+
+
+def tokens(vocab_size, batch, length, seed=1):
+    return torch.randint(0, vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def full_pair():
+    return make_pair(dropout=0.1)
+
+
+@pytest.mark.parametrize("kw", SMALL_CONFIGS)
+def test_logits_and_loss_match_hf(kw):
+    hf, ours = make_pair(**kw)
+    hf.eval(), ours.eval()
+    idx = tokens(kw["vocab_size"], 3, kw["n_positions"])
+    with torch.no_grad():
+        ref = hf(idx, labels=idx)
+        logits, _ = ours(idx)
+        _, loss = ours(idx[:, :-1], idx[:, 1:])  # HF shifts the labels inside; we take them shifted
+    assert (logits - ref.logits).abs().max() < 1e-5
+    assert abs(loss.item() - ref.loss.item()) < 1e-5
+
+
+def test_ignore_index_matches_hf_labels():
+    hf, ours = make_pair(**SMALL_CONFIGS[0])
+    idx = tokens(101, 2, 20)
+    labels = idx.clone()
+    labels[:, 5:9] = -100
+    with torch.no_grad():
+        ref = hf(idx, labels=labels).loss
+        _, loss = ours(idx[:, :-1], labels[:, 1:])
+    assert abs(loss.item() - ref.item()) < 1e-6
+
+
+def test_full_config_logits_match_hf(full_pair):
+    hf, ours = full_pair
+    hf.eval(), ours.eval()
+    idx = tokens(50257, 2, 64)
+    with torch.no_grad():
+        assert (ours(idx)[0] - hf(idx).logits).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("kw", SMALL_CONFIGS[:2])
+def test_gradients_match_hf(kw):
+    hf, ours = make_pair(**kw)
+    idx = tokens(kw["vocab_size"], 4, kw["n_positions"])
+    hf(idx, labels=idx).loss.backward()
+    ours(idx[:, :-1], idx[:, 1:])[1].backward()
+    hf_grads = {n: p.grad for n, p in hf.named_parameters()}
+    for name, p in ours.named_parameters():
+        ref = hf_grads[name].t() if name.endswith(CONV1D_SUFFIXES) else hf_grads[name]
+        assert torch.allclose(p.grad, ref, atol=1e-6, rtol=1e-4), name
+
+
+def test_round_trips_give_equal_logits(tmp_path):
+    hf, ours = make_pair(**SMALL_CONFIGS[0])
+    idx = tokens(101, 2, 37)
+    hf.eval()
+    with torch.no_grad():
+        ref = hf(idx).logits
+    # HF -> ours -> HF (in memory)
+    back = GPT2LMHeadModel(hf.config).eval()
+    back.load_state_dict(ours.hf_state_dict(), strict=False)
+    back.tie_weights()
+    # ours -> save_pretrained -> GPT2LMHeadModel.from_pretrained
+    ours.save_pretrained(tmp_path)
+    loaded, info = GPT2LMHeadModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    with torch.no_grad():
+        assert torch.equal(back(idx).logits, ref)
+        assert torch.equal(loaded.eval()(idx).logits, ref)
+
+
+def test_from_pretrained_reads_every_hf_layout(tmp_path):
+    hf, _ = make_pair(**SMALL_CONFIGS[0])
+    idx = tokens(101, 1, 10)
+    with torch.no_grad():
+        ref = hf.eval()(idx).logits
+    hf.save_pretrained(tmp_path / "safetensors")
+    # pytorch_model.bin from a torch.compile'd model, and GPT2Model keys without 'transformer.'
+    for folder, rename in [("compiled", lambda n: "_orig_mod." + n), ("bare", lambda n: n.removeprefix("transformer."))]:
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "config.json").write_text(hf.config.to_json_string())
+        torch.save({rename(n): t for n, t in hf.state_dict().items()}, tmp_path / folder / "pytorch_model.bin")
+    for folder in ["safetensors", "compiled", "bare"]:
+        model = GPT.from_pretrained(tmp_path / folder).eval()
+        with torch.no_grad():
+            assert (model(idx)[0] - ref).abs().max() < 1e-6, folder
+
+
+def test_default_config_size_and_init_match_hf(full_pair):
+    hf, _ = full_pair
+    torch.manual_seed(1)
+    ours = GPT(GPTConfig())
+    assert ours.num_params() == 124_439_808 == hf.num_parameters()
+    hf_params = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        ref = hf_params[name]
+        for stat in (torch.mean, torch.std):
+            assert abs(stat(p).item() - stat(ref).item()) < 2e-4, (name, stat.__name__)
+    block = ours.transformer.h[0]
+    assert abs(block.attn.c_proj.weight.std().item() - 0.02 / math.sqrt(24)) < 1e-4
+    assert abs(block.mlp.c_fc.weight.std().item() - 0.02) < 1e-4
+    assert ours.lm_head.weight is ours.transformer.wte.weight
+
+
+def test_optimizer_groups_match_hf_trainer():
+    from transformers import Trainer, TrainingArguments
+
+    hf, ours = make_pair(**SMALL_CONFIGS[0])
+    args = TrainingArguments(output_dir="/tmp/unused", weight_decay=0.01, report_to=[])
+    decay_names = set(Trainer(model=hf, args=args).get_decay_parameter_names(hf))
+    decay_names.remove("lm_head.weight")  # HF lists the tied embedding under both names
+    ours_by_id = {id(p): n for n, p in ours.named_parameters()}
+    groups = ours.configure_optimizers(lr=1e-3, weight_decay=0.01).param_groups
+    assert {ours_by_id[id(p)] for p in groups[0]["params"]} == decay_names
+    assert groups[0]["weight_decay"] == 0.01 and groups[1]["weight_decay"] == 0.0
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(ours.parameters()))
+
+
+def test_dropout_acts_in_train_mode_only():
+    _, ours = make_pair(dropout=0.1, **SMALL_CONFIGS[2])
+    idx = tokens(257, 2, 16)
+    ours.eval()
+    with torch.no_grad():
+        assert torch.equal(ours(idx)[0], ours(idx)[0])
+        ours.train()
+        assert not torch.equal(ours(idx)[0], ours(idx)[0])
+
+
+def test_bad_input_gives_clear_errors(tmp_path):
+    hf, ours = make_pair(**SMALL_CONFIGS[0])
+    with pytest.raises(ValueError, match="longer than the context"):
+        ours(tokens(101, 1, 38))
+    state = hf.state_dict()
+    with pytest.raises(ValueError, match="missing .*'transformer.h.1.mlp.c_fc.weight'"):
+        ours.load_hf_state_dict({n: t for n, t in state.items() if n != "transformer.h.1.mlp.c_fc.weight"})
+    with pytest.raises(ValueError, match="has shape"):
+        ours.load_hf_state_dict({**state, "transformer.wpe.weight": torch.zeros(36, 48)})
+    with pytest.raises(ValueError, match="unexpected tensor"):
+        ours.load_hf_state_dict({**state, "transformer.h.9.extra": torch.zeros(1)})
+    with pytest.raises(ValueError, match="activation_function"):
+        config_from_hf({**hf_config(GPTConfig()), "activation_function": "relu"})
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        (tmp_path / "config.json").write_text(json.dumps(hf_config(GPTConfig())))
+        GPT.from_pretrained(tmp_path)
+    with pytest.raises(OSError, match="could not be fetched"):
+        GPT.from_pretrained("no-such-user/no-such-model")
+    with pytest.raises(ValueError, match="not divisible"):
+        GPTConfig(n_embd=50, n_head=3)
