@@ -20,29 +20,76 @@ HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.uint16
 
 
+def _temp_path(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def _publish(f, path: Path) -> None:
+    """Makes a finished temp file durable, then gives it its final name in one atomic step."""
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
+    os.replace(f.name, path)
+
+
 def atomic_write_bytes(path: Path, chunks) -> None:
     """Writes chunks (bytes-like) to path via a temp name + fsync + rename: never half a file."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    f = open(_temp_path(path), "wb")
     try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for chunk in chunks:
+            f.write(chunk)
+        _publish(f, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        f.close()
+        Path(f.name).unlink(missing_ok=True)
         raise
 
 
+class ShardWriter:
+    """Streams tokens into a shard under a temp name, so a shard of any size never sits in memory.
+
+    close() fills in the header and renames the file into place; on an exception inside a `with`
+    block (or abort()) the temp file is deleted: a shard on disk is always complete.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.tokens = 0
+        self.file = open(_temp_path(self.path), "wb")
+        self.file.write(bytes(HEADER_BYTES))  # the token count is known at close()
+
+    def write(self, tokens: np.ndarray) -> None:
+        tokens = np.asarray(tokens)
+        if tokens.size and int(tokens.max()) > np.iinfo(TOKEN_DTYPE).max:
+            raise ValueError(f"token id {int(tokens.max())} does not fit in uint16; shards hold GPT-2-sized vocabularies")
+        self.file.write(tokens.astype("<u2", copy=False).tobytes())
+        self.tokens += tokens.size
+
+    def close(self) -> None:
+        header = np.zeros(HEADER_INTS, dtype="<i4")
+        header[:3] = (MAGIC, VERSION, self.tokens)
+        self.file.seek(0)
+        self.file.write(header.tobytes())
+        _publish(self.file, self.path)
+
+    def abort(self) -> None:
+        self.file.close()
+        Path(self.file.name).unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
 def write_shard(path: Path, tokens: np.ndarray) -> None:
-    tokens = np.asarray(tokens)
-    if tokens.size and int(tokens.max()) > np.iinfo(TOKEN_DTYPE).max:
-        raise ValueError(f"token id {int(tokens.max())} does not fit in uint16; shards hold GPT-2-sized vocabularies")
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = (MAGIC, VERSION, tokens.size)
-    atomic_write_bytes(path, [header.tobytes(), tokens.astype("<u2", copy=False).tobytes()])
+    with ShardWriter(path) as shard:
+        shard.write(tokens)
 
 
 def read_shard(path: Path) -> np.memmap:
