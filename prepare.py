@@ -1,0 +1,381 @@
+"""Tokenizes a corpus into uint16 token shards for train.py: fast, in bounded memory, resumable.
+
+    python prepare.py                         # BookCorpus from the Hugging Face Hub
+    python prepare.py --dataset=austen        # the six Austen novels bundled in assets/ (offline)
+    python prepare.py --input='books/*.txt'   # .txt(.gz): a document per file; .jsonl/.parquet: one per row
+    python prepare.py --dataset=owner/name --text_column=text --split=train   # any Hub dataset, streamed
+
+Writes data/<name>/{train,val}_NNNNNN.bin in llm.c's shard format (see shards.py) and meta.json.
+Every document starts with <|endoftext|>, as in llm.c. BookCorpus rows are consecutive sentences of
+one running text, so they are joined with a space into one document.
+
+Validation split: the text is cut into blocks of ~block_chars characters (a block never spans two
+documents, so short documents are whole blocks) and each block is held out with probability
+val_fraction, drawn from a generator seeded with `seed`; the first block always trains and the
+last is held out if no other was. Blocks are contiguous text, so nothing is in both splits. Where a
+document's blocks alternate between splits, each run starts with <|endoftext|> in its split.
+Blocks are cut only before a space between two non-space characters, where GPT-2's pre-tokenizer
+splits anyway, so a document's tokens are exactly those of the whole document.
+
+Speed and memory: the main thread reads and cuts blocks, `workers` threads tokenize them (tiktoken
+releases the GIL), at most 2 * workers blocks are in flight and shards are streamed to disk, so
+peak RSS does not grow with the corpus: PEAK_RSS_NOTE
+
+Crash safety: a shard is written under a temp name and renamed once complete; progress.json then
+records it and where it ended in the input. A rerun verifies those shards, reads the input again
+and tokenizes only what follows them, so its output is byte-identical to an uninterrupted run.
+meta.json is written last and marks a finished preparation; --force rebuilds from scratch.
+"""
+
+import codecs
+import collections
+import glob
+import gzip
+import itertools
+import json
+import os
+import random
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from tqdm import tqdm
+
+import configurator
+from shards import ShardWriter, atomic_write_bytes, read_shard
+from tokenizer import EOT_ID, RANKS_SHA256, VOCAB_SIZE, get_tokenizer
+
+ROOT = Path(__file__).parent
+AUSTEN_GLOB = "assets/austen/*.txt.gz"
+# datasets 4+ no longer runs loading scripts, and bookcorpus/bookcorpus has one. The Hub's dataset
+# viewer publishes every public dataset as Parquet on its `refs/convert/parquet` branch, which
+# load_dataset reads like any Parquet dataset: https://huggingface.co/docs/dataset-viewer/parquet
+BOOKCORPUS = "bookcorpus/bookcorpus"
+BOOKCORPUS_REVISION = "refs/convert/parquet"
+OFFLINE_HINT = "offline, use --dataset=austen (bundled) or --input=PATH (.txt, .jsonl or .parquet files)"
+ROW_FORMATS = {".jsonl": "json", ".parquet": "parquet"}  # the datasets builder for each
+FORMAT_VERSION = 1  # of meta.json
+READ_BYTES = 1 << 20
+UNDECODABLE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of undecodable bytes
+SPLITS = ("train", "val")
+
+
+@dataclass
+class PrepareConfig:
+    dataset: str = "bookcorpus"  # bookcorpus, austen (bundled) or a Hub dataset (owner/name)
+    input: str = ""  # local .txt/.txt.gz/.jsonl/.parquet file, directory or glob; replaces dataset
+    text_column: str = "text"  # .jsonl/.parquet/Hub rows: the column holding the text
+    split: str = "train"  # Hub datasets: the split to read; validation is carved out of it here
+    revision: str | None = None  # Hub datasets: branch or commit (bookcorpus: refs/convert/parquet)
+    out_dir: str = ""  # default data/<name>
+    val_fraction: float = 0.0015
+    seed: int = 1337
+    shard_tokens: int = 100_000_000
+    block_chars: int = 1 << 18  # text per validation draw and per tokenizer task
+    workers: int = len(os.sched_getaffinity(0))  # tokenizer threads
+    force: bool = False  # delete this dataset's shards and rebuild
+
+
+class Unit(NamedTuple):
+    index: int
+    split: str
+    starts_segment: bool  # first block of a document, or of a run after blocks of the other split
+    text: str
+
+
+def read_text_file(path: Path, replaced: collections.Counter):
+    """Yields a file's text in pieces; undecodable bytes become U+FFFD and are counted per file."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        while True:
+            data = f.read(READ_BYTES)
+            text, count = UNDECODABLE.subn("\ufffd", decoder.decode(data, final=not data))
+            if count:
+                replaced[str(path)] += count
+            yield text
+            if not data:
+                return
+
+
+def row_documents(dataset, source: str, text_column: str, sentences: bool):
+    """Documents from a datasets.IterableDataset: one per row, or (sentences) all rows joined by spaces."""
+    if dataset.column_names and text_column not in dataset.column_names:
+        raise ValueError(f"{source} has no column '{text_column}' (it has {', '.join(dataset.column_names)}); pass --text_column=NAME")
+    batches = (batch[text_column] for batch in dataset.select_columns([text_column]).iter(batch_size=1000))
+    if not sentences:
+        return ([text] for texts in batches for text in texts if text)
+
+    def running_text():
+        separator = ""
+        for texts in batches:
+            if text := " ".join(filter(None, texts)):
+                yield separator + text
+                separator = " "
+
+    return [running_text()]
+
+
+def local_row_documents(files: list[Path], builder: str, source: str, text_column: str):
+    import datasets  # slow to import: only for row files and the Hub
+
+    dataset = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True)
+    yield from row_documents(dataset, source, text_column, sentences=False)
+
+
+def hub_documents(repo: str, revision: str | None, split: str, source: str, text_column: str, sentences: bool):
+    """Streams a Hub dataset; a generator, so the network is touched only once its text is needed."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if not constants.HF_HUB_OFFLINE:  # in offline mode datasets reads its cache, or says it can't
+        try:  # load_dataset retries an unreachable Hub for ~25 s; one quick request fails fast instead
+            HfApi().dataset_info(repo, revision=revision, timeout=10)
+        except HfHubHTTPError as e:  # the Hub answered: no such dataset or revision, gated, ...
+            raise ValueError(f"--dataset={repo}: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # no answer; the transport's exception types vary across huggingface_hub versions
+            raise ConnectionError(f"cannot reach the Hugging Face Hub for {repo} ({type(e).__name__}: {e}); {OFFLINE_HINT}") from None
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(repo, revision=revision, split=split, streaming=True)
+    except ConnectionError as e:
+        raise ConnectionError(f"cannot reach the Hugging Face Hub for {repo} ({e}); {OFFLINE_HINT}") from None
+    except RuntimeError as e:  # a loading script, which datasets no longer runs
+        raise ValueError(f"--dataset={repo}: {e}; its Parquet export may work: --revision={BOOKCORPUS_REVISION}") from None
+    yield from row_documents(dataset, source, text_column, sentences)
+
+
+def local_files(pattern: str) -> list[Path]:
+    if any(c in pattern for c in "*?["):
+        paths = [Path(p) for p in sorted(glob.glob(pattern, recursive=True))]
+    elif Path(pattern).is_dir():
+        paths = sorted(Path(pattern).iterdir())
+    elif Path(pattern).is_file():
+        paths = [Path(pattern)]
+    else:
+        raise FileNotFoundError(f"--input={pattern}: no such file or directory")
+    files = [p for p in paths if p.is_file() and (p.name.endswith((".txt", ".txt.gz")) or p.suffix in ROW_FORMATS)]
+    if not files:
+        raise FileNotFoundError(f"--input={pattern}: no .txt, .txt.gz, .jsonl or .parquet files there")
+    if len({p.suffix if p.suffix in ROW_FORMATS else "text" for p in files}) > 1:
+        raise ValueError(f"--input={pattern} mixes text and row files; prepare one kind at a time")
+    return files
+
+
+def open_source(cfg: PrepareConfig, replaced: collections.Counter):
+    """Returns (name, source description, documents); a document is an iterable of text pieces."""
+    if cfg.input or cfg.dataset == "austen":
+        files = local_files(cfg.input) if cfg.input else sorted(ROOT.glob(AUSTEN_GLOB))
+        name = Path(re.split(r"[*?\[]", cfg.input)[0]).resolve().name.split(".")[0] if cfg.input else "austen"
+        if files[0].suffix in ROW_FORMATS:
+            source = f"{cfg.input} column {cfg.text_column}"
+            return name, source, local_row_documents(files, ROW_FORMATS[files[0].suffix], source, cfg.text_column)
+        return name, cfg.input or AUSTEN_GLOB, (read_text_file(f, replaced) for f in files)
+    bookcorpus = cfg.dataset == "bookcorpus"
+    repo = BOOKCORPUS if bookcorpus else cfg.dataset
+    revision = cfg.revision or (BOOKCORPUS_REVISION if bookcorpus else None)
+    source = f"hf://datasets/{repo}@{revision or 'main'} split {cfg.split} column {cfg.text_column}"
+    return repo.split("/")[-1], source, hub_documents(repo, revision, cfg.split, source, cfg.text_column, sentences=bookcorpus)
+
+
+def safe_cut(text: str, start: int, end: int) -> int:
+    """The last index in (start, end) of a space between two non-space characters, else end."""
+    i = text.rfind(" ", start + 1, end)
+    while i > start and (text[i - 1].isspace() or i + 1 == len(text) or text[i + 1].isspace()):
+        i = text.rfind(" ", start + 1, i)
+    return i if i > start else end
+
+
+def cut_blocks(documents, block_chars: int):
+    """Yields (starts_document, text): each document in consecutive blocks of about block_chars."""
+    for document in documents:
+        rest, starts_document = "", True
+        for piece in document:
+            text, start = rest + piece, 0
+            while len(text) - start >= block_chars:
+                cut = safe_cut(text, start, start + block_chars)
+                yield starts_document, text[start:cut]
+                starts_document, start = False, cut
+            rest = text[start:]
+        if rest:
+            yield starts_document, rest
+
+
+def split_blocks(blocks, val_fraction: float, seed: int):
+    """Numbers the blocks and assigns each to a split, as the module docstring says."""
+    rng = random.Random(seed)
+    blocks = iter(blocks)
+    block = next(blocks, None)
+    if block is None:
+        raise ValueError("the input has no text; check the files (or --text_column)")
+    previous_split, held_out = None, False
+    for index, following in enumerate(itertools.chain(blocks, [None])):
+        starts_document, text = block
+        if index == 0 and following is None:
+            raise ValueError(f"the input is one block of {len(text):,} characters, too little to hold out validation text; lower --block_chars")
+        held_out_now = rng.random() < val_fraction and index > 0 or (following is None and not held_out)
+        split = "val" if held_out_now else "train"
+        held_out |= held_out_now
+        yield Unit(index, split, starts_document or split != previous_split, text)
+        previous_split, block = split, following
+
+
+def tokenize(units, workers: int):
+    """Yields (unit, tokens) in order; threads encode up to 2 * workers units ahead of the consumer."""
+    encoding = get_tokenizer()
+
+    def encode(unit: Unit) -> np.ndarray:
+        # encode_to_numpy skips building a Python list; disallowed_special=() makes a literal
+        # "<|endoftext|>" in the text ordinary text, as encode_ordinary does
+        tokens = encoding.encode_to_numpy(unit.text, disallowed_special=())
+        return np.concatenate((np.array([EOT_ID], tokens.dtype), tokens)) if unit.starts_segment else tokens
+
+    with ThreadPoolExecutor(workers) as pool:
+        pending = collections.deque()
+        for unit in units:
+            pending.append((unit, pool.submit(encode, unit)))
+            if len(pending) >= 2 * workers:
+                unit, future = pending.popleft()
+                yield unit, future.result()
+        for unit, future in pending:
+            yield unit, future.result()
+
+
+class SplitWriter:
+    """Cuts one split's tokens into shards of shard_tokens, continuing after `shards` already written.
+
+    Each completed shard records `end` = [unit index, token offset] where it stopped, so a rerun can
+    skip the units before it and the first `offset` tokens of that unit.
+    """
+
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int, shards: list[dict]):
+        self.out_dir, self.split, self.shard_tokens, self.shards = out_dir, split, shard_tokens, shards
+        self.resume = shards[-1]["end"] if shards else [0, 0]
+        self.shard, self.documents = None, 0
+
+    def add(self, index: int, tokens: np.ndarray) -> bool:
+        """Writes a unit's tokens; returns whether that completed a shard."""
+        offset = self.resume[1] if index == self.resume[0] else 0
+        completed = False
+        try:
+            while offset < len(tokens):
+                if self.shard is None:
+                    self.out_dir.mkdir(parents=True, exist_ok=True)
+                    self.shard, self.documents = ShardWriter(self.next_path()), 0
+                chunk = tokens[offset : offset + self.shard_tokens - self.shard.tokens]
+                self.shard.write(chunk)
+                self.documents += int(np.count_nonzero(chunk == EOT_ID))
+                offset += len(chunk)
+                if self.shard.tokens == self.shard_tokens:
+                    self.close_shard(end=[index, offset])
+                    completed = True
+        except OSError as e:
+            raise OSError(f"writing {self.next_path()} failed: {e.strerror or e}; free disk space and rerun, finished shards are reused") from None
+        return completed
+
+    def next_path(self) -> Path:
+        return self.out_dir / f"{self.split}_{len(self.shards):06d}.bin"
+
+    def close_shard(self, end):
+        self.shard.close()
+        self.shards.append({"file": self.shard.path.name, "tokens": self.shard.tokens, "documents": self.documents, "end": end})
+        self.shard = None
+
+    def abort(self):
+        if self.shard is not None:
+            self.shard.abort()
+
+
+def save_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, [json.dumps(obj, indent=1).encode()])
+
+
+def check_settings(path: Path, settings: dict) -> dict:
+    saved = json.loads(path.read_text())
+    changed = [key for key in settings if saved.get(key) != settings[key]]
+    if changed:
+        raise ValueError(f"{path.parent} holds shards prepared with other settings ({', '.join(changed)}); pass --force to rebuild, or another --out_dir")
+    return saved
+
+
+def verified_shards(out_dir: Path, shards: list[dict]) -> list[dict]:
+    """The leading shards of an interrupted run that are intact on disk."""
+    for i, shard in enumerate(shards):
+        try:
+            intact = len(read_shard(out_dir / shard["file"])) == shard["tokens"]
+        except (OSError, ValueError):
+            intact = False
+        if not intact:
+            return shards[:i]
+    return shards
+
+
+def main(argv):
+    cfg = configurator.parse_config(PrepareConfig, argv)
+    if not 0 <= cfg.val_fraction < 1 or min(cfg.shard_tokens, cfg.block_chars, cfg.workers) < 1:
+        raise ValueError("need 0 <= --val_fraction < 1 and --shard_tokens, --block_chars, --workers >= 1")
+    max_id = get_tokenizer().max_token_value
+    if max_id > np.iinfo(np.uint16).max:
+        raise ValueError(f"the tokenizer has ids up to {max_id}, but shards store uint16 (at most 65535); use a GPT-2-sized vocabulary")
+    replaced = collections.Counter()
+    name, source, documents = open_source(cfg, replaced)
+    out_dir = Path(cfg.out_dir or ROOT / "data" / name)
+    settings = {"format_version": FORMAT_VERSION, "tokenizer": "gpt2", "tokenizer_sha256": RANKS_SHA256, "vocab_size": VOCAB_SIZE,
+                "eot_id": EOT_ID, "source": source, "seed": cfg.seed, "val_fraction": cfg.val_fraction,
+                "block_chars": cfg.block_chars, "shard_tokens": cfg.shard_tokens}
+    meta_path, progress_path = out_dir / "meta.json", out_dir / "progress.json"
+    if cfg.force and out_dir.is_dir():
+        for path in out_dir.iterdir():
+            if re.fullmatch(r"(train|val)_\d{6}\.bin(\.tmp)?|(meta|progress)\.json(\.tmp)?", path.name):
+                path.unlink()
+    if meta_path.exists():
+        splits = check_settings(meta_path, settings)["splits"]
+        print(f"{out_dir} is already prepared ({splits['train']['tokens']:,} train tokens); --force rebuilds it")
+        return
+    completed = {split: [] for split in SPLITS}
+    if progress_path.exists():
+        saved = check_settings(progress_path, settings)["splits"]
+        completed = {split: verified_shards(out_dir, saved[split]) for split in SPLITS}
+        print(f"resuming after {len(completed['train'])} train and {len(completed['val'])} val shards")
+    for path in out_dir.glob("*.tmp"):  # left by a killed run
+        path.unlink()
+
+    writers = {split: SplitWriter(out_dir, split, cfg.shard_tokens, completed[split]) for split in SPLITS}
+    units = split_blocks(cut_blocks(documents, cfg.block_chars), cfg.val_fraction, cfg.seed)
+    todo = (unit for unit in units if unit.index >= writers[unit.split].resume[0])
+    started, tokenized = time.perf_counter(), 0
+    try:
+        with tqdm(desc=name, unit="tok", unit_scale=True, disable=None) as bar:
+            for unit, tokens in tokenize(todo, cfg.workers):
+                if writers[unit.split].add(unit.index, tokens):
+                    save_json(progress_path, {**settings, "splits": {split: w.shards for split, w in writers.items()}})
+                bar.update(len(tokens))
+                tokenized += len(tokens)
+        for writer in writers.values():
+            if writer.shard is not None:
+                writer.close_shard(end=None)
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    seconds = time.perf_counter() - started
+
+    splits = {}
+    for split, writer in writers.items():
+        shards = [{key: shard[key] for key in ("file", "tokens", "documents")} for shard in writer.shards]
+        splits[split] = {"tokens": sum(s["tokens"] for s in shards), "documents": sum(s["documents"] for s in shards), "shards": shards}
+    save_json(meta_path, {**settings, "replaced_bytes": sum(replaced.values()), "splits": splits})
+    progress_path.unlink(missing_ok=True)
+    if replaced:
+        print(f"warning: replaced {sum(replaced.values()):,} undecodable bytes with U+FFFD in {', '.join(replaced)}", file=sys.stderr)
+    print(f"{out_dir}: {splits['train']['tokens']:,} train and {splits['val']['tokens']:,} val tokens "
+          f"({tokenized / seconds / 1e6:.1f}M tokens/s)")
+
+
+if __name__ == "__main__":
+    configurator.run(main)

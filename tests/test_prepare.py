@@ -1,0 +1,266 @@
+"""prepare.py: lossless shards, leak-free deterministic splits, resumable after a kill, clear errors."""
+
+import collections
+import gzip
+import json
+import os
+import resource
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tiktoken
+
+import prepare
+from shards import TokenWindows, write_shard
+from tokenizer import EOT_ID, get_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+AUSTEN = [gzip.open(p).read().decode() for p in sorted(ROOT.glob("assets/austen/*.txt.gz"))]
+
+
+def read_tokens(path: Path) -> np.ndarray:
+    """An independent reader of llm.c's layout: 256 little-endian int32, then uint16 tokens."""
+    raw = path.read_bytes()
+    header = struct.unpack_from("<256i", raw)
+    assert header[:2] == (20240520, 1) and not any(header[3:])
+    assert len(raw) == 1024 + 2 * header[2]
+    return np.frombuffer(raw, dtype="<u2", offset=1024)
+
+
+def split_segments(out_dir: Path, split: str) -> list[np.ndarray]:
+    """A split's tokens cut at each <|endoftext|>, checked against meta.json on the way."""
+    meta = json.loads((out_dir / "meta.json").read_text())["splits"][split]
+    parts = [read_tokens(out_dir / shard["file"]) for shard in meta["shards"]]
+    for tokens, shard in zip(parts, meta["shards"]):
+        assert len(tokens) == shard["tokens"] and np.count_nonzero(tokens == EOT_ID) == shard["documents"]
+    tokens = np.concatenate(parts)
+    assert len(tokens) == meta["tokens"] and tokens[0] == EOT_ID
+    starts = np.flatnonzero(tokens == EOT_ID)
+    return [tokens[a + 1 : b] for a, b in zip(starts, list(starts[1:]) + [len(tokens)])]
+
+
+def reassemble(documents: list[str], out_dir: Path) -> dict[str, list[int]]:
+    """Puts the documents back together from the two splits' segments, in order, each segment used once.
+
+    Returns which segment indices each split contributed per document; fails if any text is
+    missing, extra, reordered or in both splits, or if a document's tokens differ from encoding it whole.
+    """
+    encoding = get_tokenizer()
+    queues = {split: collections.deque(split_segments(out_dir, split)) for split in ("train", "val")}
+    used = {"train": [], "val": []}
+    for number, document in enumerate(documents):
+        position, tokens = 0, []
+        while position < len(document):
+            for split, queue in queues.items():
+                text = encoding.decode_bytes(queue[0].tolist()).decode() if queue else None
+                if text and document.startswith(text, position):
+                    tokens.extend(queue.popleft().tolist())
+                    position += len(text)
+                    used[split].append(number)
+                    break
+            else:
+                pytest.fail(f"document {number}: no segment continues it at character {position}")
+        assert tokens == encoding.encode_ordinary(document), "tokens differ from encoding the whole document"
+    assert not queues["train"] and not queues["val"], "segments left over"
+    return used
+
+
+def run(*args: str) -> None:
+    prepare.main(list(args))
+
+
+def run_cli(*args: str, env=None, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "prepare.py"), *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=60, **kwargs)
+
+
+def write_text_files(directory: Path, documents: list[str]) -> Path:
+    directory.mkdir()
+    for i, document in enumerate(documents):
+        (directory / f"{i:04d}.txt").write_text(document)
+    return directory
+
+
+def shard_bytes(out_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out_dir.iterdir())}
+
+
+SMALL_DOCS = [f"Document {i}: the {'quick ' * (i % 7)}brown fox {i * 7919} jumps. <|endoftext|> stays text." for i in range(120)]
+
+
+def test_austen_round_trip_is_lossless_and_tokenized_as_whole_documents(tmp_path):
+    out = tmp_path / "austen"
+    run("--dataset=austen", f"--out_dir={out}", "--block_chars=20000", "--val_fraction=0.2", "--shard_tokens=150000")
+    meta = json.loads((out / "meta.json").read_text())
+    assert len(meta["splits"]["train"]["shards"]) > 1 and meta["splits"]["val"]["tokens"] > 0
+    assert meta["vocab_size"] == 50257 and meta["eot_id"] == EOT_ID and meta["replaced_bytes"] == 0
+    used = reassemble(AUSTEN, out)
+    assert used["val"] and len(set(used["train"])) == len(AUSTEN)
+    windows = TokenWindows(out, "val", block_size=64)  # train.py's reader accepts the output
+    assert windows.batch([0, len(windows) - 1]).shape == (2, 65)
+
+
+def test_split_is_deterministic_disjoint_and_independent_of_workers(tmp_path):
+    corpus = write_text_files(tmp_path / "docs", SMALL_DOCS)
+    outputs = {}
+    for name, args in {"a": ["--workers=1"], "b": ["--workers=3"], "seed": ["--seed=7"], "none": ["--val_fraction=0"]}.items():
+        run(f"--input={corpus}", f"--out_dir={tmp_path / name}", "--val_fraction=0.3", "--shard_tokens=1000", *args)
+        outputs[name] = shard_bytes(tmp_path / name)
+    assert outputs["a"] == outputs["b"]
+    used = reassemble(SMALL_DOCS, tmp_path / "a")
+    assert not set(used["train"]) & set(used["val"]) and 15 < len(used["val"]) < 60
+    assert reassemble(SMALL_DOCS, tmp_path / "seed")["val"] != used["val"]
+    # a deterministic split: with nothing drawn, the last block is held out, and only it
+    assert reassemble(SMALL_DOCS, tmp_path / "none")["val"] == [len(SMALL_DOCS) - 1]
+
+
+def test_rerun_after_a_kill_reuses_shards_and_is_byte_identical(tmp_path):
+    corpus = write_text_files(tmp_path / "corpus", AUSTEN)
+    args = [f"--input={corpus}", "--block_chars=8192", "--shard_tokens=20000", "--workers=1"]
+    run(*args, f"--out_dir={tmp_path / 'clean'}")
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, str(ROOT / "prepare.py"), *args, f"--out_dir={killed}"])
+    progress = killed / "progress.json"
+    while process.poll() is None and not (progress.exists() and len(json.loads(progress.read_text())["splits"]["train"]) >= 3):
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "meta.json").exists(), "the run finished before the kill; use a larger corpus"
+    kept = {p.name: p.stat().st_mtime_ns for p in killed.glob("train_*.bin")}
+    result = run_cli(*args, f"--out_dir={killed}")
+    assert result.returncode == 0, result.stderr
+    assert "resuming after" in result.stdout
+    assert shard_bytes(killed) == shard_bytes(tmp_path / "clean")
+    reused = [name for name, mtime in kept.items() if (killed / name).stat().st_mtime_ns == mtime]
+    assert len(reused) >= 3
+
+
+def test_exception_mid_shard_leaves_no_partial_file_and_resumes(tmp_path, monkeypatch):
+    corpus = write_text_files(tmp_path / "docs", SMALL_DOCS)
+    args = [f"--input={corpus}", "--val_fraction=0.3", "--shard_tokens=700", "--block_chars=300"]
+    run(*args, f"--out_dir={tmp_path / 'clean'}")
+    writes = 0
+    real_write = prepare.ShardWriter.write
+
+    def failing_write(self, tokens):
+        nonlocal writes
+        writes += 1
+        if writes == 40:
+            raise KeyboardInterrupt  # like Ctrl-C halfway through a shard
+        real_write(self, tokens)
+
+    monkeypatch.setattr(prepare.ShardWriter, "write", failing_write)
+    with pytest.raises(KeyboardInterrupt):
+        run(*args, f"--out_dir={tmp_path / 'crashed'}")
+    names = {p.name for p in (tmp_path / "crashed").iterdir()}
+    assert "progress.json" in names and "meta.json" not in names and not any(n.endswith(".tmp") for n in names)
+    monkeypatch.setattr(prepare.ShardWriter, "write", real_write)
+    run(*args, f"--out_dir={tmp_path / 'crashed'}")
+    assert shard_bytes(tmp_path / "crashed") == shard_bytes(tmp_path / "clean")
+
+
+def test_prepared_directory_is_reused_guarded_and_forced(tmp_path, capsys):
+    corpus = write_text_files(tmp_path / "docs", SMALL_DOCS[:10])
+    out = tmp_path / "out"
+    run(f"--input={corpus}", f"--out_dir={out}")
+    before = shard_bytes(out)
+    run(f"--input={corpus}", f"--out_dir={out}")
+    assert "already prepared" in capsys.readouterr().out and shard_bytes(out) == before
+    with pytest.raises(ValueError, match="other settings.*seed.*--force"):
+        run(f"--input={corpus}", f"--out_dir={out}", "--seed=5")
+    run(f"--input={corpus}", f"--out_dir={out}", "--seed=5", "--force")
+    assert json.loads((out / "meta.json").read_text())["seed"] == 5
+
+
+def test_row_files_and_hub_code_path_on_local_data(tmp_path, monkeypatch):
+    """.jsonl/.parquet go through the same datasets streaming code as Hub datasets, exercised here offline."""
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    pq.write_table(pa.table({"id": list(range(len(SMALL_DOCS))), "body": SMALL_DOCS}), rows / "part.parquet")
+    run(f"--input={rows / 'part.parquet'}", "--text_column=body", f"--out_dir={tmp_path / 'parquet'}", "--val_fraction=0.3")
+    assert reassemble(SMALL_DOCS, tmp_path / "parquet")["val"]
+    with pytest.raises(ValueError, match="no column 'text'.*--text_column"):
+        run(f"--input={rows / 'part.parquet'}", f"--out_dir={tmp_path / 'bad'}")
+
+    # BookCorpus (the default): rows are sentences of one running text, joined with a space
+    sentences = [f"he walked onto the porch{i % 3 * '!'}." if i % 2 else f"i've seen {i} of them ," for i in range(3000)]
+    pq.write_table(pa.table({"text": sentences}), rows / "part.parquet")
+    monkeypatch.setattr("huggingface_hub.HfApi.dataset_info", lambda *args, **kwargs: None)  # the Hub "answers"
+    monkeypatch.setattr(prepare, "BOOKCORPUS", str(rows))
+    run(f"--out_dir={tmp_path / 'bookcorpus'}", "--block_chars=2000", "--val_fraction=0.2")
+    meta = json.loads((tmp_path / "bookcorpus" / "meta.json").read_text())
+    assert meta["source"].endswith("@refs/convert/parquet split train column text")
+    used = reassemble([" ".join(sentences)], tmp_path / "bookcorpus")
+    assert len(used["val"]) > 3  # contiguous runs of sentences, each opened by <|endoftext|>
+
+
+def test_undecodable_bytes_are_replaced_counted_and_warned(tmp_path):
+    corpus = tmp_path / "latin1"
+    corpus.mkdir()
+    (corpus / "a.txt").write_bytes("Caf\u00e9 cr\u00e8me, d\u00e9j\u00e0 vu.".encode("latin-1") + b" plain text after")
+    (corpus / "b.txt.gz").write_bytes(gzip.compress("a second, valid document \u2713".encode()))
+    result = run_cli(f"--input={corpus}", f"--out_dir={tmp_path / 'out'}")
+    assert result.returncode == 0, result.stderr
+    assert "replaced 4 undecodable bytes" in result.stderr and "a.txt" in result.stderr
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["replaced_bytes"] == 4
+    reassemble(["Caf\ufffd cr\ufffdme, d\ufffdj\ufffd vu. plain text after", "a second, valid document \u2713"], tmp_path / "out")
+
+
+@pytest.mark.parametrize("make_input, message", [
+    (lambda d: d / "missing", "no such file or directory"),
+    (lambda d: d, "no .txt, .txt.gz, .jsonl or .parquet files"),
+    (lambda d: write_text_files(d / "empty", ["", ""]), "has no text"),
+    (lambda d: write_text_files(d / "tiny", ["one short document"]), "too little to hold out"),
+])
+def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, make_input, message):
+    out = tmp_path / "out"
+    result = run_cli(f"--input={make_input(tmp_path)}", f"--out_dir={out}")
+    assert result.returncode != 0 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and message in result.stderr and "prepare.py: error:" in result.stderr
+    assert not out.exists()
+
+
+def test_tokenizer_with_ids_above_uint16_is_refused(tmp_path, monkeypatch):
+    gpt2 = get_tokenizer()
+    wide = tiktoken.Encoding(name="wide", pat_str=gpt2._pat_str, mergeable_ranks=gpt2._mergeable_ranks,
+                             special_tokens={"<|endoftext|>": 70000})
+    monkeypatch.setattr(prepare, "get_tokenizer", lambda: wide)
+    with pytest.raises(ValueError, match="ids up to 70000.*uint16"):
+        run("--dataset=austen", f"--out_dir={tmp_path / 'out'}")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="does not fit in uint16"):
+        write_shard(tmp_path / "wide.bin", np.array([1, 70000]))
+    assert not list(tmp_path.iterdir())
+
+
+def test_disk_full_is_a_one_line_error_and_leaves_no_partial_shard(tmp_path):
+    corpus = write_text_files(tmp_path / "docs", AUSTEN[:2])
+
+    def small_disk():  # files stop growing at 200 kB, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    out = tmp_path / "out"
+    result = run_cli(f"--input={corpus}", f"--out_dir={out}", "--shard_tokens=300000", preexec_fn=small_disk)
+    assert result.returncode != 0 and result.stderr.count("\n") == 1
+    assert f"writing {out / 'train_000000.bin'} failed: File too large" in result.stderr and "rerun" in result.stderr
+    names = [p.name for p in out.iterdir()]
+    assert "meta.json" not in names and not any(n.endswith(".tmp") for n in names)
+
+
+@pytest.mark.parametrize("env", [{"HF_ENDPOINT": "http://127.0.0.1:9"}, {"HF_HUB_OFFLINE": "1"}])
+def test_default_bookcorpus_run_fails_fast_offline(tmp_path, env):
+    started = time.monotonic()
+    result = run_cli(f"--out_dir={tmp_path / 'bookcorpus'}", env={"HF_HOME": str(tmp_path / "hf"), **env})
+    assert time.monotonic() - started < 15
+    assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
+    assert "--dataset=austen" in result.stderr and "--input=PATH" in result.stderr
+    assert not (tmp_path / "bookcorpus").exists()
