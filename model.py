@@ -17,6 +17,49 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100  # targets equal to this add nothing to the loss, as in HF
 # Our Linear layers that are Conv1D in HF: their weights are stored transposed there.
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+LOSS_CHUNK_ROWS = 128  # rows of logits per chunk: 128 * 50257 floats (25 MB) stay in a CPU's L3
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of x @ weight.T without ever holding the (N, vocab) logits.
+
+    With a 50257-way output, the logits and their log-softmax backward cost more than the whole
+    model at small widths (CPU: memory-bound passes over N * 50257 floats). Here each chunk of
+    rows is small enough to stay in cache: its logits are computed, softmaxed in place, and
+    turned straight into the gradients (softmax - one_hot) @ weight and its transpose @ x,
+    which backward only scales. Same loss and gradients as F.cross_entropy, to float rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk_rows: int):
+        # x: (N, C), weight: (V, C), targets: (N,) with IGNORE_INDEX for rows that don't count
+        counted = targets != IGNORE_INDEX
+        n_counted = counted.sum().clamp(min=1)
+        grad_x = torch.empty_like(x)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        weight_t = weight.t().contiguous()  # (C, V): the fast layout for x_chunk @ weight_t
+        for start in range(0, x.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            x_chunk, counted_chunk = x[rows], counted[rows]
+            target = targets[rows].clamp(min=0).unsqueeze(1)  # (n, 1)
+            logits = (x_chunk @ weight_t).float()  # (n, V)
+            target_logit = logits.gather(1, target).squeeze(1)
+            row_max = logits.amax(1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()  # unnormalized, in place: one exp per logit
+            row_sum = probs.sum(1, keepdim=True)
+            loss += ((row_sum.log() + row_max).squeeze(1) - target_logit)[counted_chunk].sum()
+            probs.div_(row_sum).scatter_add_(1, target, torch.full_like(target, -1, dtype=probs.dtype))
+            probs[~counted_chunk] = 0  # now d(sum of row losses)/d(logits)
+            grad_x[rows] = probs.to(x.dtype) @ weight
+            grad_weight.addmm_(probs.t(), x_chunk.float())
+        ctx.save_for_backward(grad_x / n_counted, grad_weight / n_counted)
+        return loss / n_counted
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_weight = ctx.saved_tensors
+        return grad_x * grad_loss, (grad_weight * grad_loss).to(grad_loss.dtype), None, None
 
 
 @dataclass
@@ -37,6 +80,26 @@ class GPTConfig:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; pick a multiple")
 
 
+class KVCache(nn.Module):
+    """Keys and values of the positions decoded so far, in buffers allocated once (as in gpt-fast).
+
+    Fixed shapes make every one-token decode step the same computation, so torch.compile compiles
+    it once. The buffers are not persistent: they never appear in state_dict or checkpoints.
+    """
+
+    def __init__(self, batch_size: int, n_head: int, max_len: int, head_dim: int, dtype: torch.dtype, device):
+        super().__init__()
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Writes k, v (B, n_head, T, head_dim) at positions input_pos (T,); returns the whole buffers."""
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -45,13 +108,20 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.kv_cache: KVCache | None = None  # set by GPT.setup_kv_cache for generation
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, C). Decoding with the KV cache: input_pos (T,) are x's positions, mask (T, max_len)
+        says which cached positions each query sees; otherwise attention is causal within x."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        if input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_head, max_len, head_dim)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=mask is None
+        )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -76,8 +146,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), input_pos, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -115,23 +185,40 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # the tied embedding counts once
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, input_pos: torch.Tensor | None = None):
         """idx, targets: (B, T) token ids; targets are idx shifted left by one, IGNORE_INDEX to skip.
+        input_pos: (T,) positions of idx when decoding with the KV caches of setup_kv_cache; then only
+        the last position's logits are computed (generation needs no others): (B, 1, vocab_size).
 
         Returns (logits (B, T, vocab_size), mean cross-entropy over counted targets or None).
+        When training eagerly with targets, logits are None: they are never materialized.
         """
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than the context ({self.config.block_size}); crop it to block_size")
-        pos = torch.arange(T, device=idx.device)
+        if input_pos is None:  # the whole sequence at once, causal attention within it
+            pos, mask = torch.arange(T, device=idx.device), None
+        else:
+            cache = self.transformer.h[0].attn.kv_cache
+            if cache is None:
+                raise ValueError("input_pos is for decoding with KV caches; call setup_kv_cache(batch_size, max_len) first")
+            # Each query sees the cached positions up to its own: (T, max_len), broadcast over batch and heads.
+            pos, mask = input_pos, torch.arange(cache.k.size(2), device=idx.device) <= input_pos[:, None]
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
-            x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
-        return logits, loss
+            x = block(x, input_pos, mask)
+        if input_pos is not None:
+            x = x[:, -1:]
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x), None
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # Eager training: the loss without the logits (see ChunkedLinearCrossEntropy).
+            # Under torch.compile, inductor fuses the plain version below by itself.
+            loss = ChunkedLinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), LOSS_CHUNK_ROWS)
+            return None, loss
+        logits = self.lm_head(x)
+        return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
     def configure_optimizers(self, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8, fused: bool | None = None):
         """AdamW grouped as the HF Trainer does: no weight decay on biases and LayerNorm weights."""
@@ -148,6 +235,84 @@ class GPT(nn.Module):
         if fused is None:  # fused AdamW exists for CUDA and CPU tensors in torch >= 2.4
             fused = all(p.device.type in ("cuda", "cpu") for p in params)
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+
+    # ---- Generation ---------------------------------------------------------------------------
+
+    def setup_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> None:
+        """Allocates every layer's KV cache for batch_size sequences of up to max_len tokens."""
+        if max_len > self.config.block_size:
+            raise ValueError(f"a KV cache of {max_len} positions is longer than the context ({self.config.block_size}); use max_len <= block_size")
+        weight = self.lm_head.weight
+        head_dim = self.config.n_embd // self.config.n_head
+        for block in self.transformer.h:
+            block.attn.kv_cache = KVCache(batch_size, self.config.n_head, max_len, head_dim, dtype or weight.dtype, device or weight.device)
+
+    def clear_kv_cache(self) -> None:
+        for block in self.transformer.h:
+            block.attn.kv_cache = None
+
+    def decode_step(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """One token per sequence (B, 1) at position input_pos (1,) -> next-token logits (B, vocab_size), float32.
+
+        Its shapes never change during a generation, so `model.decode_step = torch.compile(model.decode_step)`
+        compiles it once.
+        """
+        logits, _ = self(token, input_pos=input_pos)
+        return logits[:, -1].float()
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        do_sample: bool = True,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+        callback=None,
+    ) -> torch.Tensor:
+        """Continues each prompt of idx (B, T) by max_new_tokens tokens; returns the ids (B, T + new).
+
+        Same tokens as GPT2LMHeadModel.generate(idx, max_new_tokens=..., do_sample=..., temperature=...,
+        top_k=..., top_p=...) for the same weights and torch seed (see sample_next_token; HF's top_k
+        defaults to 50, pass top_k=0 to it for our None). do_sample=False is greedy. A sequence that
+        emitted eos_token_id goes on with eos (HF's pad token for GPT-2); generation stops early once
+        all have. callback(tokens), if given, receives each step's new tokens (B,) as they are chosen.
+        A prompt plus max_new_tokens longer than the context (block_size) is a ValueError before any
+        work: GPT-2 has no positions beyond it, and silently cropping would continue another text.
+        """
+        B, T = idx.shape
+        if T + max_new_tokens > self.config.block_size:
+            raise ValueError(
+                f"{T} prompt tokens + {max_new_tokens} new tokens exceed the context of {self.config.block_size}; "
+                "shorten the prompt or generate fewer tokens"
+            )
+        if do_sample and not temperature > 0:
+            raise ValueError(f"temperature={temperature} must be > 0 when sampling; for greedy decoding use do_sample=False")
+        self.setup_kv_cache(B, T + max_new_tokens)
+        try:
+            logits, _ = self(idx, input_pos=torch.arange(T, device=idx.device))  # prefill: (B, 1, vocab_size)
+            logits = logits[:, -1].float()
+            input_pos = torch.tensor([T], device=idx.device)
+            unfinished = torch.ones(B, dtype=torch.bool, device=idx.device)
+            tokens = [idx]
+            for step in range(max_new_tokens):
+                next_token = sample_next_token(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
+                if eos_token_id is not None:
+                    next_token = next_token.masked_fill(~unfinished, eos_token_id)
+                    unfinished &= next_token != eos_token_id
+                tokens.append(next_token[:, None])
+                if callback is not None:
+                    callback(next_token)
+                if step == max_new_tokens - 1 or (eos_token_id is not None and not unfinished.any()):
+                    break
+                logits = self.decode_step(next_token[:, None], input_pos)
+                input_pos += 1
+        finally:
+            self.clear_kv_cache()
+        return torch.cat(tokens, dim=1)
 
     # ---- Hugging Face checkpoints -------------------------------------------------------------
 
@@ -206,6 +371,32 @@ class GPT(nn.Module):
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. '{missing[0]}'; it is incomplete or not GPT-2")
         self.load_state_dict(loaded)
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, generator=None) -> torch.Tensor:
+    """Draws one token per row of logits (B, vocab_size) float32, as HF generate(do_sample=True) does.
+
+    HF's warpers in HF's order, each only where it changes something: temperature (!= 1), top-k
+    (keeping ties with the k-th logit), top-p (removing the least likely tokens while their total
+    probability is at most 1 - top_p, never the most likely one); then softmax over the vocabulary and
+    torch.multinomial, which consumes the random stream exactly as HF's call does. Returns (B,) ids.
+    """
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k:
+        kth_largest = logits.topk(min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        # HF sorts the whole vocabulary, but only top-k's survivors carry probability: sorting them is enough.
+        n_candidates = int((logits > float("-inf")).sum(-1).max())  # top_k, unless logits tie with the k-th
+        candidates, indices = logits.topk(n_candidates)  # (B, n_candidates), descending
+        # HF's cumulative probability in ascending order, read back descending.
+        cumulative = candidates.flip(-1).softmax(-1).cumsum(-1).flip(-1)
+        remove = cumulative <= 1 - top_p
+        remove[:, 0] = False  # min_tokens_to_keep=1: the most likely token stays
+        logits = logits.scatter(-1, indices, candidates.masked_fill(remove, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 def hf_config(config: GPTConfig) -> dict:

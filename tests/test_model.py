@@ -69,9 +69,11 @@ def test_full_config_logits_match_hf(full_pair):
 @pytest.mark.parametrize("kw", SMALL_CONFIGS[:2])
 def test_gradients_match_hf(kw):
     hf, ours = make_pair(**kw)
-    idx = tokens(kw["vocab_size"], 4, kw["n_positions"])
-    hf(idx, labels=idx).loss.backward()
-    ours(idx[:, :-1], idx[:, 1:])[1].backward()
+    idx = tokens(kw["vocab_size"], 4, kw["n_positions"])  # 4 * 36 rows: two chunks of the fused loss
+    labels = idx.clone()
+    labels[1, 2:4] = -100
+    hf(idx, labels=labels).loss.backward()
+    ours(idx[:, :-1], labels[:, 1:])[1].backward()  # with grad enabled: the chunked fused loss
     hf_grads = {n: p.grad for n, p in hf.named_parameters()}
     for name, p in ours.named_parameters():
         ref = hf_grads[name].t() if name.endswith(CONV1D_SUFFIXES) else hf_grads[name]
