@@ -1,0 +1,56 @@
+"""Loss curves of a training run: train and val loss against tokens seen, as a PNG.
+
+    python plot.py out/austen        # writes out/austen/loss.png (train.py does this at the end)
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import configurator
+
+
+def plot_run(run_dir) -> Path:
+    """Reads run_dir/metrics.jsonl and writes run_dir/loss.png; returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.jsonl"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"{metrics_path} not found; pass a run directory written by train.py, e.g. out/austen")
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    curves = {
+        "train": [(r["tokens"], r["loss"]) for r in records if "loss" in r],
+        "val": [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r],
+    }
+    if not any(curves.values()):
+        raise ValueError(f"{metrics_path} has no losses yet; plot again after the first log step")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for (label, points), style in zip(curves.items(), ("-", "o-")):
+        if points:
+            tokens, losses = zip(*points)
+            ax.plot(tokens, losses, style, label=label)
+    ax.set(xlabel="tokens seen", ylabel="loss (nats per token)", title=f"{run_dir.name}: final val loss "
+           + (f"{curves['val'][-1][1]:.3f}" if curves["val"] else "-"))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out_path = run_dir / "loss.png"
+    tmp_path = run_dir / "loss.png.tmp"
+    fig.savefig(tmp_path, format="png", dpi=120)
+    plt.close(fig)
+    os.replace(tmp_path, out_path)  # a reader never sees half a PNG
+    return out_path
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 1:
+        raise ValueError("usage: python plot.py RUN_DIR (e.g. out/austen)")
+    print(f"wrote {plot_run(argv[0])}")
+
+
+if __name__ == "__main__":
+    configurator.run(main)
