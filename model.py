@@ -28,20 +28,24 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     rows is small enough to stay in cache: its logits are computed, softmaxed in place, and
     turned straight into the gradients (softmax - one_hot) @ weight and its transpose @ x,
     which backward only scales. Same loss and gradients as F.cross_entropy, to float rounding.
+    Under autocast the matmuls run in its dtype (as nn.Linear's would) and the softmax in fp32.
     """
 
     @staticmethod
     def forward(ctx, x, weight, targets, chunk_rows: int):
         # x: (N, C), weight: (V, C), targets: (N,) with IGNORE_INDEX for rows that don't count
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         counted = targets != IGNORE_INDEX
         n_counted = counted.sum().clamp(min=1)
         grad_x = torch.empty_like(x)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        weight = weight.to(dtype)  # cast once, not once per chunk
         weight_t = weight.t().contiguous()  # (C, V): the fast layout for x_chunk @ weight_t
         for start in range(0, x.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            x_chunk, counted_chunk = x[rows], counted[rows]
+            x_chunk, counted_chunk = x[rows].to(dtype), counted[rows]
             target = targets[rows].clamp(min=0).unsqueeze(1)  # (n, 1)
             logits = (x_chunk @ weight_t).float()  # (n, V)
             target_logit = logits.gather(1, target).squeeze(1)
@@ -51,15 +55,16 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             loss += ((row_sum.log() + row_max).squeeze(1) - target_logit)[counted_chunk].sum()
             probs.div_(row_sum).scatter_add_(1, target, torch.full_like(target, -1, dtype=probs.dtype))
             probs[~counted_chunk] = 0  # now d(sum of row losses)/d(logits)
-            grad_x[rows] = probs.to(x.dtype) @ weight
-            grad_weight.addmm_(probs.t(), x_chunk.float())
+            probs = probs.to(dtype)
+            grad_x[rows] = probs @ weight
+            grad_weight += probs.t() @ x_chunk
         ctx.save_for_backward(grad_x / n_counted, grad_weight / n_counted)
         return loss / n_counted
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_weight = ctx.saved_tensors
-        return grad_x * grad_loss, (grad_weight * grad_loss).to(grad_loss.dtype), None, None
+        return grad_x * grad_loss, grad_weight * grad_loss, None, None
 
 
 @dataclass

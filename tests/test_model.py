@@ -176,3 +176,27 @@ def test_bad_input_gives_clear_errors(tmp_path):
         GPT.from_pretrained("no-such-user/no-such-model")
     with pytest.raises(ValueError, match="not divisible"):
         GPTConfig(n_embd=50, n_head=3)
+
+
+def test_fused_loss_under_bf16_autocast_matches_plain_autocast():
+    from model import ChunkedLinearCrossEntropy
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 32, requires_grad=True)
+    weight = (torch.randn(1000, 32) * 0.5).requires_grad_()
+    targets = torch.randint(0, 1000, (300,))
+    results = []
+    for fused in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if fused:
+                loss = ChunkedLinearCrossEntropy.apply(x, weight, targets, 128)
+            else:
+                loss = torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, weight).float(), targets)
+        loss.backward()
+        results.append((loss.detach(), x.grad, weight.grad))
+        x.grad = weight.grad = None
+    (loss, gx, gw), (ref_loss, ref_gx, ref_gw) = results
+    assert abs(loss.item() - ref_loss.item()) < 1e-3 * ref_loss.item()
+    assert (gx - ref_gx).abs().max() < 0.02 * ref_gx.abs().max()
+    assert (gw - ref_gw).abs().max() < 0.02 * ref_gw.abs().max()
+    assert gw.dtype == torch.float32 and gx.dtype == torch.float32
