@@ -95,10 +95,11 @@ def parse_config(cls, argv: list[str]):
 
 
 def run(main):
-    """Runs a script's main(); a user error (bad config, missing file) is one line on stderr."""
+    """Runs a script's main(); a user error (bad config, missing file) or a diverged run
+    (FloatingPointError) is one line on stderr."""
     try:
         main(sys.argv[1:])
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:
         sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")
     except KeyboardInterrupt:
         sys.exit(130)

@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny token-shard directories in the layout prepare.py writes."""
+
+import json
+
+import numpy as np
+import pytest
+
+from shards import write_shard
+
+
+@pytest.fixture(scope="session")
+def make_token_data(tmp_path_factory):
+    """make_token_data(train_tokens=..., val_tokens=..., vocab_size=..., shards=...) -> data dir.
+
+    Random token ids (seeded) split into `shards` train shards and one val shard, with the
+    meta.json fields that shards.TokenWindows reads.
+    """
+
+    def make(train_tokens=4000, val_tokens=600, vocab_size=64, shards=2, seed=0):
+        directory = tmp_path_factory.mktemp("data")
+        rng = np.random.default_rng(seed)
+        splits = {}
+        for split, total, count in [("train", train_tokens, shards), ("val", val_tokens, 1)]:
+            infos = []
+            for i, part in enumerate(np.array_split(rng.integers(0, vocab_size, total), count)):
+                name = f"{split}_{i:06d}.bin"
+                write_shard(directory / name, part)
+                infos.append({"file": name, "tokens": len(part)})
+            splits[split] = {"shards": infos}
+        meta = {"tokenizer": "test", "vocab_size": vocab_size, "eot_id": vocab_size - 1, "splits": splits}
+        (directory / "meta.json").write_text(json.dumps(meta))
+        return directory
+
+    return make

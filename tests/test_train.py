@@ -1,0 +1,237 @@
+"""train.py end to end on tiny models (CPU): exactness of resume, accumulation and DDP, the
+schedule, HF interchange, config errors, preemption, wandb offline and non-finite losses."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import configurator
+import train
+from model import GPT
+from shards import TokenWindows
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--block_size=16", "--vocab_size=64", "--n_layer=2", "--n_head=2", "--n_embd=16", "--dropout=0.0",
+        "--learning_rate=1e-2", "--log_interval=1", "--device=cpu", "--compile=False"]  # fmt: skip
+TIMING_KEYS = {"tokens_per_s", "mfu"}
+
+
+def args(data, out, *extra):
+    return [f"--data_dir={data}", f"--out_dir={out}", "--run_name=run", *TINY, *extra]
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out) -> list[float]:
+    return [m["loss"] for m in metrics(out) if "loss" in m]
+
+
+def weights(checkpoint) -> dict[str, torch.Tensor]:
+    return load_file(Path(checkpoint) / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def data(make_token_data):
+    return make_token_data()
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """One process, the whole global batch of 8 in one micro-step, 4 steps."""
+    out = tmp_path_factory.mktemp("reference")
+    train.main(args(data, out, "--batch_size=8", "--max_steps=4", "--eval_interval=2"))
+    return out
+
+
+def assert_same_training(out, ref, rtol=1e-5, atol=1e-5):
+    """Equal up to summation order. The key biases get only rounding noise as gradient (softmax
+    ignores a shift shared by all keys) and Adam scales noise up to ~1e-6; a real difference is ~lr."""
+    assert len(losses(out)) == len(losses(ref)) == 4
+    assert losses(out) == pytest.approx(losses(ref), rel=rtol)
+    ours, theirs = weights(train.latest_checkpoint(Path(out) / "run")), weights(train.latest_checkpoint(Path(ref) / "run"))
+    for name in theirs:
+        assert torch.allclose(ours[name], theirs[name], rtol=rtol, atol=atol), name
+
+
+def test_resume_is_bitwise_identical(data, tmp_path, capsys):
+    # dropout on: a resumed run must also continue every RNG stream exactly.
+    extra = ["--dropout=0.1", "--batch_size=2", "--gradient_accumulation_steps=2", "--max_steps=6", "--checkpoint_interval=3", "--eval_interval=3"]
+    train.main(args(data, tmp_path, *extra))
+    run = tmp_path / "run"
+    uninterrupted = metrics(tmp_path)
+    final = {name: (run / "ckpt_0000006" / name).read_bytes() for name in ("model.safetensors", "optimizer.pt")}
+    with pytest.raises(ValueError, match="already has checkpoints"):
+        train.main(args(data, tmp_path, *extra))
+    # As if the run had died after writing ckpt_3: its later records must be replaced, not doubled.
+    shutil.rmtree(run / "ckpt_0000006")
+    capsys.readouterr()
+    train.main(args(data, tmp_path, *extra, "--resume=auto"))
+    assert "resumed from" in capsys.readouterr().out
+    strip = lambda records: [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in records]  # noqa: E731
+    assert strip(metrics(tmp_path)) == strip(uninterrupted)
+    assert len(losses(tmp_path)) == 6 and len({m["step"] for m in uninterrupted if "val_loss" in m}) == 2
+    # optimizer.pt pickles tensors in a fixed order; bytes equal means every moment and step equal
+    assert {name: (run / "ckpt_0000006" / name).read_bytes() for name in final} == final
+
+
+def test_gradient_accumulation_matches_one_big_batch(data, reference, tmp_path):
+    train.main(args(data, tmp_path, "--batch_size=2", "--gradient_accumulation_steps=4", "--max_steps=4", "--eval_interval=2"))
+    assert_same_training(tmp_path, reference)
+
+
+def test_two_process_ddp_matches_one_process(data, reference, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+               *args(data, tmp_path, "--batch_size=2", "--gradient_accumulation_steps=2", "--max_steps=4", "--eval_interval=2")]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "x 2 processes" in result.stdout and result.stdout.count("global batch") == 1  # rank 0 alone prints
+    assert_same_training(tmp_path, reference)
+    # Val loss is averaged over both ranks' halves of the val split.
+    val = lambda out: [m["val_loss"] for m in metrics(out) if "val_loss" in m]  # noqa: E731
+    assert val(tmp_path) == pytest.approx(val(reference), rel=1e-5)
+
+
+@pytest.mark.parametrize("max_steps,warmup_ratio", [(1, 0.05), (10, 0.0), (103, 0.05), (40, 0.5)])
+def test_schedule_matches_transformers(max_steps, warmup_ratio, tmp_path):
+    from transformers import TrainingArguments, get_cosine_schedule_with_warmup
+
+    warmup_steps = TrainingArguments(output_dir=str(tmp_path), warmup_steps=warmup_ratio).get_warmup_steps(max_steps)
+    ours, theirs = (torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2.5e-4) for _ in range(2))
+    ours_schedule = train.cosine_schedule(ours, max_steps, warmup_ratio)
+    theirs_schedule = get_cosine_schedule_with_warmup(theirs, warmup_steps, max_steps)
+    ours_lrs, theirs_lrs = [], []
+    for _ in range(max_steps + 1):
+        ours_lrs += ours_schedule.get_last_lr()
+        theirs_lrs += theirs_schedule.get_last_lr()
+        for optimizer, schedule in ((ours, ours_schedule), (theirs, theirs_schedule)):
+            optimizer.step(), schedule.step()
+    assert ours_lrs == theirs_lrs and max(ours_lrs) == 2.5e-4
+
+
+def test_checkpoint_loads_in_transformers_with_the_logged_val_loss(data, reference, capsys):
+    from transformers import GPT2LMHeadModel
+
+    checkpoint = train.latest_checkpoint(reference / "run")
+    hf = GPT2LMHeadModel.from_pretrained(checkpoint).eval()
+    ours = GPT.from_pretrained(checkpoint).eval()
+    val = TokenWindows(data, "val", 16)
+    tokens = torch.from_numpy(val.batch(range(len(val))))  # (windows, 17)
+    with torch.no_grad():
+        logits = hf(tokens[:, :-1]).logits
+        assert torch.allclose(logits, ours(tokens[:, :-1])[0], atol=1e-5)
+    hf_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).item()
+    logged = [m["val_loss"] for m in metrics(reference) if "val_loss" in m][-1]
+    assert hf_loss == pytest.approx(logged, abs=1e-5)
+    # eval_only gives the same number from the run's checkpoint and from the HF directory.
+    capsys.readouterr()
+    for source in ("--resume=auto", f"--init_from={checkpoint}"):
+        train.main(args(data, reference, "--eval_only", source))
+        assert f"val loss {logged:.4f}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--batch_size=eight", "expected int"),
+        ("--block_size=700", "fewer than block_size"),  # the val split has 600 tokens
+        ("--vocab_size=32", "vocabulary of 64 tokens .* set vocab_size=64"),
+        ("--batch_size=300", "fewer than one global batch"),
+        ("--resume=/nonexistent", "no trainer_state.pt"),
+        ("--eval_only", "eval_only needs weights"),
+    ],
+)
+def test_config_errors_come_before_the_model_is_built(data, tmp_path, monkeypatch, override, message):
+    monkeypatch.setattr(train, "GPT", None)  # building a model would be a TypeError
+    with pytest.raises((ValueError, OSError), match=message):  # what configurator.run prints as one line
+        train.main(args(data, tmp_path, override))
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_key_is_one_line_with_a_suggestion():
+    result = subprocess.run([sys.executable, "train.py", "--lerning_rate=1"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert result.stderr.strip() == "train.py: error: unknown config key 'lerning_rate'; did you mean 'learning_rate'?"
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(data, tmp_path):
+    command = [sys.executable, "train.py", *args(data, tmp_path, "--max_steps=100000", "--checkpoint_interval=100000", "--eval_interval=100000")]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics_path = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 60
+    while not (metrics_path.exists() and len(metrics_path.read_text().splitlines()) >= 3) and time.time() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "stopped by signal 15" in stdout
+    stopped_at = int(train.CHECKPOINT_PATTERN.fullmatch(train.latest_checkpoint(tmp_path / "run").name).group(1))
+    assert stopped_at >= 3 and metrics(tmp_path)[-1]["step"] == stopped_at
+    train.main(args(data, tmp_path, "--resume=auto", f"--max_steps={stopped_at + 2}"))
+    assert [m["step"] for m in metrics(tmp_path)[-3:]] == [stopped_at + 1, stopped_at + 2, stopped_at + 2]  # 2 steps, final eval
+    assert train.latest_checkpoint(tmp_path / "run").name == f"ckpt_{stopped_at + 2:07d}"
+
+
+def test_wandb_offline_run_writes_its_files(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train.main(args(data, tmp_path, "--wandb_log=True", "--max_steps=2"))
+    run_id = torch.load(train.latest_checkpoint(tmp_path / "run") / "trainer_state.pt", weights_only=True)["wandb_run_id"]
+    (run_file,) = tmp_path.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")
+    assert run_file.stat().st_size > 0
+
+
+def test_wandb_without_login_is_a_clear_error(data, tmp_path, monkeypatch):
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no wandb settings
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    with pytest.raises(ValueError, match="no API key.*WANDB_MODE=offline"):
+        train.main(args(data, tmp_path, "--wandb_log=True", "--max_steps=2"))
+
+
+def poison_training_losses(monkeypatch, steps):
+    """Makes the training loss NaN on the given steps (1-based; one micro-step per step)."""
+    forward, calls = GPT.forward, [0]
+
+    def poisoned(self, idx, targets=None):
+        logits, loss = forward(self, idx, targets)
+        if self.training:
+            calls[0] += 1
+            if calls[0] in steps:
+                loss = loss * math.nan
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+
+
+def test_a_nonfinite_loss_skips_the_step(data, tmp_path, monkeypatch):
+    poison_training_losses(monkeypatch, {3})
+    train.main(args(data, tmp_path, "--max_steps=5", "--checkpoint_interval=2"))
+    records = metrics(tmp_path)
+    assert [m["step"] for m in records if "skipped" in m] == [3]
+    assert 3 not in [m["step"] for m in records if "loss" in m] and records[-2]["nonfinite_steps"] == 1
+    assert all(torch.isfinite(t).all() for t in weights(train.latest_checkpoint(tmp_path / "run")).values())
+
+
+def test_nonfinite_losses_in_a_row_stop_the_run(data, tmp_path, monkeypatch):
+    poison_training_losses(monkeypatch, set(range(3, 100)))
+    monkeypatch.setattr(sys, "argv", ["train.py", *args(data, tmp_path, "--max_steps=50", "--checkpoint_interval=2")])
+    with pytest.raises(SystemExit, match="^train.py: error: loss was non-finite for 5 steps in a row .* the last checkpoint is .*ckpt_0000006"):
+        configurator.run(train.main)
+    run = tmp_path / "run"
+    assert train.latest_checkpoint(run).name == "ckpt_0000006"  # steps 3..7 skipped, no save at 7
+    good, last = weights(run / "ckpt_0000002"), weights(train.latest_checkpoint(run))
+    assert all(torch.equal(good[name], last[name]) for name in good)  # skipped steps changed nothing
