@@ -1,0 +1,147 @@
+"""Generation: KV-cached decoding equals a full recompute, and its tokens equal HF generate's."""
+
+import pytest
+import torch
+from test_model import make_pair, tokens
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from model import sample_next_token
+
+# No bos/eos: HF would stop at its default eos (50256), which this vocabulary lacks anyway.
+SMALL = dict(n_layer=2, n_head=3, n_embd=48, n_positions=128, vocab_size=101, bos_token_id=None, eos_token_id=None)
+RECIPE = dict(do_sample=True, top_k=10, top_p=0.95)
+
+
+def hf_generate(hf, idx, max_new_tokens, seed, **sampling):
+    """HF generate with every default pinned: top_k=0 stands for our None (HF's default is 50)."""
+    torch.manual_seed(seed)
+    sampling.setdefault("top_k", 0)
+    return hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=max_new_tokens, **sampling)
+
+
+def our_generate(ours, idx, max_new_tokens, seed, **sampling):
+    torch.manual_seed(seed)
+    return ours.generate(idx, max_new_tokens, **sampling)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Decoding is a chain of small ops; between threads they wait on each other, and on a busy
+    2-core machine those waits (mostly in HF's many small ops) made these tests 20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def small_pair():
+    hf, ours = make_pair(**SMALL)
+    return hf.eval(), ours.eval()
+
+
+def test_cached_logits_equal_full_recompute(small_pair):
+    _, ours = small_pair
+    seq = tokens(101, 2, 40)
+    prompt_len = 5
+    ours.setup_kv_cache(2, 40)
+    with torch.no_grad():
+        full = ours(seq)[0]  # (2, 40, vocab)
+        prefill = ours(seq[:, :prompt_len], input_pos=torch.arange(prompt_len))[0]
+        assert prefill.shape == (2, 1, 101)
+        assert (prefill[:, 0] - full[:, prompt_len - 1]).abs().max() < 1e-5
+        for pos in range(prompt_len, 40):
+            step = ours.decode_step(seq[:, pos : pos + 1], torch.tensor([pos]))
+            assert (step - full[:, pos]).abs().max() < 1e-5, pos
+    ours.clear_kv_cache()
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [RECIPE, dict(do_sample=False), dict(do_sample=True, temperature=0.7, top_p=0.9), dict(do_sample=True, temperature=1.3, top_k=5)],
+    ids=["recipe", "greedy", "temperature-top_p", "temperature-top_k"],
+)
+def test_tokens_equal_hf_generate_small(small_pair, sampling):
+    hf, ours = small_pair
+    idx = tokens(101, 3, 7)  # a batch of three prompts
+    ref = hf_generate(hf, idx, 100, seed=3, **sampling)
+    got = our_generate(ours, idx, 100, seed=3, **sampling)
+    assert got.shape == (3, 107)
+    assert torch.equal(got, ref)
+
+
+def test_tokens_equal_hf_generate_full_config():
+    torch.manual_seed(0)
+    hf, ours = make_pair()  # GPT2Config(): 124M, eos 50256
+    hf.eval(), ours.eval()
+    idx = tokens(50256, 1, 8)  # no eos in the prompt: HF would mask it out as padding
+    for sampling, new in [(RECIPE, 24), (dict(do_sample=False), 8)]:
+        ref = hf_generate(hf, idx, new, seed=5, **sampling)
+        got = our_generate(ours, idx, new, seed=5, eos_token_id=50256, **sampling)
+        assert torch.equal(got, ref), sampling
+
+
+def test_finished_sequences_emit_eos_and_generation_stops_early():
+    # 11 tokens at temperature 3: eos (token 0) comes soon in every row
+    hf, ours = make_pair(**{**SMALL, "vocab_size": 11, "eos_token_id": 0})
+    hf.eval(), ours.eval()
+    idx = tokens(11, 4, 3).clamp(min=1)
+    ref = hf_generate(hf, idx, 100, seed=1, do_sample=True, temperature=3.0)
+    got = our_generate(ours, idx, 100, seed=1, do_sample=True, temperature=3.0, eos_token_id=0)
+    assert torch.equal(got, ref)
+    assert got.shape[1] < 103  # stopped once every row had finished
+    for row in got[:, 3:]:
+        first_eos = (row == 0).nonzero()[0].item()
+        assert (row[first_eos:] == 0).all()
+
+
+def test_each_prompt_of_a_batch_continues_as_if_alone(small_pair):
+    _, ours = small_pair
+    idx = tokens(101, 3, 6, seed=4)
+    batched = ours.generate(idx, 20, do_sample=False)
+    for row in range(3):
+        assert torch.equal(batched[row : row + 1], ours.generate(idx[row : row + 1], 20, do_sample=False))
+
+
+@pytest.mark.parametrize(
+    "top_k, top_p, temperature",
+    [(10, 0.95, 1.0), (3, 0.5, 1.0), (None, 0.9, 0.8), (50, 0.99, 1.5), (1000, 0.9, 1.0), (7, None, 1.0), (10, 0.0, 1.0)],
+)
+def test_sampling_equals_hf_warpers(top_k, top_p, temperature):
+    """Our candidate-only top-p against HF's whole-vocabulary sort, on many random distributions."""
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k is not None:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p is not None:
+        warpers.append(TopPLogitsWarper(top_p))
+    logits = torch.randn(64, 1000, generator=torch.Generator().manual_seed(0)) * 3
+    torch.manual_seed(0)
+    ref = torch.multinomial(warpers(None, logits).softmax(-1), 1).squeeze(1)
+    torch.manual_seed(0)
+    assert torch.equal(sample_next_token(logits, temperature, top_k, top_p), ref)
+
+
+def test_top_k_keeps_ties_like_hf():
+    logits = torch.randint(0, 6, (64, 50), generator=torch.Generator().manual_seed(0)).float()  # many ties
+    torch.manual_seed(0)
+    ref = torch.multinomial(TopKLogitsWarper(4)(None, logits).softmax(-1), 1).squeeze(1)
+    torch.manual_seed(0)
+    assert torch.equal(sample_next_token(logits, top_k=4), ref)
+
+
+def test_context_overflow_is_an_error_and_kv_cache_stays_out_of_checkpoints():
+    _, ours = make_pair(**{**SMALL, "n_positions": 37})
+    names = set(ours.state_dict())
+    with pytest.raises(ValueError, match="30 prompt tokens \\+ 8 new tokens exceed the context of 37"):
+        ours.generate(tokens(101, 1, 30), 8)
+    assert ours.eval().generate(tokens(101, 1, 30), 7).shape == (1, 37)  # exactly the context is fine
+    assert all(block.attn.kv_cache is None for block in ours.transformer.h)  # torn down after generating
+    with pytest.raises(ValueError, match="call setup_kv_cache"):
+        ours(tokens(101, 1, 1), input_pos=torch.tensor([0]))
+    ours.setup_kv_cache(2, 37)
+    assert set(ours.state_dict()) == names
+    with pytest.raises(ValueError, match="longer than the context"):
+        ours.setup_kv_cache(1, 38)
+
