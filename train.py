@@ -44,6 +44,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 import configurator
 from model import GPT, GPTConfig
+from plot import plot_run
 from shards import TokenWindows, atomic_write_bytes
 
 CHECKPOINT_PATTERN = re.compile(r"ckpt_(\d+)")
@@ -94,6 +95,7 @@ class TrainConfig:
     wandb_project: str = "gpt2-bookcorpus"
     # system
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype: str = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast: 'bfloat16' or 'float32' (none)
     compile: bool = torch.cuda.is_available()
 
 
@@ -247,6 +249,8 @@ def main(argv: list[str]) -> None:
     cfg = configurator.parse_config(TrainConfig, argv)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={cfg.device} but no GPU is visible; use --device=cpu")
+    if cfg.dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"dtype={cfg.dtype}: use bfloat16 (autocast) or float32; float16 would need loss scaling")
     world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
     rank = int(os.environ.get("RANK", 0))
     if world_size > 1:
@@ -271,7 +275,8 @@ def train(cfg: TrainConfig, rank: int, world_size: int) -> None:
     if on_gpu:
         torch.backends.cuda.matmul.fp32_precision = "tf32"  # fp32 matmuls outside autocast
         torch.backends.cudnn.conv.fp32_precision = "tf32"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else nullcontext()
+    # bf16 matmuls, fp32 weights and optimizer; on CPUs with AVX512-BF16 or AMX it pays too.
+    autocast = torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext()
     run_dir = Path(cfg.out_dir) / cfg.run_name
     resume_from = find_resume_checkpoint(cfg, run_dir)
     source = resume_from or (None if cfg.init_from == "scratch" else cfg.init_from)
@@ -328,6 +333,8 @@ def train(cfg: TrainConfig, rank: int, world_size: int) -> None:
         if on_gpu:
             torch.cuda.set_rng_state(rng_by_rank[rank]["cuda"])
     else:  # dropout streams differ per rank; a different world size cannot continue the saved ones
+        if rng_by_rank and master:
+            print(f"{resume_from} was saved by {len(rng_by_rank)} processes, this run has {world_size}: same data order, new dropout randomness", flush=True)
         torch.manual_seed(int(np.random.SeedSequence([cfg.seed, start_step, rank]).generate_state(1)[0]))
 
     metrics_path = run_dir / "metrics.jsonl"
@@ -438,6 +445,8 @@ def train(cfg: TrainConfig, rank: int, world_size: int) -> None:
                 path = save_checkpoint(run_dir, step_done, raw_model, optimizer, trainer_state, cfg, rank, world_size)
                 if master:
                     print(f"step {step_done}: saved {path}", flush=True)
+            if master and last_step:
+                print(f"loss curves: {plot_run(run_dir)}", flush=True)
             if stop_signal:
                 if master:
                     print(f"stopped by signal {stop_signal} at step {step_done}; continue with --resume=auto", flush=True)

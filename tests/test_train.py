@@ -84,6 +84,7 @@ def test_resume_is_bitwise_identical(data, tmp_path, capsys):
     assert len(losses(tmp_path)) == 6 and len({m["step"] for m in uninterrupted if "val_loss" in m}) == 2
     # optimizer.pt pickles tensors in a fixed order; bytes equal means every moment and step equal
     assert {name: (run / "ckpt_0000006" / name).read_bytes() for name in final} == final
+    assert (run / "loss.png").stat().st_size > 0
 
 
 def test_gradient_accumulation_matches_one_big_batch(data, reference, tmp_path):
@@ -150,6 +151,7 @@ def test_checkpoint_loads_in_transformers_with_the_logged_val_loss(data, referen
         ("--batch_size=300", "fewer than one global batch"),
         ("--resume=/nonexistent", "no trainer_state.pt"),
         ("--eval_only", "eval_only needs weights"),
+        ("--dtype=float16", "use bfloat16 .* or float32"),
     ],
 )
 def test_config_errors_come_before_the_model_is_built(data, tmp_path, monkeypatch, override, message):

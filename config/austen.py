@@ -1,0 +1,29 @@
+# A small GPT-2 on the six Austen novels (data/austen), sized for a 2-core CPU in about 10 minutes:
+#   python prepare.py --dataset=austen && python train.py config/austen.py && python sample.py
+# The 50257-way output layer is most of the work at this width; one epoch is ~466 steps.
+
+run_name = "austen"
+data_dir = "data/austen"
+device = "cpu"
+compile = False
+
+# model: 4 layers of width 128 (7.3M parameters, 6.5M of them the token embedding)
+block_size = 256
+n_layer = 4
+n_head = 4
+n_embd = 128
+dropout = 0.0  # one pass over the data: nothing to overfit yet
+
+# 8 sequences of 256 tokens per step, one epoch
+batch_size = 8
+gradient_accumulation_steps = 1
+epochs = 1
+
+learning_rate = 2e-3  # a small model takes a larger step than GPT-2 small's 2.5e-4
+warmup_ratio = 0.05
+
+eval_interval = 100  # and at the end; the whole val split (37k tokens)
+log_interval = 10
+checkpoint_interval = 200
+keep_checkpoints = 2
+wandb_log = False

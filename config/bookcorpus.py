@@ -1,0 +1,40 @@
+# The recipe: GPT-2 small (GPT2Config() defaults, 124M parameters) from scratch on BookCorpus,
+# one epoch, as the HF Trainer ran it. Prepare the data once with `python prepare.py`, then
+#   torchrun --standalone --nproc_per_node=8 train.py config/bookcorpus.py
+# Global batch: 8 sequences of 1024 tokens per GPU x 8 GPUs = 64 sequences (65,536 tokens).
+# batch_size and gradient_accumulation_steps are per device (as in the HF Trainer), so on fewer
+# GPUs keep 64 with gradient_accumulation_steps = 8 / GPUs: the same batches in the same order,
+# the same schedule, the same result up to floating-point summation order. One GPU:
+#   python train.py config/bookcorpus.py --gradient_accumulation_steps=8
+
+run_name = "bookcorpus"
+data_dir = "data/bookcorpus"
+
+# model: GPT2Config()
+block_size = 1024
+vocab_size = 50257
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.1
+
+# batch and length
+batch_size = 8
+gradient_accumulation_steps = 1
+epochs = 1
+
+# AdamW (no weight decay on biases and LayerNorm), 5% linear warmup, cosine to 0, clip 1.0
+learning_rate = 2.5e-4
+beta1, beta2 = 0.9, 0.999
+eps = 1e-8
+weight_decay = 0.01
+warmup_ratio = 0.05
+grad_clip = 1.0
+
+# eval on the whole val split every 500 steps; checkpoint every 5000, keep the last 10
+eval_interval = 500
+log_interval = 10
+checkpoint_interval = 5000
+keep_checkpoints = 10
+wandb_log = True
+wandb_project = "gpt2-bookcorpus"
