@@ -11,8 +11,10 @@ takes the next global batch of it, and rank r's micro-step m a fixed slice of th
 sequence of global batches does not depend on how it is split over ranks and micro-steps, and
 the step alone is the exact data position.
 
-Checkpoints (sample.py reads the newest with latest_checkpoint):
-out/<run>/ckpt_<step:07d>/   written as ckpt_<step>.tmp then renamed, so every ckpt_* dir is complete
+A run's directory (sample.py reads its newest checkpoint with latest_checkpoint):
+out/<run>/train_config.json   the resolved config (not config.json: that name marks an HF model dir)
+out/<run>/metrics.jsonl       one JSON record per log step and eval; loss.png plots it at the end
+out/<run>/ckpt_<step:07d>/    written as ckpt_<step>.tmp then renamed, so every ckpt_* dir is complete
     config.json, model.safetensors   the model in HF format (GPT.save_pretrained)
     optimizer.pt                      AdamW state
     trainer_state.pt                  step, scheduler, RNG state of every rank, data order
@@ -341,7 +343,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int) -> None:
     wandb_run = None
     if master:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
         truncate_metrics(metrics_path, start_step)
         if cfg.wandb_log:
             wandb_run = start_wandb(cfg, state["wandb_run_id"])

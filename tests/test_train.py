@@ -85,6 +85,8 @@ def test_resume_is_bitwise_identical(data, tmp_path, capsys):
     # optimizer.pt pickles tensors in a fixed order; bytes equal means every moment and step equal
     assert {name: (run / "ckpt_0000006" / name).read_bytes() for name in final} == final
     assert (run / "loss.png").stat().st_size > 0
+    assert json.loads((run / "train_config.json").read_text())["max_steps"] == 6
+    assert not (run / "config.json").exists()  # would make sample.py take the run dir for an HF model
 
 
 def test_gradient_accumulation_matches_one_big_batch(data, reference, tmp_path):
