@@ -8,10 +8,18 @@ Absolute numbers on shared machines are noise; the ratio between two runs made b
 the same machine is the number to read. Results are printed as a table and written as JSON.
 """
 
+import gzip
 import json
 import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import psutil
 import torch
 
 import configurator
@@ -33,6 +41,99 @@ def machine_name(device: str) -> str:
 
 # Each section returns rows: {"what", "unit", "ours", "reference", ...extra}; higher is better.
 SECTIONS = {}
+
+
+# prepare: prepare.py vs the recipe's pipeline, each in its own process so its memory is its own.
+ROOT = Path(__file__).parent
+
+OURS_PREPARE = """
+import json, sys, time
+import prepare
+prepare.get_tokenizer()  # built before the clock starts, like the recipe's tokenizer
+started = time.perf_counter()
+prepare.main([f"--input={sys.argv[1]}", f"--out_dir={sys.argv[2]}"])
+seconds = time.perf_counter() - started
+meta = json.load(open(f"{sys.argv[2]}/meta.json"))
+print(json.dumps({"seconds": seconds, "tokens": sum(split["tokens"] for split in meta["splits"].values())}))
+"""
+
+# The recipe: load_dataset("text") (a row per line, like BookCorpus' sentence rows), tokenize with
+# datasets.map and HF's GPT-2 fast tokenizer, concatenate and cut 1024-token chunks.
+RECIPE_PREPARE = """
+import glob, itertools, json, sys, time
+import datasets, pyarrow.compute as pc
+from transformers import PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import TikTokenConverter
+from tokenizer import EOT_TOKEN, GPT2_SPLIT_PATTERN, RANKS_PATH, get_tokenizer
+
+converter = TikTokenConverter(vocab_file=str(RANKS_PATH), pattern=GPT2_SPLIT_PATTERN, extra_special_tokens=[EOT_TOKEN])
+tokenizer = PreTrainedTokenizerFast(tokenizer_object=converter.converted(), eos_token=EOT_TOKEN)
+files = sorted(glob.glob(f"{sys.argv[1]}/*.txt"))
+sample = open(files[0]).read(100_000)
+assert tokenizer(sample)["input_ids"] == get_tokenizer().encode_ordinary(sample), "not the same tokenizer"
+
+def group_texts(batch, block_size=1024):
+    joined = {key: list(itertools.chain(*batch[key])) for key in batch}
+    total = len(joined["input_ids"]) // block_size * block_size
+    return {key: [ids[i : i + block_size] for i in range(0, total, block_size)] for key, ids in joined.items()}
+
+started = time.perf_counter()
+rows = datasets.load_dataset("text", data_files=files, split="train", cache_dir=sys.argv[2])
+tokenized = rows.map(lambda batch: tokenizer(batch["text"]), batched=True, remove_columns=["text"])
+tokenized.map(group_texts, batched=True)
+seconds = time.perf_counter() - started
+tokens = pc.sum(pc.list_value_length(tokenized.data.column("input_ids"))).as_py()
+print(json.dumps({"seconds": seconds, "tokens": tokens}))
+"""
+
+
+def write_austen_corpus(directory: Path, copies: int) -> Path:
+    """The bundled novels as .txt, `copies` times over; each copy after the first shuffles the paragraphs."""
+    directory.mkdir()
+    rng = random.Random(0)
+    for path in sorted(ROOT.glob("assets/austen/*.txt.gz")):
+        paragraphs = gzip.open(path).read().decode().split("\n\n")
+        for copy in range(copies):
+            (directory / f"{copy:03d}_{path.name[:-3]}").write_text("\n\n".join(paragraphs))
+            rng.shuffle(paragraphs)
+    return directory
+
+
+def run_measured(code: str, *args) -> dict:
+    """Runs `python -c code args`, sampling the RSS of it and all its children; returns its JSON + peak_rss_mb."""
+    with tempfile.TemporaryFile("w+") as stderr:
+        process = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        root, peak = psutil.Process(process.pid), 0
+        while process.poll() is None:
+            try:
+                peak = max(peak, sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]))
+            except psutil.NoSuchProcess:  # a child ended between listing and reading
+                pass
+            time.sleep(0.02)
+        if process.returncode:
+            stderr.seek(0)
+            raise RuntimeError(f"benchmark child failed: {stderr.read()[-2000:]}")
+        return {**json.loads(process.stdout.read().splitlines()[-1]), "peak_rss_mb": peak / 2**20}
+
+
+def bench_prepare(cfg):
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        corpora = {"Austen": 1, "~200 MB of Austen variations": 50} if cfg.full else {"Austen": 1}
+        for label, copies in corpora.items():
+            corpus = write_austen_corpus(Path(tmp) / f"corpus{copies}", copies)
+            ours = run_measured(OURS_PREPARE, corpus, Path(tmp) / f"ours{copies}")
+            recipe = run_measured(RECIPE_PREPARE, corpus, Path(tmp) / f"recipe{copies}")
+            for name, result in (("ours", ours), ("recipe", recipe)):
+                print(f"prepare, {label}: {name} {result['tokens']:,} tokens in {result['seconds']:.1f} s, "
+                      f"peak RSS of all its processes {result['peak_rss_mb']:.0f} MB")
+            rows.append({"what": f"prepare tokens/s, {label}", "unit": "M tok/s",
+                         "ours": ours["tokens"] / ours["seconds"] / 1e6, "reference": recipe["tokens"] / recipe["seconds"] / 1e6,
+                         "ours_peak_rss_mb": ours["peak_rss_mb"], "reference_peak_rss_mb": recipe["peak_rss_mb"]})
+    return rows
+
+
+SECTIONS["prepare"] = bench_prepare
 
 
 def main(argv):
