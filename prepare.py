@@ -5,26 +5,25 @@
     python prepare.py --input='books/*.txt'   # .txt(.gz): a document per file; .jsonl/.parquet: one per row
     python prepare.py --dataset=owner/name --text_column=text --split=train   # any Hub dataset, streamed
 
-Writes data/<name>/{train,val}_NNNNNN.bin in llm.c's shard format (see shards.py) and meta.json.
-Every document starts with <|endoftext|>, as in llm.c. BookCorpus rows are consecutive sentences of
-one running text, so they are joined with a space into one document.
+Writes data/<name>/{train,val}_NNNNNN.bin in llm.c's format (shards.py) and meta.json. Every document
+starts with <|endoftext|>, as in llm.c; BookCorpus rows are sentences of one running text, joined by spaces.
 
-Validation split: the text is cut into blocks of ~block_chars characters (a block never spans two
-documents, so short documents are whole blocks) and each block is held out with probability
-val_fraction, drawn from a generator seeded with `seed`; the first block always trains and the
-last is held out if no other was. Blocks are contiguous text, so nothing is in both splits. Where a
-document's blocks alternate between splits, each run starts with <|endoftext|> in its split.
-Blocks are cut only before a space between two non-space characters, where GPT-2's pre-tokenizer
-splits anyway, so a document's tokens are exactly those of the whole document.
+Validation: the text is cut into blocks of ~block_chars characters, never spanning two documents, and
+each block is held out with probability val_fraction from a generator seeded with `seed` (the first
+block always trains, the last is held out if no other was). Blocks are contiguous text, so nothing is
+in both splits; a run of blocks that follows the other split's starts with <|endoftext|>. Blocks are
+cut only before a space between two non-space characters, where GPT-2's pre-tokenizer splits anyway,
+so a document's tokens are exactly those of encoding it whole.
 
-Speed and memory: the main thread reads and cuts blocks, `workers` threads tokenize them (tiktoken
-releases the GIL), at most 2 * workers blocks are in flight and shards are streamed to disk, so
-peak RSS does not grow with the corpus: PEAK_RSS_NOTE
+Speed and memory: the main thread reads and cuts blocks while `workers` threads tokenize them (tiktoken
+releases the GIL), at most 2 * workers blocks in flight, and shards stream to disk, so peak RSS does not
+grow with the corpus: ~70 MB for text files; ~430 MB when rows stream through `datasets` (.jsonl,
+.parquet, the Hub), nearly all of it datasets and pyarrow (measured on a BookCorpus-like Parquet file).
 
-Crash safety: a shard is written under a temp name and renamed once complete; progress.json then
-records it and where it ended in the input. A rerun verifies those shards, reads the input again
-and tokenizes only what follows them, so its output is byte-identical to an uninterrupted run.
-meta.json is written last and marks a finished preparation; --force rebuilds from scratch.
+Crash safety: a shard is written under a temp name and renamed once complete, then progress.json records
+it and where it ended in the input. A rerun verifies those shards, reads the input again and tokenizes
+only what follows them: the output is byte-identical to an uninterrupted run's. meta.json is written
+last and marks a finished preparation; --force rebuilds from scratch.
 """
 
 import codecs
@@ -61,7 +60,7 @@ OFFLINE_HINT = "offline, use --dataset=austen (bundled) or --input=PATH (.txt, .
 ROW_FORMATS = {".jsonl": "json", ".parquet": "parquet"}  # the datasets builder for each
 FORMAT_VERSION = 1  # of meta.json
 READ_BYTES = 1 << 20
-UNDECODABLE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of undecodable bytes
+REPLACEMENT_UTF8 = "\ufffd".encode()
 SPLITS = ("train", "val")
 
 
@@ -90,64 +89,69 @@ class Unit(NamedTuple):
 
 def read_text_file(path: Path, replaced: collections.Counter):
     """Yields a file's text in pieces; undecodable bytes become U+FFFD and are counted per file."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    previous = b""
     with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
         while True:
             data = f.read(READ_BYTES)
-            text, count = UNDECODABLE.subn("\ufffd", decoder.decode(data, final=not data))
-            if count:
+            text = decoder.decode(data, final=not data)
+            # a U+FFFD the file does not spell out itself (3 bytes, maybe across reads) replaced bad bytes;
+            # two fast counts instead of a scan for them
+            if count := text.count("\ufffd") - (previous[-2:] + data).count(REPLACEMENT_UTF8):
                 replaced[str(path)] += count
+            previous = data
             yield text
             if not data:
                 return
 
 
-def row_documents(dataset, source: str, text_column: str, sentences: bool):
-    """Documents from a datasets.IterableDataset: one per row, or (sentences) all rows joined by spaces."""
-    if dataset.column_names and text_column not in dataset.column_names:
-        raise ValueError(f"{source} has no column '{text_column}' (it has {', '.join(dataset.column_names)}); pass --text_column=NAME")
-    batches = (batch[text_column] for batch in dataset.select_columns([text_column]).iter(batch_size=1000))
-    if not sentences:
-        return ([text] for texts in batches for text in texts if text)
-
-    def running_text():
-        separator = ""
-        for texts in batches:
-            if text := " ".join(filter(None, texts)):
-                yield separator + text
-                separator = " "
-
-    return [running_text()]
+def joined_rows(batches):
+    """BookCorpus: rows are consecutive sentences of one running text, so they are joined with a space."""
+    separator = ""
+    for texts in batches:
+        if text := " ".join(filter(None, texts)):
+            yield separator + text
+            separator = " "
 
 
-def local_row_documents(files: list[Path], builder: str, source: str, text_column: str):
-    import datasets  # slow to import: only for row files and the Hub
-
-    dataset = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True)
-    yield from row_documents(dataset, source, text_column, sentences=False)
-
-
-def hub_documents(repo: str, revision: str | None, split: str, source: str, text_column: str, sentences: bool):
-    """Streams a Hub dataset; a generator, so the network is touched only once its text is needed."""
+def check_hub(repo: str, revision: str | None) -> None:
+    """Fails in a second when the Hub is unreachable, where load_dataset retries for ~25 s."""
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError
 
-    if not constants.HF_HUB_OFFLINE:  # in offline mode datasets reads its cache, or says it can't
-        try:  # load_dataset retries an unreachable Hub for ~25 s; one quick request fails fast instead
-            HfApi().dataset_info(repo, revision=revision, timeout=10)
-        except HfHubHTTPError as e:  # the Hub answered: no such dataset or revision, gated, ...
-            raise ValueError(f"--dataset={repo}: {str(e).splitlines()[0]}") from None
-        except Exception as e:  # no answer; the transport's exception types vary across huggingface_hub versions
-            raise ConnectionError(f"cannot reach the Hugging Face Hub for {repo} ({type(e).__name__}: {e}); {OFFLINE_HINT}") from None
-    import datasets
+    if constants.HF_HUB_OFFLINE:  # datasets then reads its cache, or says it can't
+        return
+    try:
+        HfApi().dataset_info(repo, revision=revision, timeout=10)
+    except HfHubHTTPError as e:  # the Hub answered: no such dataset or revision, gated, ...
+        raise ValueError(f"--dataset={repo}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # no answer; the transport's exception types vary across huggingface_hub versions
+        raise ConnectionError(f"cannot reach the Hugging Face Hub for {repo} ({type(e).__name__}: {e}); {OFFLINE_HINT}") from None
+
+
+def dataset_documents(path: str, source: str, text_column: str, sentences: bool, hub: bool, **load_args):
+    """Streams rows with `datasets`: a document per row, or (sentences) one document of them all.
+
+    A generator, so nothing is imported, read or fetched until the text is needed.
+    """
+    if hub:
+        check_hub(path, load_args.get("revision"))
+    import datasets  # slow to import: only for row files and the Hub
 
     try:
-        dataset = datasets.load_dataset(repo, revision=revision, split=split, streaming=True)
+        dataset = datasets.load_dataset(path, streaming=True, **load_args)
     except ConnectionError as e:
-        raise ConnectionError(f"cannot reach the Hugging Face Hub for {repo} ({e}); {OFFLINE_HINT}") from None
+        raise ConnectionError(f"cannot reach the Hugging Face Hub for {path} ({e}); {OFFLINE_HINT}") from None
     except RuntimeError as e:  # a loading script, which datasets no longer runs
-        raise ValueError(f"--dataset={repo}: {e}; its Parquet export may work: --revision={BOOKCORPUS_REVISION}") from None
-    yield from row_documents(dataset, source, text_column, sentences)
+        raise ValueError(f"--dataset={path}: {e}; its Parquet export may work: --revision={BOOKCORPUS_REVISION}") from None
+    if dataset.column_names and text_column not in dataset.column_names:
+        raise ValueError(f"{source} has no column '{text_column}' (it has {', '.join(dataset.column_names)}); pass --text_column=NAME")
+    # Arrow batches: datasets' default Python formatting goes row by row, 10x slower
+    batches = (table[text_column].to_pylist() for table in dataset.select_columns([text_column]).with_format("arrow").iter(batch_size=1000))
+    if sentences:
+        yield joined_rows(batches)
+    else:
+        yield from ([text] for texts in batches for text in texts if text)
 
 
 def local_files(pattern: str) -> list[Path]:
@@ -174,13 +178,15 @@ def open_source(cfg: PrepareConfig, replaced: collections.Counter):
         name = Path(re.split(r"[*?\[]", cfg.input)[0]).resolve().name.split(".")[0] if cfg.input else "austen"
         if files[0].suffix in ROW_FORMATS:
             source = f"{cfg.input} column {cfg.text_column}"
-            return name, source, local_row_documents(files, ROW_FORMATS[files[0].suffix], source, cfg.text_column)
+            return name, source, dataset_documents(ROW_FORMATS[files[0].suffix], source, cfg.text_column, sentences=False,
+                                                   hub=False, data_files=[str(f) for f in files], split="train")
         return name, cfg.input or AUSTEN_GLOB, (read_text_file(f, replaced) for f in files)
     bookcorpus = cfg.dataset == "bookcorpus"
     repo = BOOKCORPUS if bookcorpus else cfg.dataset
     revision = cfg.revision or (BOOKCORPUS_REVISION if bookcorpus else None)
     source = f"hf://datasets/{repo}@{revision or 'main'} split {cfg.split} column {cfg.text_column}"
-    return repo.split("/")[-1], source, hub_documents(repo, revision, cfg.split, source, cfg.text_column, sentences=bookcorpus)
+    return repo.split("/")[-1], source, dataset_documents(repo, source, cfg.text_column, sentences=bookcorpus,
+                                                          hub=True, revision=revision, split=cfg.split)
 
 
 def safe_cut(text: str, start: int, end: int) -> int:
@@ -369,13 +375,14 @@ def main(argv):
     for split, writer in writers.items():
         shards = [{key: shard[key] for key in ("file", "tokens", "documents")} for shard in writer.shards]
         splits[split] = {"tokens": sum(s["tokens"] for s in shards), "documents": sum(s["documents"] for s in shards), "shards": shards}
-    save_json(meta_path, {**settings, "replaced_bytes": sum(replaced.values()), "splits": splits})
+    save_json(meta_path, {**settings, "replaced_undecodable": sum(replaced.values()), "splits": splits})
     progress_path.unlink(missing_ok=True)
     if replaced:
-        print(f"warning: replaced {sum(replaced.values()):,} undecodable bytes with U+FFFD in {', '.join(replaced)}", file=sys.stderr)
+        print(f"warning: replaced {sum(replaced.values()):,} undecodable byte sequences with U+FFFD in {', '.join(replaced)}", file=sys.stderr)
     print(f"{out_dir}: {splits['train']['tokens']:,} train and {splits['val']['tokens']:,} val tokens "
           f"({tokenized / seconds / 1e6:.1f}M tokens/s)")
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("USE_TORCH", "0")  # or datasets imports torch (~200 MB) for DataLoader support
     configurator.run(main)

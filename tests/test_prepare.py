@@ -101,7 +101,7 @@ def test_austen_round_trip_is_lossless_and_tokenized_as_whole_documents(tmp_path
     run("--dataset=austen", f"--out_dir={out}", "--block_chars=20000", "--val_fraction=0.2", "--shard_tokens=150000")
     meta = json.loads((out / "meta.json").read_text())
     assert len(meta["splits"]["train"]["shards"]) > 1 and meta["splits"]["val"]["tokens"] > 0
-    assert meta["vocab_size"] == 50257 and meta["eot_id"] == EOT_ID and meta["replaced_bytes"] == 0
+    assert meta["vocab_size"] == 50257 and meta["eot_id"] == EOT_ID and meta["replaced_undecodable"] == 0
     used = reassemble(AUSTEN, out)
     assert used["val"] and len(set(used["train"])) == len(AUSTEN)
     windows = TokenWindows(out, "val", block_size=64)  # train.py's reader accepts the output
@@ -205,13 +205,16 @@ def test_row_files_and_hub_code_path_on_local_data(tmp_path, monkeypatch):
 def test_undecodable_bytes_are_replaced_counted_and_warned(tmp_path):
     corpus = tmp_path / "latin1"
     corpus.mkdir()
-    (corpus / "a.txt").write_bytes("Caf\u00e9 cr\u00e8me, d\u00e9j\u00e0 vu.".encode("latin-1") + b" plain text after")
-    (corpus / "b.txt.gz").write_bytes(gzip.compress("a second, valid document \u2713".encode()))
+    (corpus / "a.txt").write_bytes("Caf\u00e9 cr\u00e8me, d\u00e9j\u00e0 vu.".encode("latin-1") + " a real \ufffd".encode())
+    # a valid U+FFFD (and a check mark) cut in two by the reader's 1 MiB reads: not undecodable
+    filler = "y " * ((prepare.READ_BYTES - 2) // 2) + "y"
+    (corpus / "b.txt.gz").write_bytes(gzip.compress(f"{filler}\ufffd{filler}\u2713 end".encode()))
     result = run_cli(f"--input={corpus}", f"--out_dir={tmp_path / 'out'}")
     assert result.returncode == 0, result.stderr
-    assert "replaced 4 undecodable bytes" in result.stderr and "a.txt" in result.stderr
-    assert json.loads((tmp_path / "out" / "meta.json").read_text())["replaced_bytes"] == 4
-    reassemble(["Caf\ufffd cr\ufffdme, d\ufffdj\ufffd vu. plain text after", "a second, valid document \u2713"], tmp_path / "out")
+    assert "replaced 4 undecodable byte sequences with U+FFFD in " in result.stderr and "a.txt" in result.stderr
+    assert "b.txt.gz" not in result.stderr
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["replaced_undecodable"] == 4
+    reassemble(["Caf\ufffd cr\ufffdme, d\ufffdj\ufffd vu. a real \ufffd", f"{filler}\ufffd{filler}\u2713 end"], tmp_path / "out")
 
 
 @pytest.mark.parametrize("make_input, message", [
