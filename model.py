@@ -244,26 +244,44 @@ class GPT(nn.Module):
     # ---- Generation ---------------------------------------------------------------------------
 
     def setup_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> None:
-        """Allocates every layer's KV cache for batch_size sequences of up to max_len tokens."""
+        """Gives every layer a KV cache for batch_size sequences of up to max_len tokens.
+
+        Caches that already fit are kept (as in gpt-fast): a compiled decode_step, which depends on
+        the buffers it writes, then runs again without recompiling.
+        """
         if max_len > self.config.block_size:
             raise ValueError(f"a KV cache of {max_len} positions is longer than the context ({self.config.block_size}); use max_len <= block_size")
-        weight = self.lm_head.weight
+        dtype, device = dtype or self.lm_head.weight.dtype, torch.device(device or self.lm_head.weight.device)
+        cache = self.transformer.h[0].attn.kv_cache
+        if cache is not None and (cache.k.size(0), cache.k.dtype, cache.k.device) == (batch_size, dtype, device) and cache.k.size(2) >= max_len:
+            return
         head_dim = self.config.n_embd // self.config.n_head
         for block in self.transformer.h:
-            block.attn.kv_cache = KVCache(batch_size, self.config.n_head, max_len, head_dim, dtype or weight.dtype, device or weight.device)
+            block.attn.kv_cache = KVCache(batch_size, self.config.n_head, max_len, head_dim, dtype, device)
 
     def clear_kv_cache(self) -> None:
+        """Frees the KV caches."""
         for block in self.transformer.h:
             block.attn.kv_cache = None
 
     def decode_step(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """One token per sequence (B, 1) at position input_pos (1,) -> next-token logits (B, vocab_size), float32.
 
-        Its shapes never change during a generation, so `model.decode_step = torch.compile(model.decode_step)`
-        compiles it once.
+        Its shapes stay the same from token to token (the KV cache is preallocated): see compile_decode_step.
         """
         logits, _ = self(token, input_pos=input_pos)
         return logits[:, -1].float()
+
+    def compile_decode_step(self) -> None:
+        """Compiles decode_step, once per KV cache shape, for inference with the current weights.
+
+        Inductor's freezing folds the weights into the compiled step as constants, which on CPU lets
+        it prepack them for oneDNN: one-token matrix-vector products run ~1.3x (fp32) to ~1.6x (bf16)
+        faster than eager F.linear. On CUDA the step also runs as a CUDA graph. Weights changed
+        afterwards are not seen: compile again.
+        """
+        cuda = self.lm_head.weight.device.type == "cuda"
+        self.decode_step = torch.compile(self.decode_step, fullgraph=True, options={"freezing": True, "triton.cudagraphs": cuda})
 
     @torch.inference_mode()
     def generate(
@@ -287,6 +305,7 @@ class GPT(nn.Module):
         all have. callback(tokens), if given, receives each step's new tokens (B,) as they are chosen.
         A prompt plus max_new_tokens longer than the context (block_size) is a ValueError before any
         work: GPT-2 has no positions beyond it, and silently cropping would continue another text.
+        The KV caches stay allocated for the next call (see setup_kv_cache); clear_kv_cache frees them.
         """
         B, T = idx.shape
         if T + max_new_tokens > self.config.block_size:
@@ -297,26 +316,23 @@ class GPT(nn.Module):
         if do_sample and not temperature > 0:
             raise ValueError(f"temperature={temperature} must be > 0 when sampling; for greedy decoding use do_sample=False")
         self.setup_kv_cache(B, T + max_new_tokens)
-        try:
-            logits, _ = self(idx, input_pos=torch.arange(T, device=idx.device))  # prefill: (B, 1, vocab_size)
-            logits = logits[:, -1].float()
-            input_pos = torch.tensor([T], device=idx.device)
-            unfinished = torch.ones(B, dtype=torch.bool, device=idx.device)
-            tokens = [idx]
-            for step in range(max_new_tokens):
-                next_token = sample_next_token(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
-                if eos_token_id is not None:
-                    next_token = next_token.masked_fill(~unfinished, eos_token_id)
-                    unfinished &= next_token != eos_token_id
-                tokens.append(next_token[:, None])
-                if callback is not None:
-                    callback(next_token)
-                if step == max_new_tokens - 1 or (eos_token_id is not None and not unfinished.any()):
-                    break
-                logits = self.decode_step(next_token[:, None], input_pos)
-                input_pos += 1
-        finally:
-            self.clear_kv_cache()
+        logits, _ = self(idx, input_pos=torch.arange(T, device=idx.device))  # prefill: (B, 1, vocab_size)
+        logits = logits[:, -1].float()
+        input_pos = torch.tensor([T], device=idx.device)
+        unfinished = torch.ones(B, dtype=torch.bool, device=idx.device)
+        tokens = [idx]
+        for step in range(max_new_tokens):
+            next_token = sample_next_token(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
+            if eos_token_id is not None:
+                next_token = next_token.masked_fill(~unfinished, eos_token_id)
+                unfinished &= next_token != eos_token_id
+            tokens.append(next_token[:, None])
+            if callback is not None:
+                callback(next_token)
+            if step == max_new_tokens - 1 or (eos_token_id is not None and not unfinished.any()):
+                break
+            logits = self.decode_step(next_token[:, None], input_pos)
+            input_pos += 1
         return torch.cat(tokens, dim=1)
 
     # ---- Hugging Face checkpoints -------------------------------------------------------------
