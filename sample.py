@@ -40,7 +40,7 @@ class SampleConfig:
     seed: int = 1337
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     dtype: str = "float32"  # float32, bfloat16 or float16
-    compile: bool = False  # compile the one-token decode step (the first sample then includes compilation)
+    compile: bool = False  # compile the one-token decode step (the first sample's time includes compiling)
 
 
 def newest_run(out_dir: Path) -> Path:
@@ -93,7 +93,7 @@ def main(argv):
             "shorten the prompt or lower --max_new_tokens"
         )
     if cfg.compile:
-        model.decode_step = torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=True)
+        model.compile_decode_step()
     idx = torch.tensor([prompt_ids], device=cfg.device)  # (1, T)
     token_bytes = tokenizer.get_tokenizer().decode_single_token_bytes
     torch.manual_seed(cfg.seed)  # again, whatever loading drew: the same tokens as HF generate after manual_seed(seed)

@@ -137,11 +137,31 @@ def test_context_overflow_is_an_error_and_kv_cache_stays_out_of_checkpoints():
     with pytest.raises(ValueError, match="30 prompt tokens \\+ 8 new tokens exceed the context of 37"):
         ours.generate(tokens(101, 1, 30), 8)
     assert ours.eval().generate(tokens(101, 1, 30), 7).shape == (1, 37)  # exactly the context is fine
-    assert all(block.attn.kv_cache is None for block in ours.transformer.h)  # torn down after generating
+    assert set(ours.state_dict()) == names  # the caches, still allocated, are no part of checkpoints
+    ours.clear_kv_cache()
     with pytest.raises(ValueError, match="call setup_kv_cache"):
         ours(tokens(101, 1, 1), input_pos=torch.tensor([0]))
-    ours.setup_kv_cache(2, 37)
-    assert set(ours.state_dict()) == names
     with pytest.raises(ValueError, match="longer than the context"):
         ours.setup_kv_cache(1, 38)
+
+
+def test_kv_caches_that_fit_are_reused(small_pair):
+    _, ours = small_pair
+    ours.generate(tokens(101, 2, 5), 20)
+    cache = ours.transformer.h[0].attn.kv_cache
+    ours.generate(tokens(101, 2, 9), 10)  # fits in the 25 positions: the compiled step keeps its buffers
+    assert ours.transformer.h[0].attn.kv_cache is cache
+    ours.generate(tokens(101, 3, 5), 10)  # another batch size needs other buffers
+    assert ours.transformer.h[0].attn.kv_cache.k.shape == (3, 3, 15, 16)
+
+
+@pytest.mark.slow  # compiling takes ~10-20 s on a 2-core CPU
+def test_compiled_decode_step_gives_the_same_tokens():
+    _, ours = make_pair(**{**SMALL, "n_layer": 1})
+    ours.eval()
+    idx = tokens(101, 2, 5)
+    ref = our_generate(ours, idx, 30, seed=2, **RECIPE)
+    ours.compile_decode_step()
+    assert torch.equal(our_generate(ours, idx, 30, seed=2, **RECIPE), ref)
+    assert torch.equal(our_generate(ours, idx, 30, seed=2, **RECIPE), ref)
 
