@@ -136,6 +136,64 @@ def bench_prepare(cfg):
 SECTIONS["prepare"] = bench_prepare
 
 
+# generate: GPT.generate (fp32, bf16, eager and with the decode step compiled) and the bare matvecs of
+# one token, each against GPT2LMHeadModel.generate in fp32 on the same weights; batch 1, the recipe's sampling.
+RECIPE_SAMPLING = dict(do_sample=True, top_k=10, top_p=0.95)
+GENERATE_NEW_TOKENS = 100
+
+
+def best_seconds(runs: dict, repeats: int, sync) -> dict:
+    """Fastest of `repeats` timings of each run after an untimed warm-up round, interleaved so that a
+    busy machine slows all alike."""
+    best = dict.fromkeys(runs, float("inf"))
+    for repeat in range(repeats + 1):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            sync()
+            if repeat:
+                best[name] = min(best[name], time.perf_counter() - started)
+    return best
+
+
+def bench_generate(cfg):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import tokenizer
+    from model import GPT, config_from_hf
+
+    cuda = cfg.device.startswith("cuda")
+    size, shape = ("124M", {}) if cfg.full else ("small", dict(n_layer=4, n_head=4, n_embd=128))
+    torch.manual_seed(0)
+    # No eos: every run makes all GENERATE_NEW_TOKENS tokens.
+    hf = GPT2LMHeadModel(GPT2Config(**shape, bos_token_id=None, eos_token_id=None)).to(cfg.device).eval()
+    ours = {}
+    for name, dtype in [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp32 compiled", torch.float32), ("bf16 compiled", torch.bfloat16)]:
+        ours[name] = GPT(config_from_hf(hf.config.to_dict()))
+        ours[name].load_hf_state_dict(hf.state_dict())
+        ours[name].to(cfg.device, dtype).eval()
+        if name.endswith("compiled"):
+            ours[name].compile_decode_step()  # compiles in the first, untimed round
+    idx = torch.tensor([tokenizer.encode("I was telling her that")], device=cfg.device)
+    runs = {"HF fp32": lambda: hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=GENERATE_NEW_TOKENS, **RECIPE_SAMPLING)}
+    for name, model in ours.items():
+        runs[name] = lambda model=model: model.generate(idx, GENERATE_NEW_TOKENS, **RECIPE_SAMPLING)
+    for name in ("fp32", "bf16"):
+        # The machine's limit: one token's bare matrix-vector products (eager F.linear), every Linear
+        # of every block and the output embedding, with nothing around them.
+        weights = [m.weight for m in ours[name].modules() if isinstance(m, torch.nn.Linear)]
+        inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device) for w in weights}
+        runs[f"matvec limit {name}"] = lambda weights=weights, inputs=inputs: [torch.nn.functional.linear(inputs[w.shape[1]], w) for w in weights]
+    with torch.inference_mode():
+        seconds = best_seconds(runs, repeats=4, sync=torch.cuda.synchronize if cuda else lambda: None)
+    tokens_per_s = {name: (1 if name.startswith("matvec") else GENERATE_NEW_TOKENS) / s for name, s in seconds.items()}
+    reference = tokens_per_s.pop("HF fp32")
+    return [{"what": f"generate {size}, {name}", "unit": "tok/s", "ours": rate, "reference": reference} for name, rate in tokens_per_s.items()]
+
+
+SECTIONS["generate"] = bench_generate
+
+
 def main(argv):
     cfg = configurator.parse_config(BenchConfig, argv)
     names = cfg.sections.split(",")
