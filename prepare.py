@@ -297,10 +297,6 @@ class SplitWriter:
             self.shard.abort()
 
 
-def save_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, [json.dumps(obj, indent=1).encode()])
-
-
 def check_settings(path: Path, settings: dict) -> dict:
     saved = json.loads(path.read_text())
     changed = [key for key in settings if saved.get(key) != settings[key]]
@@ -309,16 +305,11 @@ def check_settings(path: Path, settings: dict) -> dict:
     return saved
 
 
-def verified_shards(out_dir: Path, shards: list[dict]) -> list[dict]:
-    """The leading shards of an interrupted run that are intact on disk."""
-    for i, shard in enumerate(shards):
-        try:
-            intact = len(read_shard(out_dir / shard["file"])) == shard["tokens"]
-        except (OSError, ValueError):
-            intact = False
-        if not intact:
-            return shards[:i]
-    return shards
+def intact(path: Path, tokens: int) -> bool:
+    try:
+        return len(read_shard(path)) == tokens
+    except (OSError, ValueError):  # missing, truncated, not a shard
+        return False
 
 
 def main(argv):
@@ -346,7 +337,8 @@ def main(argv):
     completed = {split: [] for split in SPLITS}
     if progress_path.exists():
         saved = check_settings(progress_path, settings)["splits"]
-        completed = {split: verified_shards(out_dir, saved[split]) for split in SPLITS}
+        completed = {split: list(itertools.takewhile(lambda shard: intact(out_dir / shard["file"], shard["tokens"]), saved[split]))
+                     for split in SPLITS}
         print(f"resuming after {len(completed['train'])} train and {len(completed['val'])} val shards")
     for path in out_dir.glob("*.tmp"):  # left by a killed run
         path.unlink()
@@ -359,7 +351,8 @@ def main(argv):
         with tqdm(desc=name, unit="tok", unit_scale=True, disable=None) as bar:
             for unit, tokens in tokenize(todo, cfg.workers):
                 if writers[unit.split].add(unit.index, tokens):
-                    save_json(progress_path, {**settings, "splits": {split: w.shards for split, w in writers.items()}})
+                    progress = {**settings, "splits": {split: w.shards for split, w in writers.items()}}
+                    atomic_write_bytes(progress_path, [json.dumps(progress, indent=1).encode()])
                 bar.update(len(tokens))
                 tokenized += len(tokens)
         for writer in writers.values():
@@ -375,7 +368,8 @@ def main(argv):
     for split, writer in writers.items():
         shards = [{key: shard[key] for key in ("file", "tokens", "documents")} for shard in writer.shards]
         splits[split] = {"tokens": sum(s["tokens"] for s in shards), "documents": sum(s["documents"] for s in shards), "shards": shards}
-    save_json(meta_path, {**settings, "replaced_undecodable": sum(replaced.values()), "splits": splits})
+    meta = {**settings, "replaced_undecodable": sum(replaced.values()), "splits": splits}
+    atomic_write_bytes(meta_path, [json.dumps(meta, indent=1).encode()])
     progress_path.unlink(missing_ok=True)
     if replaced:
         print(f"warning: replaced {sum(replaced.values()):,} undecodable byte sequences with U+FFFD in {', '.join(replaced)}", file=sys.stderr)
