@@ -80,6 +80,8 @@ def main(argv):
     cfg = configurator.parse_config(SampleConfig, argv)
     if cfg.dtype not in DTYPES:
         raise ValueError(f"--dtype={cfg.dtype}: expected one of {', '.join(DTYPES)}")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device={cfg.device}, but torch sees no CUDA GPU; use --device=cpu")
     prompt = read_prompt(cfg.start)
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids:

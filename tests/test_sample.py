@@ -72,6 +72,7 @@ def test_recipe_defaults():
         (["--start=" + "word " * 120], "exceed the context of 128 tokens"),
         (["--dtype=float8"], "--dtype=float8: expected one of float32, bfloat16, float16"),
         (["--init=pretrained"], "--init=pretrained: expected checkpoint or random"),
+        pytest.param(["--device=cuda"], "sees no CUDA GPU", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
     ],
 )
 def test_bad_arguments_are_clear_errors(run_dir, args, message):
