@@ -17,8 +17,9 @@ so a document's tokens are exactly those of encoding it whole.
 
 Speed and memory: the main thread reads and cuts blocks while `workers` threads tokenize them (tiktoken
 releases the GIL), at most 2 * workers blocks in flight, and shards stream to disk, so peak RSS does not
-grow with the corpus: ~70 MB for text files; ~430 MB when rows stream through `datasets` (.jsonl,
-.parquet, the Hub), nearly all of it datasets and pyarrow (measured on a BookCorpus-like Parquet file).
+grow with the corpus: ~65 MB for text files. Rows streamed through `datasets` (.jsonl, .parquet, the
+Hub) take 350-450 MB, nearly all of it datasets and pyarrow decoding one Parquet row group at a time
+(measured on 200 MB of BookCorpus-like Parquet with 10k- and 100k-row groups).
 
 Crash safety: a shard is written under a temp name and renamed once complete, then progress.json records
 it and where it ended in the input. A rerun verifies those shards, reads the input again and tokenizes
@@ -83,8 +84,7 @@ class PrepareConfig:
 class Unit(NamedTuple):
     index: int
     split: str
-    starts_segment: bool  # first block of a document, or of a run after blocks of the other split
-    text: str
+    pieces: list[tuple[bool, str]]  # (starts with <|endoftext|>, text)
 
 
 def read_text_file(path: Path, replaced: collections.Counter):
@@ -198,18 +198,29 @@ def safe_cut(text: str, start: int, end: int) -> int:
 
 
 def cut_blocks(documents, block_chars: int):
-    """Yields (starts_document, text): each document in consecutive blocks of about block_chars."""
+    """Yields blocks of about block_chars characters, as lists of (starts_document, text).
+
+    Small documents share a block (fewer, larger tokenizer tasks); a large one is cut into several.
+    """
+    block, size = [], 0  # the documents that ended since the last block
     for document in documents:
         rest, starts_document = "", True
         for piece in document:
             text, start = rest + piece, 0
-            while len(text) - start >= block_chars:
+            while size + len(text) - start >= block_chars:
+                if block:  # cut between documents rather than inside this one
+                    yield block
+                    block, size = [], 0
+                    continue
                 cut = safe_cut(text, start, start + block_chars)
-                yield starts_document, text[start:cut]
+                yield [(starts_document, text[start:cut])]
                 starts_document, start = False, cut
             rest = text[start:]
         if rest:
-            yield starts_document, rest
+            block.append((starts_document, rest))
+            size += len(rest)
+    if block:
+        yield block
 
 
 def split_blocks(blocks, val_fraction: float, seed: int):
@@ -221,25 +232,30 @@ def split_blocks(blocks, val_fraction: float, seed: int):
         raise ValueError("the input has no text; check the files (or --text_column)")
     previous_split, held_out = None, False
     for index, following in enumerate(itertools.chain(blocks, [None])):
-        starts_document, text = block
         if index == 0 and following is None:
-            raise ValueError(f"the input is one block of {len(text):,} characters, too little to hold out validation text; lower --block_chars")
+            raise ValueError(f"the input is one block of {sum(len(text) for _, text in block):,} characters, too little to hold out validation text; lower --block_chars")
         held_out_now = rng.random() < val_fraction and index > 0 or (following is None and not held_out)
         split = "val" if held_out_now else "train"
         held_out |= held_out_now
-        yield Unit(index, split, starts_document or split != previous_split, text)
+        (starts_document, text), *others = block
+        yield Unit(index, split, [(starts_document or split != previous_split, text), *others])
         previous_split, block = split, following
 
 
 def tokenize(units, workers: int):
     """Yields (unit, tokens) in order; threads encode up to 2 * workers units ahead of the consumer."""
     encoding = get_tokenizer()
+    eot = np.array([EOT_ID], np.uint32)
 
     def encode(unit: Unit) -> np.ndarray:
         # encode_to_numpy skips building a Python list; disallowed_special=() makes a literal
         # "<|endoftext|>" in the text ordinary text, as encode_ordinary does
-        tokens = encoding.encode_to_numpy(unit.text, disallowed_special=())
-        return np.concatenate((np.array([EOT_ID], tokens.dtype), tokens)) if unit.starts_segment else tokens
+        parts = []
+        for starts_with_eot, text in unit.pieces:
+            if starts_with_eot:
+                parts.append(eot)
+            parts.append(encoding.encode_to_numpy(text, disallowed_special=()))
+        return np.concatenate(parts)
 
     with ThreadPoolExecutor(workers) as pool:
         pending = collections.deque()

@@ -112,14 +112,15 @@ def test_split_is_deterministic_disjoint_and_independent_of_workers(tmp_path):
     corpus = write_text_files(tmp_path / "docs", SMALL_DOCS)
     outputs = {}
     for name, args in {"a": ["--workers=1"], "b": ["--workers=3"], "seed": ["--seed=7"], "none": ["--val_fraction=0"]}.items():
-        run(f"--input={corpus}", f"--out_dir={tmp_path / name}", "--val_fraction=0.3", "--shard_tokens=1000", *args)
+        run(f"--input={corpus}", f"--out_dir={tmp_path / name}", "--val_fraction=0.3", "--shard_tokens=1000", "--block_chars=150", *args)
         outputs[name] = shard_bytes(tmp_path / name)
     assert outputs["a"] == outputs["b"]
     used = reassemble(SMALL_DOCS, tmp_path / "a")
     assert not set(used["train"]) & set(used["val"]) and 15 < len(used["val"]) < 60
     assert reassemble(SMALL_DOCS, tmp_path / "seed")["val"] != used["val"]
-    # a deterministic split: with nothing drawn, the last block is held out, and only it
-    assert reassemble(SMALL_DOCS, tmp_path / "none")["val"] == [len(SMALL_DOCS) - 1]
+    # with nothing drawn, the last block is held out, and only it
+    held_out = reassemble(SMALL_DOCS, tmp_path / "none")["val"]
+    assert held_out == list(range(len(SMALL_DOCS) - len(held_out), len(SMALL_DOCS))) and len(held_out) <= 2
 
 
 def test_rerun_after_a_kill_reuses_shards_and_is_byte_identical(tmp_path):
@@ -170,13 +171,14 @@ def test_exception_mid_shard_leaves_no_partial_file_and_resumes(tmp_path, monkey
 def test_prepared_directory_is_reused_guarded_and_forced(tmp_path, capsys):
     corpus = write_text_files(tmp_path / "docs", SMALL_DOCS[:10])
     out = tmp_path / "out"
-    run(f"--input={corpus}", f"--out_dir={out}")
+    args = [f"--input={corpus}", f"--out_dir={out}", "--block_chars=150"]
+    run(*args)
     before = shard_bytes(out)
-    run(f"--input={corpus}", f"--out_dir={out}")
+    run(*args)
     assert "already prepared" in capsys.readouterr().out and shard_bytes(out) == before
     with pytest.raises(ValueError, match="other settings.*seed.*--force"):
-        run(f"--input={corpus}", f"--out_dir={out}", "--seed=5")
-    run(f"--input={corpus}", f"--out_dir={out}", "--seed=5", "--force")
+        run(*args, "--seed=5")
+    run(*args, "--seed=5", "--force")
     assert json.loads((out / "meta.json").read_text())["seed"] == 5
 
 
@@ -185,7 +187,7 @@ def test_row_files_and_hub_code_path_on_local_data(tmp_path, monkeypatch):
     rows = tmp_path / "rows"
     rows.mkdir()
     pq.write_table(pa.table({"id": list(range(len(SMALL_DOCS))), "body": SMALL_DOCS}), rows / "part.parquet")
-    run(f"--input={rows / 'part.parquet'}", "--text_column=body", f"--out_dir={tmp_path / 'parquet'}", "--val_fraction=0.3")
+    run(f"--input={rows / 'part.parquet'}", "--text_column=body", f"--out_dir={tmp_path / 'parquet'}", "--val_fraction=0.3", "--block_chars=150")
     assert reassemble(SMALL_DOCS, tmp_path / "parquet")["val"]
     with pytest.raises(ValueError, match="no column 'text'.*--text_column"):
         run(f"--input={rows / 'part.parquet'}", f"--out_dir={tmp_path / 'bad'}")
