@@ -449,8 +449,8 @@ def hf_config(config: GPTConfig) -> dict:
 
 def config_from_hf(hf: dict) -> GPTConfig:
     """Reads an HF GPT-2 config.json; refuses variants this model does not implement."""
-    if hf.get("model_type", "gpt2") != "gpt2":
-        raise ValueError(f"config.json has model_type '{hf['model_type']}'; only GPT-2 checkpoints load")
+    if hf.get("model_type") != "gpt2":
+        raise ValueError(f"config.json has model_type {hf.get('model_type')!r}; only HF GPT-2 checkpoints (model_type 'gpt2') load")
     unsupported = {
         "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
         "scale_attn_weights": (True,),

@@ -167,6 +167,8 @@ def test_bad_input_gives_clear_errors(tmp_path):
         ours.load_hf_state_dict({**state, "transformer.wpe.weight": torch.zeros(36, 48)})
     with pytest.raises(ValueError, match="unexpected tensor"):
         ours.load_hf_state_dict({**state, "transformer.h.9.extra": torch.zeros(1)})
+    with pytest.raises(ValueError, match="model_type None"):
+        config_from_hf({"n_layer": 2, "learning_rate": 1e-3})  # e.g. a training config, not a model's
     with pytest.raises(ValueError, match="activation_function"):
         config_from_hf({**hf_config(GPTConfig()), "activation_function": "relu"})
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
