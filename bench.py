@@ -136,6 +136,72 @@ def bench_prepare(cfg):
 SECTIONS["prepare"] = bench_prepare
 
 
+# train: train.py (our model + loop) vs GPT2LMHeadModel under the HF Trainer (the recipe's loop), on
+# the same windows with the same batch, AdamW (fused), schedule, clipping and precision (bf16 on GPU).
+RECIPE_TRAIN = """
+import json, sys, time, torch
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+from shards import TokenWindows
+
+run = json.loads(sys.argv[1])
+windows = TokenWindows(run["data_dir"], "train", run["block_size"])
+
+class Windows(torch.utils.data.Dataset):
+    def __len__(self):
+        return len(windows)
+
+    def __getitem__(self, i):
+        ids = torch.from_numpy(windows.batch([i])[0, :-1])
+        return {"input_ids": ids, "labels": ids}
+
+class StepTimer(TrainerCallback):
+    seconds = []
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds.append(time.perf_counter() - self.started)
+
+torch.manual_seed(0)
+model = GPT2LMHeadModel(GPT2Config(n_layer=run["n_layer"], n_head=run["n_head"], n_embd=run["n_embd"], n_positions=run["block_size"]))
+args = TrainingArguments(
+    output_dir=run["out_dir"], per_device_train_batch_size=run["batch_size"], max_steps=run["steps"],
+    learning_rate=2.5e-4, weight_decay=0.01, warmup_steps=0.05, lr_scheduler_type="cosine", max_grad_norm=1.0,
+    bf16=run["gpu"], use_cpu=not run["gpu"], save_strategy="no", eval_strategy="no", report_to=[],
+    logging_steps=run["steps"], dataloader_drop_last=True,
+)
+Trainer(model=model, args=args, train_dataset=Windows(), callbacks=[StepTimer()]).train()
+timed = StepTimer.seconds[run["warmup_steps"]:]
+print(json.dumps({"tokens_per_s": run["batch_size"] * run["block_size"] * len(timed) / sum(timed)}))
+"""
+
+
+def bench_train(cfg):
+    gpu = cfg.device.startswith("cuda")
+    shape = dict(n_layer=12, n_head=12, n_embd=768) if cfg.full else dict(n_layer=4, n_head=4, n_embd=128)
+    block_size, batch_size, steps = (1024, 8, 60) if gpu else (256, 4, 12) if cfg.full else (256, 16, 30)
+    warmup_steps = steps // 3  # not timed: allocator warm-up and, on GPU, torch.compile
+    what = f"train tokens/s, {'124M' if cfg.full else 'small'}, {batch_size}x{block_size}, {'bf16' if gpu else 'fp32'}"
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(tmp) / "data"
+        subprocess.run([sys.executable, "prepare.py", "--dataset=austen", f"--out_dir={data_dir}"], cwd=ROOT, check=True, capture_output=True)
+        overrides = {**shape, "block_size": block_size, "batch_size": batch_size, "max_steps": steps, "log_interval": warmup_steps,
+                     "eval_interval": 10**9, "eval_windows": 1, "checkpoint_interval": 10**9, "data_dir": data_dir,
+                     "out_dir": tmp, "run_name": "bench", "device": cfg.device}
+        subprocess.run([sys.executable, "train.py", *(f"--{k}={v}" for k, v in overrides.items())], cwd=ROOT, check=True, capture_output=True)
+        logs = [json.loads(line) for line in (Path(tmp) / "bench" / "metrics.jsonl").read_text().splitlines()]
+        timed = [r for r in logs if "tokens_per_s" in r][1:]  # the first interval holds the warm-up
+        ours = sum(r["tokens_per_s"] for r in timed) / len(timed)
+        run = {**shape, "block_size": block_size, "batch_size": batch_size, "steps": steps, "warmup_steps": warmup_steps,
+               "data_dir": str(data_dir), "out_dir": str(Path(tmp) / "hf"), "gpu": gpu}
+        reference = run_measured(RECIPE_TRAIN, json.dumps(run))["tokens_per_s"]
+    row = {"what": what, "unit": "tok/s", "ours": ours, "reference": reference}
+    if timed[-1].get("mfu"):
+        row["ours_mfu"] = timed[-1]["mfu"]
+    return [row]
+
+
+SECTIONS["train"] = bench_train
+
 # generate: GPT.generate (fp32, bf16, eager and with the decode step compiled) and the bare matvecs of
 # one token, each against GPT2LMHeadModel.generate in fp32 on the same weights; batch 1, the recipe's sampling.
 RECIPE_SAMPLING = dict(do_sample=True, top_k=10, top_p=0.95)
