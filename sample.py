@@ -95,6 +95,7 @@ def main(argv):
             "shorten the prompt or lower --max_new_tokens"
         )
     if cfg.compile:
+        torch._inductor.config.freezing = True  # weights become prepacked constants: faster on CPU (see compile_decode_step)
         model.compile_decode_step()
     idx = torch.tensor([prompt_ids], device=cfg.device)  # (1, T)
     token_bytes = tokenizer.get_tokenizer().decode_single_token_bytes

@@ -162,6 +162,7 @@ def test_compiled_decode_step_gives_the_same_tokens():
     idx = tokens(101, 2, 5)
     ref = our_generate(ours, idx, 30, seed=2, **RECIPE)
     ours.compile_decode_step()
-    assert torch.equal(our_generate(ours, idx, 30, seed=2, **RECIPE), ref)
+    with torch._inductor.config.patch(freezing=True):
+        assert torch.equal(our_generate(ours, idx, 30, seed=2, **RECIPE), ref)
     assert torch.equal(our_generate(ours, idx, 30, seed=2, **RECIPE), ref)
 
