@@ -5,26 +5,26 @@
     python prepare.py --input='books/*.txt'   # .txt(.gz): a document per file; .jsonl/.parquet: one per row
     python prepare.py --dataset=owner/name --text_column=text --split=train   # any Hub dataset, streamed
 
-Writes data/<name>/{train,val}_NNNNNN.bin in llm.c's format (shards.py) and meta.json. Every document
+Writes data/<name>/{train,val}_NNNNNN.bin in llm.c's format (shards.py) and meta.json. Each document
 starts with <|endoftext|>, as in llm.c; BookCorpus rows are sentences of one running text, joined by spaces.
 
-Validation: the text is cut into blocks of ~block_chars characters, never spanning two documents, and
-each block is held out with probability val_fraction from a generator seeded with `seed` (the first
-block always trains, the last is held out if no other was). Blocks are contiguous text, so nothing is
-in both splits; a run of blocks that follows the other split's starts with <|endoftext|>. Blocks are
-cut only before a space between two non-space characters, where GPT-2's pre-tokenizer splits anyway,
-so a document's tokens are exactly those of encoding it whole.
+Validation: the text goes in blocks of ~block_chars characters (small documents whole, large ones cut
+before a space between two non-space characters, where GPT-2's pre-tokenizer splits anyway, so tokens
+are exactly those of the whole document). Each block is held out with probability val_fraction, drawn
+from a generator seeded with `seed`; the first block always trains, the last is held out if no other
+was. Blocks are contiguous text, so nothing is in both splits; text that resumes after the other
+split's blocks starts with <|endoftext|>.
 
-Speed and memory: the main thread reads and cuts blocks while `workers` threads tokenize them (tiktoken
-releases the GIL), at most 2 * workers blocks in flight, and shards stream to disk, so peak RSS does not
-grow with the corpus: ~65 MB for text files. Rows streamed through `datasets` (.jsonl, .parquet, the
-Hub) take 350-450 MB, nearly all of it datasets and pyarrow decoding one Parquet row group at a time
-(measured on 200 MB of BookCorpus-like Parquet with 10k- and 100k-row groups).
+Speed and memory: the main thread reads and cuts blocks, `workers` threads tokenize them (tiktoken
+releases the GIL), at most 2 * workers blocks are in flight and shards stream to disk: peak RSS does
+not grow with the corpus. It is ~65 MB for text files, 350-450 MB for rows streamed through `datasets`
+(.jsonl, .parquet, the Hub), nearly all of it datasets and pyarrow decoding a Parquet row group at a
+time (measured on 200 MB of BookCorpus-like Parquet, 10k- and 100k-row groups).
 
 Crash safety: a shard is written under a temp name and renamed once complete, then progress.json records
-it and where it ended in the input. A rerun verifies those shards, reads the input again and tokenizes
-only what follows them: the output is byte-identical to an uninterrupted run's. meta.json is written
-last and marks a finished preparation; --force rebuilds from scratch.
+where it ended in the input. A rerun verifies those shards, reads the input again and tokenizes only
+what follows them: its output is byte-identical to an uninterrupted run's. meta.json, written last,
+marks a finished preparation; --force rebuilds from scratch.
 """
 
 import codecs
