@@ -7,7 +7,6 @@ configurator nothing on the command line is exec'd, and an unknown key or a bad 
 one-line error that names the closest valid key.
 """
 
-import dataclasses
 import difflib
 import runpy
 import sys
@@ -22,15 +21,15 @@ class ConfigError(ValueError):
     pass
 
 
-def _field_types(cls) -> dict[str, type]:
-    """Maps each field to its base type; `int | None` becomes int (None is spelled `None`)."""
-    hints = typing.get_type_hints(cls)
+def _field_types(cls) -> dict[str, tuple[type, bool]]:
+    """Maps each field to (base type, whether None is allowed): `int | None` is (int, True)."""
     types_by_name = {}
-    for f in dataclasses.fields(cls):
-        hint = hints[f.name]
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint)
         if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-            hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
-        types_by_name[f.name] = hint
+            types_by_name[name] = (next(arg for arg in args if arg is not type(None)), type(None) in args)
+        else:
+            types_by_name[name] = (hint, False)
     return types_by_name
 
 
@@ -65,9 +64,8 @@ def check_type(key: str, value, kind: type, optional: bool):
 
 
 def parse_config(cls, argv: list[str]):
-    """Builds `cls` from `[config_file.py] [--key=value | --flag ...]`."""
-    kinds = _field_types(cls)
-    optional = {f.name: f.default is None for f in dataclasses.fields(cls)}
+    """Builds `cls` from `[config_file.py] [--key=value | --key value | --flag ...]`."""
+    fields = _field_types(cls)
     values = {}
     args = list(argv)
     if args and not args[0].startswith("--"):
@@ -77,20 +75,24 @@ def parse_config(cls, argv: list[str]):
         for key, value in runpy.run_path(str(path)).items():
             if key.startswith("_") or isinstance(value, types.ModuleType):
                 continue
-            if key not in kinds:
-                raise _unknown_key(key, kinds)
-            values[key] = check_type(key, value, kinds[key], optional[key])
-    for arg in args:
+            if key not in fields:
+                raise _unknown_key(key, fields)
+            values[key] = check_type(key, value, *fields[key])
+    while args:
+        arg = args.pop(0)
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument '{arg}'; use --key=value (a config file goes first)")
         key, has_value, text = arg[2:].partition("=")
-        if key not in kinds:
-            raise _unknown_key(key, kinds)
-        if not has_value:
-            if kinds[key] is not bool:
-                raise ConfigError(f"--{key} needs a value: --{key}=...")
-            text = "True"
-        values[key] = parse_value(key, text, kinds[key], optional[key])
+        if key not in fields:
+            raise _unknown_key(key, fields)
+        if not has_value:  # `--key value` as argparse users type it, or a bare `--flag` for a bool
+            if args and not args[0].startswith("--"):
+                text = args.pop(0)
+            elif fields[key][0] is bool:
+                text = "True"
+            else:
+                raise ConfigError(f"--{key} needs a value: --{key}=VALUE or --{key} VALUE")
+        values[key] = parse_value(key, text, *fields[key])
     return cls(**values)
 
 
