@@ -34,7 +34,9 @@ def _field_types(cls) -> dict[str, tuple[type, bool]]:
 
 
 def _unknown_key(key: str, valid) -> ConfigError:
-    close = difflib.get_close_matches(key, list(valid), n=1)
+    # A misspelling, or an abbreviation by initials as other trainers spell them (lr, wd, bs).
+    initials = [name for name in valid if "".join(word[0] for word in name.split("_")) == key]
+    close = difflib.get_close_matches(key, list(valid), n=1) or initials
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
     return ConfigError(f"unknown config key '{key}'{hint}")
 

@@ -35,7 +35,8 @@ def test_config_file_then_overrides(tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--lr=1"], "unknown config key 'lr'"),
+        (["--lr=1"], "unknown config key 'lr'; did you mean 'learning_rate'"),
+        (["--xyz=1"], "valid keys: compile, learning_rate"),
         (["--learning_rat=1"], "did you mean 'learning_rate'"),
         (["--steps=1.5"], "expected int"),
         (["--compile=maybe"], "expected bool"),
