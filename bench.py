@@ -233,6 +233,7 @@ def best_seconds(runs: dict, repeats: int, sync) -> dict:
 
 def bench_generate(cfg):
     from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
 
     import tokenizer
     from model import GPT, config_from_hf
@@ -253,12 +254,13 @@ def bench_generate(cfg):
     runs = {"HF fp32": lambda: hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=GENERATE_NEW_TOKENS, **RECIPE_SAMPLING)}
     for name, model in ours.items():
         runs[name] = lambda model=model: model.generate(idx, GENERATE_NEW_TOKENS, **RECIPE_SAMPLING)
-    for name in ("fp32", "bf16"):
-        # The machine's limit: one token's bare matrix-vector products (eager F.linear), every Linear
-        # of every block and the output embedding, with nothing around them.
-        weights = [m.weight for m in ours[name].modules() if isinstance(m, torch.nn.Linear)]
-        inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device) for w in weights}
-        runs[f"matvec limit {name}"] = lambda weights=weights, inputs=inputs: [torch.nn.functional.linear(inputs[w.shape[1]], w) for w in weights]
+    # The machine's limit: one token's bare matrix-vector products, every linear layer of every block
+    # and the output embedding, with nothing around them. HF's blocks keep their weights (in, out)
+    # (Conv1D), ours (out, in) (nn.Linear): the two layouts may run at different speeds.
+    for name, model in [("fp32", ours["fp32"]), ("bf16", ours["bf16"]), ("fp32, HF layout", hf)]:
+        layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+        inputs = [torch.randn(1, m.weight.shape[1 if isinstance(m, torch.nn.Linear) else 0], dtype=m.weight.dtype, device=cfg.device) for m in layers]
+        runs[f"matvec limit {name}"] = lambda layers=layers, inputs=inputs: [layer(x) for layer, x in zip(layers, inputs)]
     # Freezing while the first, untimed round compiles: prepacked weights (see GPT.compile_decode_step).
     with torch.inference_mode(), torch._inductor.config.patch(freezing=True):
         seconds = best_seconds(runs, repeats=4, sync=torch.cuda.synchronize if cuda else lambda: None)
