@@ -235,7 +235,7 @@ def bench_generate(cfg):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     import tokenizer
-    from model import GPT, Conv1D, config_from_hf
+    from model import GPT, config_from_hf
 
     cuda = cfg.device.startswith("cuda")
     size, shape = ("124M", {}) if cfg.full else ("small", dict(n_layer=4, n_head=4, n_embd=128))
@@ -254,11 +254,16 @@ def bench_generate(cfg):
     for name, model in ours.items():
         runs[name] = lambda model=model: model.generate(idx, GENERATE_NEW_TOKENS, **RECIPE_SAMPLING)
     # The machine's limit: one token's bare matrix-vector products, every linear layer of every block
-    # and the output embedding, with nothing around them.
+    # and the output embedding, with nothing around them: through our Linear (oneDNN on CPU), and in
+    # fp32 also through F.linear (MKL on CPU), as HF's layers run them.
     for name in ("fp32", "bf16"):
-        layers = [m for m in ours[name].modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
-        inputs = [torch.randn(1, m.weight.shape[0 if isinstance(m, Conv1D) else 1], dtype=m.weight.dtype, device=cfg.device) for m in layers]
-        runs[f"matvec limit {name}"] = lambda layers=layers, inputs=inputs: [layer(x) for layer, x in zip(layers, inputs)]
+        layers = [m for m in ours[name].modules() if isinstance(m, torch.nn.Linear)]
+        inputs = [torch.randn(1, m.in_features, dtype=m.weight.dtype, device=cfg.device) for m in layers]
+        runs[f"matvec limit {name}"] = lambda layers=layers, inputs=inputs: [m(x) for m, x in zip(layers, inputs)]
+        if name == "fp32":
+            runs["matvec limit fp32, F.linear"] = lambda layers=layers, inputs=inputs: [
+                torch.nn.functional.linear(x, m.weight, m.bias) for m, x in zip(layers, inputs)
+            ]
     # Freezing while the first, untimed round compiles: prepacked weights (see GPT.compile_decode_step).
     with torch.inference_mode(), torch._inductor.config.patch(freezing=True):
         seconds = best_seconds(runs, repeats=4, sync=torch.cuda.synchronize if cuda else lambda: None)
