@@ -189,20 +189,23 @@ def bench_train(cfg):
     shape = dict(n_layer=12, n_head=12, n_embd=768) if cfg.full else dict(n_layer=4, n_head=4, n_embd=128)
     block_size, batch_size, steps = (1024, 8, 60) if gpu else (256, 4, 12) if cfg.full else (256, 16, 30)
     warmup_steps = steps // 3  # not timed: allocator warm-up and, on GPU, torch.compile
+    rounds = 1 if gpu else 2  # CPU: ours, HF, ours, HF, best of each, so a busy minute slows both alike
     what = f"train tokens/s, {'124M' if cfg.full else 'small'}, {batch_size}x{block_size}, {'bf16' if gpu else 'fp32'}"
+    ours, reference = 0.0, 0.0
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data"
         subprocess.run([sys.executable, "prepare.py", "--dataset=austen", f"--out_dir={data_dir}"], cwd=ROOT, check=True, capture_output=True)
-        overrides = {**shape, "block_size": block_size, "batch_size": batch_size, "max_steps": steps, "log_interval": warmup_steps,
-                     "eval_interval": 10**9, "eval_windows": 1, "checkpoint_interval": 10**9, "data_dir": data_dir,
-                     "out_dir": tmp, "run_name": "bench", "device": cfg.device}
-        subprocess.run([sys.executable, "train.py", *(f"--{k}={v}" for k, v in overrides.items())], cwd=ROOT, check=True, capture_output=True)
-        logs = [json.loads(line) for line in (Path(tmp) / "bench" / "metrics.jsonl").read_text().splitlines()]
-        timed = [r for r in logs if "tokens_per_s" in r][1:]  # the first interval holds the warm-up
-        ours = sum(r["tokens_per_s"] for r in timed) / len(timed)
-        run = {**shape, "block_size": block_size, "batch_size": batch_size, "steps": steps, "warmup_steps": warmup_steps,
-               "data_dir": str(data_dir), "out_dir": str(Path(tmp) / "hf"), "gpu": gpu}
-        reference = run_measured(RECIPE_TRAIN, json.dumps(run))["tokens_per_s"]
+        for round_ in range(rounds):
+            overrides = {**shape, "block_size": block_size, "batch_size": batch_size, "max_steps": steps, "log_interval": warmup_steps,
+                         "eval_interval": 10**9, "eval_windows": 1, "checkpoint_interval": 10**9, "data_dir": data_dir,
+                         "out_dir": tmp, "run_name": f"bench{round_}", "device": cfg.device}
+            subprocess.run([sys.executable, "train.py", *(f"--{k}={v}" for k, v in overrides.items())], cwd=ROOT, check=True, capture_output=True)
+            logs = [json.loads(line) for line in (Path(tmp) / f"bench{round_}" / "metrics.jsonl").read_text().splitlines()]
+            timed = [r for r in logs if "tokens_per_s" in r][1:]  # the first interval holds the warm-up
+            ours = max(ours, sum(r["tokens_per_s"] for r in timed) / len(timed))
+            run = {**shape, "block_size": block_size, "batch_size": batch_size, "steps": steps, "warmup_steps": warmup_steps,
+                   "data_dir": str(data_dir), "out_dir": str(Path(tmp) / "hf"), "gpu": gpu}
+            reference = max(reference, run_measured(RECIPE_TRAIN, json.dumps(run))["tokens_per_s"])
     row = {"what": what, "unit": "tok/s", "ours": ours, "reference": reference}
     if timed[-1].get("mfu"):
         row["ours_mfu"] = timed[-1]["mfu"]
