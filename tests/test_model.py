@@ -202,3 +202,20 @@ def test_fused_loss_under_bf16_autocast_matches_plain_autocast():
     assert (gx - ref_gx).abs().max() < 0.02 * ref_gx.abs().max()
     assert (gw - ref_gw).abs().max() < 0.02 * ref_gw.abs().max()
     assert gw.dtype == torch.float32 and gx.dtype == torch.float32
+
+
+def test_linear_runs_onednn_only_where_it_should(monkeypatch):
+    import model
+
+    torch.manual_seed(0)
+    layer = model.Linear(48, 40)
+    x = torch.randn(3, 5, 48)
+    reference = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    with torch.no_grad():  # oneDNN on CPU in fp32: equal to float rounding
+        assert (layer(x) - reference).abs().max() < 1e-5
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast is honoured (evaluation in bf16)
+            assert layer(x).dtype == torch.bfloat16
+        monkeypatch.setattr(model, "ONEDNN_LINEAR", False)  # builds without oneDNN: plain F.linear
+        assert torch.equal(layer(x), reference)
+    layer(x).sum().backward()  # training: F.linear with its gradients
+    assert torch.allclose(layer.bias.grad, torch.full((40,), 15.0))
