@@ -60,7 +60,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             row_sum = probs.sum(1, keepdim=True)
             loss += ((row_sum.log() + row_max).squeeze(1) - target_logit)[counted_chunk].sum()
             # d(mean loss)/d(logits) = (softmax - one_hot) / n_counted, 0 for rows that don't count
-            probs.div_(row_sum * n_counted).scatter_add_(1, target, (-1 / n_counted).expand(target.shape))
+            probs.div_(row_sum * n_counted).scatter_add_(1, target, (-1 / n_counted).to(probs.dtype).expand(target.shape))
             probs[~counted_chunk] = 0
             probs = probs.to(dtype)
             grad_x[rows] = probs @ weight
@@ -106,7 +106,8 @@ class Linear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if ONEDNN_LINEAR and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
+        inference = not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+        if ONEDNN_LINEAR and inference and x.dtype == torch.float32 and x.device.type == "cpu":
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
