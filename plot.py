@@ -3,12 +3,12 @@
     python plot.py out/austen        # writes out/austen/loss.png (train.py does this at the end)
 """
 
+import io
 import json
-import os
-import sys
 from pathlib import Path
 
 import configurator
+from shards import atomic_write_bytes
 
 
 def plot_run(run_dir) -> Path:
@@ -38,11 +38,11 @@ def plot_run(run_dir) -> Path:
            + (f"{curves['val'][-1][1]:.3f}" if curves["val"] else "-"))
     ax.grid(alpha=0.3)
     ax.legend()
-    out_path = run_dir / "loss.png"
-    tmp_path = run_dir / "loss.png.tmp"
-    fig.savefig(tmp_path, format="png", dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp_path, out_path)  # a reader never sees half a PNG
+    out_path = run_dir / "loss.png"
+    atomic_write_bytes(out_path, [png.getvalue()])  # a reader never sees half a PNG
     return out_path
 
 

@@ -32,6 +32,12 @@ def _publish(f, path: Path) -> None:
     os.replace(f.name, path)
 
 
+def _discard(f) -> None:
+    """Closes and deletes an unfinished temp file."""
+    f.close()
+    Path(f.name).unlink(missing_ok=True)
+
+
 def atomic_write_bytes(path: Path, chunks) -> None:
     """Writes chunks (bytes-like) to path via a temp name + fsync + rename: never half a file."""
     path = Path(path)
@@ -41,8 +47,7 @@ def atomic_write_bytes(path: Path, chunks) -> None:
             f.write(chunk)
         _publish(f, path)
     except BaseException:
-        f.close()
-        Path(f.name).unlink(missing_ok=True)
+        _discard(f)
         raise
 
 
@@ -74,8 +79,7 @@ class ShardWriter:
         _publish(self.file, self.path)
 
     def abort(self) -> None:
-        self.file.close()
-        Path(self.file.name).unlink(missing_ok=True)
+        _discard(self.file)
 
     def __enter__(self):
         return self
