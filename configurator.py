@@ -17,7 +17,12 @@ from pathlib import Path
 TRUE_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """A mistake in what the user asked for (or in their environment) that they can fix: scripts
+    print it as one line that says how (see run)."""
+
+
+class ConfigError(UserError):
     pass
 
 

@@ -20,8 +20,10 @@ out/<run>/ckpt_<step:07d>/    written as ckpt_<step>.tmp then renamed, so every 
     trainer_state.pt                  step, scheduler, RNG state of every rank, data order
     train_config.json                 the TrainConfig that wrote it
 Every rank reads data and checkpoints from the same paths: on many nodes, a shared filesystem.
-SIGTERM (preemption) or SIGINT ends the current step, saves a checkpoint and exits with status
-128 + the signal; `--resume=auto` then continues as if nothing had happened (bitwise, on CPU).
+SIGTERM (preemption), SIGINT or SIGHUP, to any or all processes of the job and however many times,
+ends the current step on every rank, saves a checkpoint of it and exits with status 128 + the
+signal once it is complete; `--resume=auto` then continues as if nothing had happened (bitwise, on
+CPU). A failure on any rank ends the whole job within seconds (distributed.py says how).
 """
 
 import dataclasses
@@ -31,7 +33,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -41,10 +42,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.lr_scheduler import LambdaLR
 
 import configurator
+from configurator import UserError
+from distributed import Job
 from model import GPT, GPTConfig
 from plot import plot_run
 from shards import TokenWindows, atomic_write_bytes
@@ -99,6 +103,7 @@ class TrainConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     dtype: str = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast: 'bfloat16' or 'float32' (none)
     compile: bool = torch.cuda.is_available()
+    dist_timeout_minutes: float = 10.0  # how long a collective waits for a silent rank (failures that are seen end the job at once)
 
 
 def checkpoints(run_dir) -> dict[int, Path]:
@@ -112,25 +117,35 @@ def latest_checkpoint(run_dir) -> Path | None:
     return steps[max(steps)] if steps else None
 
 
-def find_resume_checkpoint(cfg: TrainConfig, run_dir: Path) -> Path | None:
-    """The checkpoint this run continues from, or None for a new run; refuses to overwrite one."""
+def find_resume_checkpoint(cfg: TrainConfig, run_dir: Path, data_order: dict | None) -> Path | None:
+    """The checkpoint this run continues from, or None for a new run. Refuses to overwrite a run's
+    checkpoints, and to continue one with another data order (data_order None: not training).
+
+    Rank 0 alone decides (Job.on_rank0): on a shared filesystem with stale directory caches, ranks
+    could list different newest checkpoints and continue from different steps.
+    """
     existing = checkpoints(run_dir)
     resume = cfg.resume or ("auto" if cfg.init_from == "resume" else "")
     if resume == "":
         if existing and not cfg.eval_only:
-            raise ValueError(f"{run_dir} already has checkpoints (newest {existing[max(existing)].name}); continue it with --resume=auto or pick another --run_name")
+            raise UserError(f"{run_dir} already has checkpoints (newest {existing[max(existing)].name}); continue it with --resume=auto or pick another --run_name")
         return None
     if resume == "auto":
-        if not existing and cfg.init_from == "resume":
-            raise FileNotFoundError(f"init_from='resume' but {run_dir} has no checkpoint; check --out_dir/--run_name, or use --resume=auto to start the run when none exists")
-        return existing[max(existing)] if existing else None
-    checkpoint = Path(resume)
-    if not (checkpoint / "trainer_state.pt").is_file():
-        raise FileNotFoundError(f"--resume={resume}: no trainer_state.pt there; pass a ckpt_* directory or --resume=auto")
-    step = torch.load(checkpoint / "trainer_state.pt", weights_only=True)["step"]
-    newer = [path.name for s, path in sorted(existing.items()) if s > step]
+        if not existing:
+            if cfg.init_from == "resume":
+                raise UserError(f"init_from='resume' but {run_dir} has no checkpoint; check --out_dir/--run_name, or use --resume=auto to start the run when none exists")
+            return None
+        checkpoint = existing[max(existing)]
+    else:
+        checkpoint = Path(resume)
+        if not (checkpoint / "trainer_state.pt").is_file():
+            raise UserError(f"--resume={resume}: no trainer_state.pt there; pass a ckpt_* directory or --resume=auto")
+    saved = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+    newer = [path.name for s, path in sorted(existing.items()) if s > saved["step"]]
     if newer and not cfg.eval_only:
-        raise ValueError(f"{run_dir} has checkpoints newer than {checkpoint} ({newer[-1]}); resume into another --run_name so they stay apart")
+        raise UserError(f"{run_dir} has checkpoints newer than {checkpoint} ({newer[-1]}); resume into another --run_name so they stay apart")
+    if data_order is not None and saved["data_order"] != data_order:
+        raise UserError(f"{checkpoint} was trained with {saved['data_order']}, this run has {data_order}; resume with the same seed, global batch and data, or start a new run")
     return checkpoint
 
 
@@ -151,9 +166,9 @@ def build_model(cfg: TrainConfig, source, meta: dict) -> GPT:
 
 def check_model_fits_data(config: GPTConfig, cfg: TrainConfig, meta: dict) -> None:
     if cfg.block_size > config.block_size:
-        raise ValueError(f"block_size={cfg.block_size} is longer than the model's context of {config.block_size} positions; lower block_size")
+        raise UserError(f"block_size={cfg.block_size} is longer than the model's context of {config.block_size} positions; lower block_size")
     if meta["vocab_size"] > config.vocab_size:
-        raise ValueError(f"{cfg.data_dir} uses a vocabulary of {meta['vocab_size']} tokens but the model has vocab_size={config.vocab_size}; set vocab_size={meta['vocab_size']}")
+        raise UserError(f"{cfg.data_dir} uses a vocabulary of {meta['vocab_size']} tokens but the model has vocab_size={config.vocab_size}; set vocab_size={meta['vocab_size']}")
 
 
 def cosine_schedule(optimizer, max_steps: int, warmup_ratio: float) -> LambdaLR:
@@ -175,26 +190,28 @@ def epoch_order(seed: int, epoch: int, num_windows: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def evaluate(model, windows: TokenWindows, rows: np.ndarray, batch_size: int, device: str, autocast, rank: int, world_size: int) -> float:
+def evaluate(model, windows: TokenWindows, rows: np.ndarray, batch_size: int, device: str, autocast, job: Job) -> float:
     """Mean loss over windows[rows], split across ranks; every rank returns the same value.
 
     Takes the plain model: ranks may run different numbers of batches, so no DDP forward.
     """
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # sum over windows of their mean loss
-    mine = rows[rank::world_size]
+    mine = rows[job.rank :: job.world_size]
     for i in range(0, len(mine), batch_size):
         tokens = torch.from_numpy(windows.batch(mine[i : i + batch_size])).to(device)  # (B, T + 1)
         with autocast:
             _, loss = model(tokens[:, :-1], tokens[:, 1:])
         loss_sum += loss.double() * len(tokens)
-    if world_size > 1:
+    if job.world_size > 1:
         dist.all_reduce(loss_sum)
     model.train()
     return loss_sum.item() / len(rows)
 
 
 def fsync(path: Path) -> None:
+    if os.name == "nt" and path.is_dir():
+        return  # Windows cannot open a directory; NTFS journals the rename itself
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -202,24 +219,59 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(run_dir: Path, step: int, model: GPT, optimizer, trainer_state: dict, cfg: TrainConfig, rank: int, world_size: int) -> Path:
-    """Every rank calls this (to hand over its RNG state); rank 0 writes. Returns the directory."""
-    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cfg.device.startswith("cuda") else None}
-    rng_by_rank = [rng]
-    if world_size > 1:
-        rng_by_rank = [None] * world_size if rank == 0 else None
-        dist.gather_object(rng, rng_by_rank, dst=0)
+def rng_state(device: str) -> dict:
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.startswith("cuda") else None}
+
+
+def restore_rng(rng_by_rank: list[dict], job: Job, device: str, seed: int, step: int) -> str | None:
+    """Continues this rank's random streams from a checkpoint; those it cannot continue (another
+    process count, or a checkpoint from another kind of device) start anew from (seed, step, rank).
+    Returns a note for the user when any did."""
+    fresh = int(np.random.SeedSequence([seed, step, job.rank]).generate_state(1)[0])
+    on_gpu = device.startswith("cuda")
+    if len(rng_by_rank) != job.world_size:  # dropout streams are per rank
+        torch.manual_seed(fresh)  # the CPU's and every GPU's
+        return f"saved by {len(rng_by_rank)} processes, this run has {job.world_size}: same data order, new dropout randomness" if rng_by_rank else None
+    saved = rng_by_rank[job.rank]
+    torch.set_rng_state(saved["cpu"])
+    if on_gpu and saved["cuda"] is None:
+        torch.cuda.manual_seed(fresh)
+        return "written on CPU: the GPU's dropout randomness starts anew"
+    if on_gpu:
+        torch.cuda.set_rng_state(saved["cuda"])
+    elif saved["cuda"] is not None:
+        return "written on a GPU: dropout on the CPU continues the CPU's random stream, not the GPU's"
+    return None
+
+
+def save_checkpoint(job: Job, run_dir: Path, step: int, model: GPT, optimizer, trainer_state: dict, cfg: TrainConfig) -> Path:
+    """Every rank hands its RNG state to rank 0, which writes the checkpoint; every rank returns once
+    it is complete on disk (or raises if it could not be written)."""
+    rng_by_rank = job.gather(rng_state(cfg.device))
+    state = {**trainer_state, "step": step, "rng": rng_by_rank}
+    return job.on_rank0(lambda: write_checkpoint(run_dir, step, model, optimizer, state, cfg), share=True)
+
+
+def write_checkpoint(run_dir: Path, step: int, model: GPT, optimizer, trainer_state: dict, cfg: TrainConfig) -> Path:
+    """Writes ckpt_<step> under a temp name, renamed once complete; keeps the newest keep_checkpoints."""
     final = run_dir / f"ckpt_{step:07d}"
-    if rank != 0:
-        return final
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-write
-    model.save_pretrained(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save({**trainer_state, "step": step, "rng": rng_by_rank}, tmp / "trainer_state.pt")
-    (tmp / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    for path in [*tmp.iterdir(), tmp]:  # on disk before the rename makes the checkpoint visible
-        fsync(path)
+    for unfinished in run_dir.glob("ckpt_*.tmp"):  # left by a process killed mid-write
+        shutil.rmtree(unfinished)
+    try:
+        model.save_pretrained(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+        (tmp / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        for path in [*tmp.iterdir(), tmp]:  # on disk before the rename makes the checkpoint visible
+            fsync(path)
+    except (OSError, RuntimeError, SafetensorError) as e:  # a full or failing disk; each writer has its own error type
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        raise UserError(
+            f"could not write {final} ({str(e).strip().splitlines()[0]}); free space in {run_dir} (or fix the disk), then --resume=auto "
+            + (f"continues from {previous.name}, which is intact" if previous else "starts the run again (no earlier checkpoint)")
+        ) from e
     shutil.rmtree(final, ignore_errors=True)  # only when a run redoes a step it already saved
     os.rename(tmp, final)
     fsync(run_dir)
@@ -240,39 +292,44 @@ def start_wandb(cfg: TrainConfig, run_id: str | None):
     import wandb
 
     if os.environ.get("WANDB_MODE") not in ("offline", "disabled") and not wandb.login(prompt=False, verify=False):
-        raise ValueError("wandb_log=True but wandb has no API key; run `wandb login`, set WANDB_API_KEY, or log locally with WANDB_MODE=offline")
+        raise UserError("wandb_log=True but wandb has no API key; run `wandb login`, set WANDB_API_KEY, or log locally with WANDB_MODE=offline")
     try:
         return wandb.init(project=cfg.wandb_project, name=cfg.run_name, id=run_id, resume="allow", config=asdict(cfg))
     except Exception as e:  # wandb raises many types (network, auth, server)
-        raise OSError(f"wandb could not start a run ({type(e).__name__}: {e}); log locally with WANDB_MODE=offline and `wandb sync` later") from None
+        raise UserError(f"wandb could not start a run ({type(e).__name__}: {e}); log locally with WANDB_MODE=offline and `wandb sync` later") from None
+
+
+def open_run(cfg: TrainConfig, run_dir: Path, start_step: int, wandb_run_id: str | None):
+    """Rank 0: the run directory, its config and metrics as of start_step, and wandb (None if off)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(run_dir / "train_config.json", [(json.dumps(asdict(cfg), indent=2) + "\n").encode()])
+    truncate_metrics(run_dir / "metrics.jsonl", start_step)
+    return start_wandb(cfg, wandb_run_id) if cfg.wandb_log else None
 
 
 def main(argv: list[str]) -> None:
     cfg = configurator.parse_config(TrainConfig, argv)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={cfg.device} but no GPU is visible; use --device=cpu")
+        raise UserError(f"device={cfg.device} but no GPU is visible; use --device=cpu")
     if cfg.dtype not in ("bfloat16", "float32"):
-        raise ValueError(f"dtype={cfg.dtype}: use bfloat16 (autocast) or float32; float16 would need loss scaling")
-    world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
-    rank = int(os.environ.get("RANK", 0))
-    if world_size > 1:
-        if cfg.device.startswith("cuda"):
-            cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
-            torch.cuda.set_device(cfg.device)
-            dist.init_process_group("nccl", device_id=torch.device(cfg.device))
-        else:
-            dist.init_process_group("gloo")
+        raise UserError(f"dtype={cfg.dtype}: use bfloat16 (autocast) or float32; float16 would need loss scaling")
+    job = Job(cfg.device, timedelta(minutes=cfg.dist_timeout_minutes))
+    clean = False
     try:
-        train(cfg, rank, world_size)
-        if world_size > 1:
-            dist.barrier()
+        train(dataclasses.replace(cfg, device=job.device), job)
+        clean = True
+    except SystemExit as stop:  # a stop signal: every rank stops after the same step, its checkpoint complete
+        clean = stop.code != 0
+        raise
+    except BaseException as e:
+        job.fail(e)
+        raise
     finally:
-        if world_size > 1:
-            dist.destroy_process_group()
+        job.close(clean)
 
 
-def train(cfg: TrainConfig, rank: int, world_size: int) -> None:
-    master = rank == 0
+def train(cfg: TrainConfig, job: Job) -> None:
+    master = job.rank == 0
     on_gpu = cfg.device.startswith("cuda")
     if on_gpu:
         torch.backends.cuda.matmul.fp32_precision = "tf32"  # fp32 matmuls outside autocast
@@ -280,29 +337,32 @@ def train(cfg: TrainConfig, rank: int, world_size: int) -> None:
     # bf16 matmuls, fp32 weights and optimizer; on CPUs with AVX512-BF16 or AMX it pays too.
     autocast = torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext()
     run_dir = Path(cfg.out_dir) / cfg.run_name
-    resume_from = find_resume_checkpoint(cfg, run_dir)
-    source = resume_from or (None if cfg.init_from == "scratch" else cfg.init_from)
-    if cfg.eval_only and source is None:
-        raise ValueError("eval_only needs weights: --resume=auto (this run's newest checkpoint), --resume=CKPT_DIR or --init_from=HF_DIR")
 
     val_windows = TokenWindows(cfg.data_dir, "val", cfg.block_size)
     val_rows = np.arange(len(val_windows))
     if cfg.eval_windows is not None and cfg.eval_windows < len(val_rows):
         val_rows = np.sort(np.random.default_rng(cfg.seed).choice(len(val_rows), cfg.eval_windows, replace=False))
-    global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
+    global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * job.world_size
+    data_order = None
     if not cfg.eval_only:
         train_windows = TokenWindows(cfg.data_dir, "train", cfg.block_size)
         steps_per_epoch = len(train_windows) // global_batch
         if steps_per_epoch == 0:
-            raise ValueError(f"{cfg.data_dir}: the train split has {len(train_windows)} windows of {cfg.block_size + 1} tokens, fewer than one global batch of {global_batch}; lower batch_size, gradient_accumulation_steps or block_size")
+            raise UserError(f"{cfg.data_dir}: the train split has {len(train_windows)} windows of {cfg.block_size + 1} tokens, fewer than one global batch of {global_batch}; lower batch_size, gradient_accumulation_steps or block_size")
         max_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+        # What fixes the order of the batches: resuming with other values would skip or repeat data.
+        data_order = {"seed": cfg.seed, "global_batch": global_batch, "train_windows": len(train_windows)}
+    resume_from = job.on_rank0(lambda: find_resume_checkpoint(cfg, run_dir, data_order), share=True)
+    source = resume_from or (None if cfg.init_from == "scratch" else cfg.init_from)
+    if cfg.eval_only and source is None:
+        raise UserError("eval_only needs weights: --resume=auto (this run's newest checkpoint), --resume=CKPT_DIR or --init_from=HF_DIR")
 
     raw_model = build_model(cfg, source, val_windows.meta).to(cfg.device)
     # A loaded model keeps its shape: record it so the saved config tells the truth.
     cfg = dataclasses.replace(cfg, **{key: getattr(raw_model.config, key) for key in ("vocab_size", "n_layer", "n_head", "n_embd")})
     # DDP first, then compile: dynamo splits the graph at DDP's gradient buckets, so their
     # all-reduces overlap the backward pass.
-    model = DDP(raw_model, device_ids=[torch.cuda.current_device()] if on_gpu else None) if world_size > 1 else raw_model
+    model = DDP(raw_model, device_ids=[torch.cuda.current_device()] if on_gpu else None) if job.world_size > 1 else raw_model
     if cfg.compile:
         model = torch.compile(model)
     if master:
@@ -310,50 +370,37 @@ def train(cfg: TrainConfig, rank: int, world_size: int) -> None:
         print(f"model: {raw_model.num_params():,} parameters, {'from ' + str(source) if source else 'new'}", flush=True)
 
     if cfg.eval_only:
-        val_loss = evaluate(raw_model, val_windows, val_rows, cfg.batch_size, cfg.device, autocast, rank, world_size)
+        val_loss = evaluate(raw_model, val_windows, val_rows, cfg.batch_size, cfg.device, autocast, job)
         if master:
             print(f"val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f} ({len(val_rows)} windows of {cfg.block_size} tokens)", flush=True)
         return
 
     optimizer = raw_model.configure_optimizers(cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
     scheduler = cosine_schedule(optimizer, max_steps, cfg.warmup_ratio)
-    # What fixes the order of the batches: resuming with other values would skip or repeat data.
-    data_order = {"seed": cfg.seed, "global_batch": global_batch, "train_windows": len(train_windows)}
     state = {"nonfinite_steps": 0, "wandb_run_id": None}
     start_step, rng_by_rank = 0, []
     if resume_from:
         saved = torch.load(resume_from / "trainer_state.pt", weights_only=True)
-        if saved["data_order"] != data_order:
-            raise ValueError(f"{resume_from} was trained with {saved['data_order']}, this run has {data_order}; resume with the same seed, global batch and data, or start a new run")
         optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", map_location=cfg.device, weights_only=True))
         scheduler.load_state_dict(saved["scheduler"])
         state = {key: saved[key] for key in state}
         start_step = saved["step"]
         rng_by_rank = saved["rng"]
-    if len(rng_by_rank) == world_size:
-        torch.set_rng_state(rng_by_rank[rank]["cpu"])
-        if on_gpu:
-            torch.cuda.set_rng_state(rng_by_rank[rank]["cuda"])
-    else:  # dropout streams differ per rank; a different world size cannot continue the saved ones
-        if rng_by_rank and master:
-            print(f"{resume_from} was saved by {len(rng_by_rank)} processes, this run has {world_size}: same data order, new dropout randomness", flush=True)
-        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, start_step, rank]).generate_state(1)[0]))
+    rng_note = restore_rng(rng_by_rank, job, cfg.device, cfg.seed, start_step)
+    if rng_note and master:
+        print(f"{resume_from} was {rng_note}", flush=True)
 
-    metrics_path = run_dir / "metrics.jsonl"
-    wandb_run = None
+    # Before any step: a failure here (wandb, the run directory) costs nothing yet.
+    wandb_run = job.on_rank0(lambda: open_run(cfg, run_dir, start_step, state["wandb_run_id"]))
     if master:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-        truncate_metrics(metrics_path, start_step)
-        if cfg.wandb_log:
-            wandb_run = start_wandb(cfg, state["wandb_run_id"])
-            state["wandb_run_id"] = wandb_run.id
+        state["wandb_run_id"] = wandb_run.id if wandb_run else None
         print(
-            f"global batch {global_batch} sequences = {cfg.batch_size} per device x {cfg.gradient_accumulation_steps} accumulation x {world_size} processes, "
+            f"global batch {global_batch} sequences = {cfg.batch_size} per device x {cfg.gradient_accumulation_steps} accumulation x {job.world_size} processes, "
             f"{global_batch * cfg.block_size:,} tokens; {steps_per_epoch:,} steps per epoch; steps {start_step} -> {max_steps}"
             + (f" (resumed from {resume_from})" if resume_from else ""),
             flush=True,
         )
+    metrics_path = run_dir / "metrics.jsonl"
 
     def record(step: int, metrics: dict) -> None:
         metrics = {"step": step, "tokens": step * global_batch * cfg.block_size, **metrics}
@@ -362,28 +409,19 @@ def train(cfg: TrainConfig, rank: int, world_size: int) -> None:
         if wandb_run:
             wandb_run.log(metrics, step=step)
 
-    # Stop at the end of the current step on SIGTERM (preemption) or SIGINT; a second one acts as usual.
-    received_signal = 0
-
-    def request_stop(signum, frame):
-        nonlocal received_signal
-        received_signal = signum
-        signal.signal(signum, previous_handlers[signum])
-
-    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-
     # nanoGPT's estimate: 6 flops per parameter per token (forward + backward) plus attention;
     # position embeddings are lookups, not matmuls.
     flops_per_token = 6 * (raw_model.num_params() - raw_model.transformer.wpe.weight.numel()) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
     peak_flops = next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in torch.cuda.get_device_name()), None) if on_gpu else None
     interval_losses, interval_time, logged_step, nonfinite_in_a_row = [], 0.0, start_step, 0
+    job.catch_stop_signals()
     try:
         for step in range(start_step, max_steps):
             step_start = time.time()
             epoch, batch_in_epoch = divmod(step, steps_per_epoch)
             rows = epoch_order(cfg.seed, epoch, len(train_windows))[batch_in_epoch * global_batch : (batch_in_epoch + 1) * global_batch]
             # Rows as (micro-step, rank, batch_size): this rank's micro-step m takes rows[m, rank].
-            mine = rows.reshape(cfg.gradient_accumulation_steps, world_size, cfg.batch_size)[:, rank].ravel()
+            mine = rows.reshape(cfg.gradient_accumulation_steps, job.world_size, cfg.batch_size)[:, job.rank].ravel()
             tokens = torch.from_numpy(train_windows.batch(mine)).to(cfg.device)
             tokens = tokens.view(cfg.gradient_accumulation_steps, cfg.batch_size, cfg.block_size + 1)
             lr = scheduler.get_last_lr()[0]
@@ -391,18 +429,16 @@ def train(cfg: TrainConfig, rank: int, world_size: int) -> None:
             for micro_step in range(cfg.gradient_accumulation_steps):
                 # Gradients are all-reduced once, in the backward of the last micro-step.
                 last = micro_step == cfg.gradient_accumulation_steps - 1
-                with model.no_sync() if world_size > 1 and not last else nullcontext():
+                with model.no_sync() if job.world_size > 1 and not last else nullcontext():
                     with autocast:
                         _, loss = model(tokens[micro_step, :, :-1], tokens[micro_step, :, 1:])
                     loss = loss / cfg.gradient_accumulation_steps  # the mean over the global batch
                     loss.backward()
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)  # equal on all ranks after DDP
-            stop_signal = torch.tensor(received_signal, device=cfg.device)
-            if world_size > 1:
+            if job.world_size > 1:
                 dist.all_reduce(loss_sum)
-                dist.all_reduce(stop_signal, op=dist.ReduceOp.MAX)  # all ranks stop at the same step
-            loss, grad_norm, stop_signal = (loss_sum / world_size).item(), grad_norm.item(), int(stop_signal)
+            loss, grad_norm = (loss_sum / job.world_size).item(), grad_norm.item()
             step_done = step + 1
             if math.isfinite(loss) and math.isfinite(grad_norm):
                 optimizer.step()
@@ -426,7 +462,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int) -> None:
             if (step_done % cfg.log_interval == 0 or last_step) and interval_losses:
                 steps_timed = step_done - logged_step
                 tokens_per_s = steps_timed * global_batch * cfg.block_size / interval_time
-                mfu = flops_per_token * tokens_per_s / world_size / peak_flops if peak_flops else None
+                mfu = flops_per_token * tokens_per_s / job.world_size / peak_flops if peak_flops else None
                 eta = timedelta(seconds=round((max_steps - step_done) * interval_time / steps_timed))
                 train_loss = sum(interval_losses) / len(interval_losses)  # mean over the interval, as the HF Trainer logs
                 if master:
@@ -438,17 +474,18 @@ def train(cfg: TrainConfig, rank: int, world_size: int) -> None:
                     record(step_done, {"loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu, "nonfinite_steps": state["nonfinite_steps"]})
                 interval_losses, interval_time, logged_step = [], 0.0, step_done
             if step_done % cfg.eval_interval == 0 or last_step:
-                val_loss = evaluate(raw_model, val_windows, val_rows, cfg.batch_size, cfg.device, autocast, rank, world_size)
+                val_loss = evaluate(raw_model, val_windows, val_rows, cfg.batch_size, cfg.device, autocast, job)
                 if master:
                     print(f"step {step_done}: val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}", flush=True)
                     record(step_done, {"val_loss": val_loss, "val_perplexity": math.exp(val_loss)})
+            stop_signal = job.stop_signal() if not last_step else 0  # the last step ends the run anyway
             if step_done % cfg.checkpoint_interval == 0 or last_step or stop_signal:
                 trainer_state = {**state, "scheduler": scheduler.state_dict(), "data_order": data_order}
-                path = save_checkpoint(run_dir, step_done, raw_model, optimizer, trainer_state, cfg, rank, world_size)
+                path = save_checkpoint(job, run_dir, step_done, raw_model, optimizer, trainer_state, cfg)
                 if master:
                     print(f"step {step_done}: saved {path}", flush=True)
-            if master and last_step:
-                print(f"loss curves: {plot_run(run_dir)}", flush=True)
+            if last_step:
+                job.on_rank0(lambda: print(f"loss curves: {plot_run(run_dir)}", flush=True))
             if stop_signal:
                 if master:
                     print(f"stopped by signal {stop_signal} at step {step_done}; continue with --resume=auto", flush=True)
@@ -456,8 +493,6 @@ def train(cfg: TrainConfig, rank: int, world_size: int) -> None:
         if start_step == max_steps and master:
             print(f"{run_dir} already finished its {max_steps} steps", flush=True)
     finally:
-        for signum, handler in previous_handlers.items():
-            signal.signal(signum, handler)
         if wandb_run:
             wandb_run.finish()
 
