@@ -3,7 +3,6 @@ schedule, HF interchange, config errors, preemption, wandb offline and non-finit
 
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -92,24 +91,6 @@ def test_resume_is_bitwise_identical(data, tmp_path, capsys):
 def test_gradient_accumulation_matches_one_big_batch(data, reference, tmp_path):
     train.main(args(data, tmp_path, "--batch_size=2", "--gradient_accumulation_steps=4", "--max_steps=4", "--eval_interval=2"))
     assert_same_training(tmp_path, reference)
-
-
-def test_two_process_ddp_matches_one_process(data, reference, tmp_path_factory):
-    # One CI run in three saw a rank die of SIGABRT (gloo, 2 loaded cores; not reproduced in 12
-    # direct runs): such a crash gets one more launch. A wrong result fails below, deterministically.
-    for attempt in range(2):
-        tmp_path = tmp_path_factory.mktemp("ddp")
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-                   *args(data, tmp_path, "--batch_size=2", "--gradient_accumulation_steps=2", "--max_steps=4", "--eval_interval=2")]  # fmt: skip
-        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        if result.returncode == 0 or "SIGABRT" not in result.stderr:
-            break
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[:3000]
-    assert "x 2 processes" in result.stdout and result.stdout.count("global batch") == 1  # rank 0 alone prints
-    assert_same_training(tmp_path, reference)
-    # Val loss is averaged over both ranks' halves of the val split.
-    val = lambda out: [m["val_loss"] for m in metrics(out) if "val_loss" in m]  # noqa: E731
-    assert val(tmp_path) == pytest.approx(val(reference), rel=1e-5)
 
 
 @pytest.mark.parametrize("max_steps,warmup_ratio", [(1, 0.05), (10, 0.0), (103, 0.05), (40, 0.5)])

@@ -1,0 +1,248 @@
+"""Multi-process jobs under real torchrun process groups (gloo, CPU): stop signals sent as SLURM and
+a terminal send them, failures on one rank, resumes from what rank 0 chose, and two "nodes"."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from test_train import TINY, assert_same_training, metrics, weights
+
+ROOT = Path(__file__).resolve().parent.parent
+FAULTY_TRAIN = ROOT / "tests" / "faulty_train.py"
+# Every collective gives up after 30 s: a test that would otherwise hang fails instead.
+JOB = ["--run_name=run", "--log_interval=1", "--dist_timeout_minutes=0.5"]
+STOP_TEST_STEPS = ["--max_steps=40", "--checkpoint_interval=1000", "--eval_interval=1000", "--eval_windows=2", "--dropout=0.1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(data, out, *extra, fault=None, nproc=2, launcher=("--standalone",), model=TINY) -> subprocess.Popen:
+    """Starts `torchrun train.py` (or faulty_train.py with $FAULT) in a session of its own, like a job step."""
+    script = FAULTY_TRAIN if fault else ROOT / "train.py"
+    command = [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc_per_node={nproc}", str(script),
+               f"--data_dir={data}", f"--out_dir={out}", *model, *JOB, *extra]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FAULT": fault or ""}
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def finish(job: subprocess.Popen, timeout=120) -> tuple[int, str, str]:
+    try:
+        stdout, stderr = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        stdout, stderr = job.communicate()
+        pytest.fail(f"job still running after {timeout} s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    return job.returncode, stdout, stderr
+
+
+def run_job(*args, **kwargs) -> str:
+    returncode, stdout, stderr = finish(torchrun(*args, **kwargs))
+    assert returncode == 0, stdout[-2000:] + stderr[-3000:]
+    return stdout
+
+
+def workers(job: subprocess.Popen, nproc=2) -> list[psutil.Process]:
+    deadline = time.time() + 60
+    while len(children := psutil.Process(job.pid).children()) < nproc and time.time() < deadline:
+        time.sleep(0.05)
+    return children
+
+
+def wait_for_step(out, step: int, job: subprocess.Popen, timeout=120) -> None:
+    path = Path(out) / "run" / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while not (path.exists() and any(m.get("step", 0) >= step for m in metrics(out))):
+        assert job.poll() is None and time.time() < deadline, f"no step {step} logged: {job.communicate()}"
+        time.sleep(0.05)
+
+
+def stop_step(stdout: str, signum: int) -> int:
+    marker = f"stopped by signal {signum} at step "
+    assert marker in stdout, stdout[-2000:]
+    return int(stdout.split(marker)[1].split(";")[0])
+
+
+def assert_complete_stop_checkpoint(out, step: int) -> Path:
+    """The stop step's checkpoint is there and whole; no unfinished write is left."""
+    run = Path(out) / "run"
+    assert not list(run.glob("*.tmp")), list(run.glob("*.tmp"))
+    checkpoint = train.latest_checkpoint(run)
+    assert checkpoint.name == f"ckpt_{step:07d}"
+    assert torch.load(checkpoint / "trainer_state.pt", weights_only=True)["step"] == step
+    assert torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"]
+    assert load_file(checkpoint / "model.safetensors")
+    return checkpoint
+
+
+@pytest.fixture(scope="module")
+def data(make_token_data):
+    return make_token_data(train_tokens=20_000, val_tokens=600)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    """Two processes, 40 steps without a stop (checkpoints at 20 and 40): what every stopped and
+    resumed job must end with."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run_job(data, out, "--batch_size=2", *STOP_TEST_STEPS, "--checkpoint_interval=20")
+    return out
+
+
+def final_weights(out) -> dict[str, torch.Tensor]:
+    return weights(Path(out) / "run" / "ckpt_0000040")
+
+
+def assert_same_weights(out, reference) -> None:
+    ours, theirs = final_weights(out), final_weights(reference)
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+
+
+def send(processes, signum):
+    for process in processes:
+        process.send_signal(signum)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM twice to the workers", "SIGTERM to every process", "SIGINT to the process group"])
+def test_a_stop_saves_the_stop_step_and_resumes_bit_for_bit(data, uninterrupted, tmp_path, how):
+    # Batches take 50 ms and rank 0's checkpoint 3 s, so the signals land mid-run and the second copy
+    # mid-save: a rank that left early, or a handler spent by the first copy, loses the save.
+    job = torchrun(data, tmp_path, "--batch_size=2", *STOP_TEST_STEPS, fault="slow_batches,slow_checkpoints")
+    ranks = workers(job)
+    wait_for_step(tmp_path, 3, job)
+    signum = signal.SIGINT if "SIGINT" in how else signal.SIGTERM
+    if how == "SIGTERM twice to the workers":  # as when a signal misses the launcher, then a follow-up
+        send(ranks, signum)
+        time.sleep(1.5)
+        send(ranks, signum)
+    elif how == "SIGTERM to every process":  # as slurmstepd does on preemption: torchrun forwards its own copy too
+        send([psutil.Process(job.pid), *ranks], signum)
+    else:  # Ctrl-C in a terminal
+        os.killpg(job.pid, signum)
+    returncode, stdout, stderr = finish(job)
+    assert returncode != 0, stderr[-3000:]
+    if how == "SIGTERM twice to the workers":  # torchrun, not signalled itself, sums up how its ranks ended
+        assert stderr.count(f"exitcode  : {128 + signum}") == 2, stderr[-3000:]
+    step = stop_step(stdout, signum)
+    assert 3 <= step < 40
+    assert_complete_stop_checkpoint(tmp_path, step)
+
+    run_job(data, tmp_path, "--batch_size=2", *STOP_TEST_STEPS, "--resume=auto")
+    assert_same_weights(tmp_path, uninterrupted)
+
+
+def test_sigterm_to_every_process_saves_gpt2_124m(data, tmp_path):
+    """GPT-2 124M on CPU: steps take seconds and the checkpoint (~1.4 GB) seconds more to write."""
+    gpt2 = ["--block_size=16", "--n_layer=12", "--n_head=12", "--n_embd=768", "--device=cpu", "--compile=False"]
+    job = torchrun(data, tmp_path, "--batch_size=1", *STOP_TEST_STEPS, model=gpt2)
+    ranks = workers(job)
+    wait_for_step(tmp_path, 1, job, timeout=300)
+    send([psutil.Process(job.pid), *ranks], signal.SIGTERM)
+    returncode, stdout, stderr = finish(job, timeout=300)
+    assert returncode != 0, stderr[-3000:]
+    checkpoint = assert_complete_stop_checkpoint(tmp_path, stop_step(stdout, signal.SIGTERM))
+    assert len(load_file(checkpoint / "model.safetensors")) == 148  # every tensor of GPT-2 small (HF names, lm_head tied)
+
+
+def test_a_failed_checkpoint_write_ends_the_job_and_the_previous_one_resumes(data, tmp_path):
+    started = time.time()
+    job = torchrun(data, tmp_path, "--batch_size=2", "--max_steps=8", "--checkpoint_interval=2", fault="disk_full_at_second_checkpoint")
+    returncode, stdout, stderr = finish(job)
+    assert returncode != 0 and time.time() - started < 60  # not the process-group timeout
+    assert "train.py: error: could not write" in stderr and "ckpt_0000002, which is intact" in stderr, stderr[-3000:]
+    assert "rank 1 stops: rank 0 failed" in stderr
+    run = tmp_path / "run"
+    assert [p.name for p in run.iterdir() if p.name.startswith("ckpt")] == ["ckpt_0000002"]  # nothing half-written
+    assert "resumed from" in run_job(data, tmp_path, "--batch_size=2", "--max_steps=8", "--checkpoint_interval=2", "--resume=auto")
+    assert train.latest_checkpoint(run).name == "ckpt_0000008"
+
+
+def test_ranks_with_different_listings_resume_the_same_checkpoint(data, uninterrupted, tmp_path):
+    shutil.copytree(uninterrupted / "run", tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "ckpt_0000040")  # as if the job had died after step 20
+    # Rank 1's listing misses ckpt_20 too (it would start anew): it must continue from rank 0's choice.
+    stdout = run_job(data, tmp_path, "--batch_size=2", *STOP_TEST_STEPS, "--resume=auto", fault="stale_listing")
+    assert "resumed from" in stdout and "ckpt_0000020" in stdout
+    assert_same_weights(tmp_path, uninterrupted)
+
+
+def two_nodes(data, out, *extra, fault=None):
+    """Two torchrun launchers, one process each, meeting at a c10d rendezvous on localhost."""
+    launcher = ("--nnodes=2", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_id=test")
+    return [torchrun(data, out, *extra, fault=fault, nproc=1, launcher=launcher) for _ in range(2)]
+
+
+def test_two_nodes_train_as_one_process_with_the_same_global_batch(make_token_data, tmp_path, tmp_path_factory):
+    small = make_token_data()  # test_train's data and reference run: 1 process, batch 8, 4 steps
+    reference = tmp_path_factory.mktemp("reference")
+    train.main([f"--data_dir={small}", f"--out_dir={reference}", "--run_name=run", *TINY, "--batch_size=8", "--max_steps=4", "--eval_interval=2"])
+    # 2 nodes x 1 process x 2 sequences x 2 micro-steps: the same 8 sequences per step
+    results = [finish(node) for node in two_nodes(small, tmp_path, "--batch_size=2", "--gradient_accumulation_steps=2", "--max_steps=4", "--eval_interval=2")]
+    assert all(returncode == 0 for returncode, _, _ in results), results
+    stdout = "".join(out for _, out, _ in results)
+    assert "x 2 processes" in stdout and stdout.count("global batch") == 1  # rank 0 alone prints
+    assert_same_training(tmp_path, reference)
+    # Val loss is averaged over both ranks' halves of the val split.
+    val = lambda out: [m["val_loss"] for m in metrics(out) if "val_loss" in m]  # noqa: E731
+    assert val(tmp_path) == pytest.approx(val(reference), rel=1e-5)
+
+
+def test_a_failure_on_one_node_ends_the_other_within_seconds(data, tmp_path):
+    started = time.time()
+    results = [finish(node) for node in two_nodes(data, tmp_path, "--batch_size=2", "--max_steps=8", "--eval_interval=2", fault="rank1_fails_while_rank0_hangs")]
+    assert time.time() - started < 90  # rank 0 would otherwise wait out its 600 s
+    assert all(returncode != 0 for returncode, _, _ in results)
+    stderr = "".join(err for _, _, err in results)
+    assert "simulated failure on rank 1" in stderr
+    assert "rank 0 stops: rank 1 failed (RuntimeError: simulated failure on rank 1)" in stderr, stderr[-3000:]
+
+
+FAKE_SLURM = {
+    # srun: drops its own options and runs the step in a session of its own, as slurmstepd would
+    # (torchrun, with faulty_train.py's slow batches in place of train.py, so a signal lands mid-run)
+    "srun": 'while [[ $1 == --* ]]; do shift; done; shift; echo $$ > "$FAKE_SLURM/step.pid"\n'
+            'exec setsid "$PYTHON" -m torch.distributed.run "${@/#train.py/$FAULTY_TRAIN}"',
+    # scancel --signal=TERM JOB: the signal to every process of the step
+    "scancel": 'kill -TERM -- -"$(cat "$FAKE_SLURM/step.pid")"',
+    "scontrol": 'case $1 in show) echo localhost ;; requeue) echo "$2" >> "$FAKE_SLURM/requeued" ;; esac',
+}
+
+
+def test_slurm_script_saves_before_the_time_limit_requeues_and_resumes(make_token_data, tmp_path):
+    """slurm.sbatch with stand-ins for srun, scancel and scontrol: not SLURM itself, but the script's part."""
+    fake = tmp_path / "fake_slurm"
+    fake.mkdir()
+    for name, body in FAKE_SLURM.items():
+        (fake / name).write_text(f"#!/bin/bash\n{body}\n")
+        (fake / name).chmod(0o755)
+    out = tmp_path / "out"
+    train_args = [f"--data_dir={make_token_data(train_tokens=20_000)}", f"--out_dir={out}", *TINY, *JOB, "--batch_size=2", *STOP_TEST_STEPS]
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "FAKE_SLURM": str(fake), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "FAULTY_TRAIN": str(FAULTY_TRAIN), "FAULT": "slow_batches",
+           "SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "localhost",
+           "NPROC_PER_NODE": "2", "TRAIN_ARGS": " ".join(map(str, train_args)), "RDZV_PORT": str(free_port())}  # fmt: skip
+    script = subprocess.Popen(["bash", "slurm.sbatch"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(out, 3, script)
+    script.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 sends five minutes before the limit
+    returncode, stdout, stderr = finish(script)
+    assert "time limit near" in stdout and (fake / "requeued").read_text() == "7\n", stdout[-2000:] + stderr[-3000:]
+    assert_complete_stop_checkpoint(out, stop_step(stdout, signal.SIGTERM))
+
+    returncode, stdout, stderr = finish(subprocess.Popen(["bash", "slurm.sbatch"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    assert returncode == 0 and "resumed from" in stdout, stderr[-3000:]
+    assert (fake / "requeued").read_text() == "7\n"  # a finished run is not requeued
+    assert train.latest_checkpoint(out / "run").name == "ckpt_0000040"
