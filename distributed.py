@@ -88,10 +88,14 @@ class Job:
 
     def stop_signal(self) -> int:
         """The stop signal that any rank has received, 0 for none; the same answer on every rank."""
-        signum = torch.tensor(self.stop_signals.signum)
+        return self.agree(self.stop_signals.signum, dist.ReduceOp.MAX)
+
+    def agree(self, value: int, op: dist.ReduceOp) -> int:
+        """op (MAX, MIN) over every rank's value: the same answer on every rank."""
+        value = torch.tensor(value)
         if self.world_size > 1:
-            dist.all_reduce(signum, op=dist.ReduceOp.MAX, group=self.control)
-        return int(signum)
+            dist.all_reduce(value, op=op, group=self.control)
+        return int(value)
 
     def gather(self, obj) -> list | None:
         """Every rank's obj, in rank order, on rank 0 (None elsewhere)."""
@@ -129,14 +133,15 @@ class Job:
         if self.watcher and not isinstance(error, RankFailed):
             self.watcher.post(f"rank {self.rank} failed ({one_line(error)})")
 
-    def close(self, clean: bool) -> None:
-        """Ends this process's part in the job; after a failure the process group is left to the exit
-        (destroying it can wait on a peer that is gone)."""
+    def close(self, clean: bool, stopped: bool) -> None:
+        """Ends this process's part in the job. After a failure the process group is left to the exit
+        (destroying it can wait on a peer that is gone). After a stop the signal handlers stay: torchrun
+        signals the ranks still running as soon as one has exited, and they must exit as it did."""
         if self.watcher:
             self.watcher.stop()
         if self.world_size > 1 and clean:
             dist.destroy_process_group()
-        if self.stop_signals:
+        if self.stop_signals and not stopped:
             self.stop_signals.restore()
 
 

@@ -19,8 +19,8 @@ import torch
 
 import configurator
 import tokenizer
+from checkpoint import latest_checkpoint
 from model import GPT, GPTConfig
-from train import latest_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRAIN_HINT = "train one with `python prepare.py --dataset=austen && python train.py config/austen.py`, or pass --ckpt=DIR or --init=random"

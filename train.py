@@ -1,24 +1,25 @@
 """Trains GPT-2 on token shards with a plain loop: one process, or many with torchrun.
 
-    python train.py config/austen.py                                 # small model, 2-core CPU
+    python train.py config/austen.py                                 # small model, CPU or one GPU
     torchrun --standalone --nproc_per_node=8 train.py config/bookcorpus.py   # the recipe
     python train.py config/austen.py --resume=auto                   # continue the newest checkpoint
 
-Batches. A global batch is batch_size x gradient_accumulation_steps x world_size windows of
-block_size + 1 tokens (batch_size and gradient_accumulation_steps are per device, as in the HF
-Trainer). Epoch e visits the train windows in a permutation seeded by (seed, e); optimizer step s
-takes the next global batch of it, and rank r's micro-step m a fixed slice of that, so the
-sequence of global batches does not depend on how it is split over ranks and micro-steps, and
+Batches. An optimizer step takes batch_size windows of block_size + 1 tokens in all, over every
+process: the global batch. Each process takes its share in micro-batches of micro_batch_size and
+accumulates gradients over them (by default the largest micro-batch that fits: measured on a GPU,
+the whole share on a CPU). Epoch e visits the train windows in a permutation seeded by (seed, e);
+step s takes the next batch_size of it, and rank r's micro-step m a fixed slice of that, so the
+sequence of global batches is the same however it is split over processes and micro-steps, and
 the step alone is the exact data position.
 
-A run's directory (sample.py reads its newest checkpoint with latest_checkpoint):
+The step never waits for the GPU: batches are read ahead and copied from pinned memory, a step with
+a non-finite loss or gradient is skipped by the optimizer itself, on the device, and the loss and
+gradient norm are read back only at the steps that log, evaluate or checkpoint.
+
+A run's directory (sample.py reads its newest checkpoint):
 out/<run>/train_config.json   the resolved config (not config.json: that name marks an HF model dir)
-out/<run>/metrics.jsonl       one JSON record per log step and eval; loss.png plots it at the end
-out/<run>/ckpt_<step:07d>/    written as ckpt_<step>.tmp then renamed, so every ckpt_* dir is complete
-    config.json, model.safetensors   the model in HF format (GPT.save_pretrained)
-    optimizer.pt                      AdamW state
-    trainer_state.pt                  step, scheduler, RNG state of every rank, data order
-    train_config.json                 the TrainConfig that wrote it
+out/<run>/metrics.jsonl       one JSON record per log step, skipped step and eval; loss.png plots it
+out/<run>/ckpt_<step:07d>/    the checkpoints (checkpoint.py)
 Every rank reads data and checkpoints from the same paths: on many nodes, a shared filesystem.
 SIGTERM (preemption), SIGINT or SIGHUP, to any or all processes of the job and however many times,
 ends the current step on every rank, saves a checkpoint of it and exits with status 128 + the
@@ -31,9 +32,8 @@ import functools
 import json
 import math
 import os
-import re
-import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -42,21 +42,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.lr_scheduler import LambdaLR
 
 import configurator
+from checkpoint import find_resume_checkpoint, latest_checkpoint, restore_rng, save_checkpoint
 from configurator import UserError
 from distributed import Job
 from model import GPT, GPTConfig
 from plot import plot_run
 from shards import TokenWindows, atomic_write_bytes
 
-CHECKPOINT_PATTERN = re.compile(r"ckpt_(\d+)")
 NONFINITE_STEPS_BEFORE_STOP = 5  # skipped steps in a row that end the run
 # Dense bf16 peak FLOP/s of one GPU, for MFU; the first key found in the device name wins.
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+GPU_MEMORY_FOR_STEPS = 0.85  # of the GPU's memory, what the automatic micro-batch may fill
 
 
 @dataclass
@@ -78,9 +78,9 @@ class TrainConfig:
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.1
-    # batch: global batch = batch_size x gradient_accumulation_steps x number of processes
-    batch_size: int = 8  # sequences per device per micro-step
-    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step, on every device
+    # batch
+    batch_size: int = 64  # sequences per optimizer step, over all processes (the global batch)
+    micro_batch_size: int | None = None  # sequences per process per forward/backward; None: the largest that fits
     epochs: int = 1
     max_steps: int | None = None  # None: epochs x steps per epoch
     # AdamW and schedule, as the HF Trainer: linear warmup then cosine to 0
@@ -106,47 +106,27 @@ class TrainConfig:
     dist_timeout_minutes: float = 10.0  # how long a collective waits for a silent rank (failures that are seen end the job at once)
 
 
-def checkpoints(run_dir) -> dict[int, Path]:
-    """The complete checkpoint directories of a run by step (ckpt_*.tmp are unfinished)."""
-    return {int(m.group(1)): p for p in Path(run_dir).glob("ckpt_*") if (m := CHECKPOINT_PATTERN.fullmatch(p.name)) and p.is_dir()}
-
-
-def latest_checkpoint(run_dir) -> Path | None:
-    """The newest complete checkpoint directory of a run, or None."""
-    steps = checkpoints(run_dir)
-    return steps[max(steps)] if steps else None
-
-
-def find_resume_checkpoint(cfg: TrainConfig, run_dir: Path, data_order: dict | None) -> Path | None:
-    """The checkpoint this run continues from, or None for a new run. Refuses to overwrite a run's
-    checkpoints, and to continue one with another data order (data_order None: not training).
-
-    Rank 0 alone decides (Job.on_rank0): on a shared filesystem with stale directory caches, ranks
-    could list different newest checkpoints and continue from different steps.
-    """
-    existing = checkpoints(run_dir)
-    resume = cfg.resume or ("auto" if cfg.init_from == "resume" else "")
-    if resume == "":
-        if existing and not cfg.eval_only:
-            raise UserError(f"{run_dir} already has checkpoints (newest {existing[max(existing)].name}); continue it with --resume=auto or pick another --run_name")
-        return None
-    if resume == "auto":
-        if not existing:
-            if cfg.init_from == "resume":
-                raise UserError(f"init_from='resume' but {run_dir} has no checkpoint; check --out_dir/--run_name, or use --resume=auto to start the run when none exists")
-            return None
-        checkpoint = existing[max(existing)]
-    else:
-        checkpoint = Path(resume)
-        if not (checkpoint / "trainer_state.pt").is_file():
-            raise UserError(f"--resume={resume}: no trainer_state.pt there; pass a ckpt_* directory or --resume=auto")
-    saved = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
-    newer = [path.name for s, path in sorted(existing.items()) if s > saved["step"]]
-    if newer and not cfg.eval_only:
-        raise UserError(f"{run_dir} has checkpoints newer than {checkpoint} ({newer[-1]}); resume into another --run_name so they stay apart")
-    if data_order is not None and saved["data_order"] != data_order:
-        raise UserError(f"{checkpoint} was trained with {saved['data_order']}, this run has {data_order}; resume with the same seed, global batch and data, or start a new run")
-    return checkpoint
+def check_config(cfg: TrainConfig, world_size: int) -> None:
+    """Refuses values that could only fail later (or silently do nothing), before anything is built."""
+    positive = ["block_size", "vocab_size", "n_layer", "n_head", "n_embd", "batch_size", "micro_batch_size", "epochs", "max_steps",
+                "learning_rate", "grad_clip", "eval_interval", "eval_windows", "log_interval", "checkpoint_interval", "keep_checkpoints",
+                "dist_timeout_minutes"]  # fmt: skip
+    for key in positive:
+        if (value := getattr(cfg, key)) is not None and not value > 0:
+            raise UserError(f"{key}={value}: must be positive" + (" (keep_checkpoints=1 keeps the newest only)" if key == "keep_checkpoints" else ""))
+    for key in ("dropout", "beta1", "beta2"):
+        if not 0 <= (value := getattr(cfg, key)) < 1:
+            raise UserError(f"{key}={value}: must be in [0, 1)")
+    if not 0 <= cfg.warmup_ratio <= 1:
+        raise UserError(f"warmup_ratio={cfg.warmup_ratio}: must be in [0, 1] (a fraction of the steps)")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={cfg.device} but no GPU is visible; use --device=cpu")
+    if cfg.dtype not in ("bfloat16", "float32"):
+        raise UserError(f"dtype={cfg.dtype}: use bfloat16 (autocast) or float32; float16 would need loss scaling")
+    if cfg.batch_size % world_size:
+        raise UserError(f"batch_size={cfg.batch_size} does not split over {world_size} processes; use a multiple of {world_size}")
+    if cfg.micro_batch_size and (cfg.batch_size // world_size) % cfg.micro_batch_size:
+        raise UserError(f"micro_batch_size={cfg.micro_batch_size} does not divide the {cfg.batch_size // world_size} sequences per process (batch_size={cfg.batch_size} over {world_size}); pick a divisor")
 
 
 def build_model(cfg: TrainConfig, source, meta: dict) -> GPT:
@@ -189,6 +169,139 @@ def epoch_order(seed: int, epoch: int, num_windows: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_windows)
 
 
+def global_batch_rows(seed: int, step: int, steps_per_epoch: int, num_windows: int, batch_size: int) -> np.ndarray:
+    """The windows of optimizer step `step`: the next batch_size of its epoch's permutation."""
+    epoch, index = divmod(step, steps_per_epoch)
+    return epoch_order(seed, epoch, num_windows)[index * batch_size : (index + 1) * batch_size]
+
+
+def rank_rows(rows: np.ndarray, world_size: int, rank: int, micro_batch_size: int) -> np.ndarray:
+    """This rank's share of a global batch as micro-batches (micro-steps, micro_batch_size): the rows
+    as (micro-step, rank, micro_batch_size), rank r taking [:, r]."""
+    return rows.reshape(-1, world_size, micro_batch_size)[:, rank]
+
+
+def batches(windows: TokenWindows, cfg: TrainConfig, job: Job, micro_batch_size: int, steps_per_epoch: int, start_step: int, max_steps: int):
+    """Each step's tokens for this rank, (micro-steps, micro_batch_size, block_size + 1) on the device.
+
+    A thread reads the next step's windows while the current step runs; on a GPU they come from
+    pinned memory, so the copy is asynchronous.
+    """
+    pin = cfg.device.startswith("cuda")
+
+    def read(step: int) -> torch.Tensor:
+        rows = rank_rows(global_batch_rows(cfg.seed, step, steps_per_epoch, len(windows), cfg.batch_size), job.world_size, job.rank, micro_batch_size)
+        tokens = torch.from_numpy(windows.batch(rows.ravel())).view(*rows.shape, -1)
+        return tokens.pin_memory() if pin else tokens
+
+    with ThreadPoolExecutor(1) as reader:
+        upcoming = reader.submit(read, start_step)
+        for step in range(start_step, max_steps):
+            tokens = upcoming.result()
+            if step + 1 < max_steps:
+                upcoming = reader.submit(read, step + 1)
+            yield tokens.to(cfg.device, non_blocking=True)
+
+
+def largest_micro_batch(per_rank: int, fixed_bytes: float, bytes_per_sequence: float, budget_bytes: float) -> int:
+    """The largest divisor of per_rank whose step fits in budget_bytes (1 if none does)."""
+    return max([m for m in range(1, per_rank + 1) if per_rank % m == 0 and fixed_bytes + m * bytes_per_sequence <= budget_bytes], default=1)
+
+
+def choose_micro_batch(cfg: TrainConfig, job: Job, model: GPT, autocast) -> int:
+    """micro_batch_size, or else the largest that fits: on a GPU, from the memory that eager steps of 1
+    and 2 sequences take (a compiled step takes less); on a CPU, each process's whole share."""
+    per_rank = cfg.batch_size // job.world_size
+    if cfg.micro_batch_size or not cfg.device.startswith("cuda"):
+        return cfg.micro_batch_size or per_rank
+    peaks = []
+    for sequences in (1, 2):
+        torch.cuda.reset_peak_memory_stats()
+        tokens = torch.randint(0, model.config.vocab_size, (sequences, cfg.block_size + 1), device=cfg.device)
+        with autocast:
+            _, loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        peaks.append(torch.cuda.max_memory_allocated())
+    model.zero_grad(set_to_none=True)
+    adam_moments = 2 * sum(p.numel() * 4 for p in model.parameters())  # allocated at the first optimizer step
+    budget = GPU_MEMORY_FOR_STEPS * torch.cuda.get_device_properties(cfg.device).total_memory - adam_moments
+    chosen = largest_micro_batch(per_rank, 2 * peaks[0] - peaks[1], peaks[1] - peaks[0], budget)
+    return job.agree(chosen, dist.ReduceOp.MIN)  # every rank must run as many micro-steps
+
+
+def train_step(model, raw_model: GPT, optimizer, scheduler, tokens: torch.Tensor, autocast, grad_clip: float, job: Job) -> torch.Tensor:
+    """One optimizer step over tokens (micro-steps, micro-batch, T + 1). Returns (loss, grad norm,
+    skipped) on the device, unread: the host goes on to the next step while the GPU works.
+
+    A non-finite loss or gradient norm skips the update inside the fused AdamW (found_inf, as a
+    GradScaler would tell it), on the device; every rank sees the same all-reduced loss and norm,
+    so all skip alike. The schedule advances either way, as the HF Trainer's does.
+    """
+    micro_steps = tokens.shape[0]
+    loss_sum = torch.zeros((), device=tokens.device)
+    for micro_step in range(micro_steps):
+        # Gradients are all-reduced once, in the backward of the last micro-step.
+        last = micro_step == micro_steps - 1
+        with model.no_sync() if job.world_size > 1 and not last else nullcontext():
+            with autocast:
+                _, loss = model(tokens[micro_step, :, :-1], tokens[micro_step, :, 1:])
+            (loss / micro_steps).backward()  # the mean over the global batch
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)  # equal on all ranks after DDP
+    if job.world_size > 1:
+        dist.all_reduce(loss_sum)
+    loss = loss_sum / (micro_steps * job.world_size)
+    skipped = (~(loss.isfinite() & grad_norm.isfinite())).float()
+    optimizer.found_inf = skipped
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return torch.stack([loss, grad_norm, skipped])
+
+
+class StepLog:
+    """The steps since the last log line: their (loss, grad norm, skipped), kept on the device and read
+    back only at the steps that log, evaluate or checkpoint, and the training time they took. Skipped
+    steps are reported as they are read; too many in a row stop the run."""
+
+    def __init__(self, start_step: int, nonfinite_steps: int):
+        self.nonfinite_steps = nonfinite_steps  # skipped steps in the whole run
+        self.in_a_row = 0
+        self.unread = []  # (3,) device tensors of the steps since the last read
+        self.finite = []  # (loss, grad norm) of the finite steps read since the last log line
+        self.logged_step, self.seconds, self.clock_from = start_step, 0.0, time.perf_counter()
+
+    def read(self, step: int, record, master: bool, run_dir: Path) -> None:
+        """Reads the steps up to `step` (waiting for the device, which ends their training time);
+        records each skipped one; raises after too many in a row."""
+        rows = torch.stack(self.unread).tolist() if self.unread else []
+        self.unread = []
+        self.seconds += time.perf_counter() - self.clock_from
+        for s, (loss, grad_norm, skipped) in enumerate(rows, start=step - len(rows) + 1):
+            if not skipped:
+                self.in_a_row = 0
+                self.finite.append((loss, grad_norm))
+                continue
+            self.nonfinite_steps += 1
+            self.in_a_row += 1
+            if master:
+                print(f"step {s}: non-finite loss {loss} or grad norm {grad_norm}; step skipped ({self.in_a_row} in a row)", flush=True)
+                record(s, {"skipped": "non-finite loss", "nonfinite_steps": self.nonfinite_steps})
+            if self.in_a_row == NONFINITE_STEPS_BEFORE_STOP:
+                raise UserError(f"loss was non-finite for {self.in_a_row} steps in a row (up to step {s}); the last checkpoint is {latest_checkpoint(run_dir)}; lower learning_rate or check the data")
+
+    def resume_clock(self) -> None:
+        """Training goes on: evaluating and saving took the time since the last read."""
+        self.clock_from = time.perf_counter()
+
+    def interval(self, step: int) -> tuple[int, float, float, float]:
+        """(steps, training seconds, mean loss, last grad norm) since the last log line, which `step` is now."""
+        losses, grad_norms = zip(*self.finite)
+        result = (step - self.logged_step, self.seconds, sum(losses) / len(losses), grad_norms[-1])  # the mean, as the HF Trainer logs
+        self.finite, self.logged_step, self.seconds = [], step, 0.0
+        return result
+
+
 @torch.no_grad()
 def evaluate(model, windows: TokenWindows, rows: np.ndarray, batch_size: int, device: str, autocast, job: Job) -> float:
     """Mean loss over windows[rows], split across ranks; every rank returns the same value.
@@ -207,77 +320,6 @@ def evaluate(model, windows: TokenWindows, rows: np.ndarray, batch_size: int, de
         dist.all_reduce(loss_sum)
     model.train()
     return loss_sum.item() / len(rows)
-
-
-def fsync(path: Path) -> None:
-    if os.name == "nt" and path.is_dir():
-        return  # Windows cannot open a directory; NTFS journals the rename itself
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def rng_state(device: str) -> dict:
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.startswith("cuda") else None}
-
-
-def restore_rng(rng_by_rank: list[dict], job: Job, device: str, seed: int, step: int) -> str | None:
-    """Continues this rank's random streams from a checkpoint; those it cannot continue (another
-    process count, or a checkpoint from another kind of device) start anew from (seed, step, rank).
-    Returns a note for the user when any did."""
-    fresh = int(np.random.SeedSequence([seed, step, job.rank]).generate_state(1)[0])
-    on_gpu = device.startswith("cuda")
-    if len(rng_by_rank) != job.world_size:  # dropout streams are per rank
-        torch.manual_seed(fresh)  # the CPU's and every GPU's
-        return f"saved by {len(rng_by_rank)} processes, this run has {job.world_size}: same data order, new dropout randomness" if rng_by_rank else None
-    saved = rng_by_rank[job.rank]
-    torch.set_rng_state(saved["cpu"])
-    if on_gpu and saved["cuda"] is None:
-        torch.cuda.manual_seed(fresh)
-        return "written on CPU: the GPU's dropout randomness starts anew"
-    if on_gpu:
-        torch.cuda.set_rng_state(saved["cuda"])
-    elif saved["cuda"] is not None:
-        return "written on a GPU: dropout on the CPU continues the CPU's random stream, not the GPU's"
-    return None
-
-
-def save_checkpoint(job: Job, run_dir: Path, step: int, model: GPT, optimizer, trainer_state: dict, cfg: TrainConfig) -> Path:
-    """Every rank hands its RNG state to rank 0, which writes the checkpoint; every rank returns once
-    it is complete on disk (or raises if it could not be written)."""
-    rng_by_rank = job.gather(rng_state(cfg.device))
-    state = {**trainer_state, "step": step, "rng": rng_by_rank}
-    return job.on_rank0(lambda: write_checkpoint(run_dir, step, model, optimizer, state, cfg), share=True)
-
-
-def write_checkpoint(run_dir: Path, step: int, model: GPT, optimizer, trainer_state: dict, cfg: TrainConfig) -> Path:
-    """Writes ckpt_<step> under a temp name, renamed once complete; keeps the newest keep_checkpoints."""
-    final = run_dir / f"ckpt_{step:07d}"
-    tmp = final.with_name(final.name + ".tmp")
-    for unfinished in run_dir.glob("ckpt_*.tmp"):  # left by a process killed mid-write
-        shutil.rmtree(unfinished)
-    try:
-        model.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(trainer_state, tmp / "trainer_state.pt")
-        (tmp / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-        for path in [*tmp.iterdir(), tmp]:  # on disk before the rename makes the checkpoint visible
-            fsync(path)
-    except (OSError, RuntimeError, SafetensorError) as e:  # a full or failing disk; each writer has its own error type
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest_checkpoint(run_dir)
-        raise UserError(
-            f"could not write {final} ({str(e).strip().splitlines()[0]}); free space in {run_dir} (or fix the disk), then --resume=auto "
-            + (f"continues from {previous.name}, which is intact" if previous else "starts the run again (no earlier checkpoint)")
-        ) from e
-    shutil.rmtree(final, ignore_errors=True)  # only when a run redoes a step it already saved
-    os.rename(tmp, final)
-    fsync(run_dir)
-    for _, old in sorted(checkpoints(run_dir).items())[: -cfg.keep_checkpoints]:
-        shutil.rmtree(old)
-    return final
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -309,23 +351,20 @@ def open_run(cfg: TrainConfig, run_dir: Path, start_step: int, wandb_run_id: str
 
 def main(argv: list[str]) -> None:
     cfg = configurator.parse_config(TrainConfig, argv)
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={cfg.device} but no GPU is visible; use --device=cpu")
-    if cfg.dtype not in ("bfloat16", "float32"):
-        raise UserError(f"dtype={cfg.dtype}: use bfloat16 (autocast) or float32; float16 would need loss scaling")
+    check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     job = Job(cfg.device, timedelta(minutes=cfg.dist_timeout_minutes))
-    clean = False
+    clean = stopped = False
     try:
         train(dataclasses.replace(cfg, device=job.device), job)
         clean = True
-    except SystemExit as stop:  # a stop signal: every rank stops after the same step, its checkpoint complete
-        clean = stop.code != 0
+    except SystemExit:  # a stop signal: every rank stops after the same step, its checkpoint complete
+        clean = stopped = True
         raise
     except BaseException as e:
         job.fail(e)
         raise
     finally:
-        job.close(clean)
+        job.close(clean, stopped)
 
 
 def train(cfg: TrainConfig, job: Job) -> None:
@@ -342,16 +381,15 @@ def train(cfg: TrainConfig, job: Job) -> None:
     val_rows = np.arange(len(val_windows))
     if cfg.eval_windows is not None and cfg.eval_windows < len(val_rows):
         val_rows = np.sort(np.random.default_rng(cfg.seed).choice(len(val_rows), cfg.eval_windows, replace=False))
-    global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * job.world_size
     data_order = None
     if not cfg.eval_only:
         train_windows = TokenWindows(cfg.data_dir, "train", cfg.block_size)
-        steps_per_epoch = len(train_windows) // global_batch
+        steps_per_epoch = len(train_windows) // cfg.batch_size
         if steps_per_epoch == 0:
-            raise UserError(f"{cfg.data_dir}: the train split has {len(train_windows)} windows of {cfg.block_size + 1} tokens, fewer than one global batch of {global_batch}; lower batch_size, gradient_accumulation_steps or block_size")
+            raise UserError(f"{cfg.data_dir}: the train split has {len(train_windows)} windows of {cfg.block_size + 1} tokens, fewer than one batch of {cfg.batch_size}; lower batch_size or block_size")
         max_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
         # What fixes the order of the batches: resuming with other values would skip or repeat data.
-        data_order = {"seed": cfg.seed, "global_batch": global_batch, "train_windows": len(train_windows)}
+        data_order = {"seed": cfg.seed, "global_batch": cfg.batch_size, "train_windows": len(train_windows)}
     resume_from = job.on_rank0(lambda: find_resume_checkpoint(cfg, run_dir, data_order), share=True)
     source = resume_from or (None if cfg.init_from == "scratch" else cfg.init_from)
     if cfg.eval_only and source is None:
@@ -360,6 +398,7 @@ def train(cfg: TrainConfig, job: Job) -> None:
     raw_model = build_model(cfg, source, val_windows.meta).to(cfg.device)
     # A loaded model keeps its shape: record it so the saved config tells the truth.
     cfg = dataclasses.replace(cfg, **{key: getattr(raw_model.config, key) for key in ("vocab_size", "n_layer", "n_head", "n_embd")})
+    micro_batch_size = choose_micro_batch(cfg, job, raw_model, autocast)
     # DDP first, then compile: dynamo splits the graph at DDP's gradient buckets, so their
     # all-reduces overlap the backward pass.
     model = DDP(raw_model, device_ids=[torch.cuda.current_device()] if on_gpu else None) if job.world_size > 1 else raw_model
@@ -370,12 +409,13 @@ def train(cfg: TrainConfig, job: Job) -> None:
         print(f"model: {raw_model.num_params():,} parameters, {'from ' + str(source) if source else 'new'}", flush=True)
 
     if cfg.eval_only:
-        val_loss = evaluate(raw_model, val_windows, val_rows, cfg.batch_size, cfg.device, autocast, job)
+        val_loss = evaluate(raw_model, val_windows, val_rows, micro_batch_size, cfg.device, autocast, job)
         if master:
             print(f"val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f} ({len(val_rows)} windows of {cfg.block_size} tokens)", flush=True)
         return
 
-    optimizer = raw_model.configure_optimizers(cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
+    # fused: its found_inf lets train_step skip a non-finite step on the device
+    optimizer = raw_model.configure_optimizers(cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, fused=True)
     scheduler = cosine_schedule(optimizer, max_steps, cfg.warmup_ratio)
     state = {"nonfinite_steps": 0, "wandb_run_id": None}
     start_step, rng_by_rank = 0, []
@@ -394,16 +434,17 @@ def train(cfg: TrainConfig, job: Job) -> None:
     wandb_run = job.on_rank0(lambda: open_run(cfg, run_dir, start_step, state["wandb_run_id"]))
     if master:
         state["wandb_run_id"] = wandb_run.id if wandb_run else None
+        micro_steps = cfg.batch_size // job.world_size // micro_batch_size
         print(
-            f"global batch {global_batch} sequences = {cfg.batch_size} per device x {cfg.gradient_accumulation_steps} accumulation x {job.world_size} processes, "
-            f"{global_batch * cfg.block_size:,} tokens; {steps_per_epoch:,} steps per epoch; steps {start_step} -> {max_steps}"
+            f"batch {cfg.batch_size} sequences of {cfg.block_size} tokens = {job.world_size} processes x {micro_steps} micro-steps x {micro_batch_size} sequences "
+            f"({'set' if cfg.micro_batch_size else 'the largest that fits'}); {steps_per_epoch:,} steps per epoch; steps {start_step} -> {max_steps}"
             + (f" (resumed from {resume_from})" if resume_from else ""),
             flush=True,
         )
     metrics_path = run_dir / "metrics.jsonl"
 
     def record(step: int, metrics: dict) -> None:
-        metrics = {"step": step, "tokens": step * global_batch * cfg.block_size, **metrics}
+        metrics = {"step": step, "tokens": step * cfg.batch_size * cfg.block_size, **metrics}
         with open(metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if wandb_run:
@@ -413,83 +454,50 @@ def train(cfg: TrainConfig, job: Job) -> None:
     # position embeddings are lookups, not matmuls.
     flops_per_token = 6 * (raw_model.num_params() - raw_model.transformer.wpe.weight.numel()) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
     peak_flops = next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in torch.cuda.get_device_name()), None) if on_gpu else None
-    interval_losses, interval_time, logged_step, nonfinite_in_a_row = [], 0.0, start_step, 0
+
+    def report(step: int, lr: float, steps_timed: int, seconds: float, train_loss: float, grad_norm: float) -> None:
+        tokens_per_s = steps_timed * cfg.batch_size * cfg.block_size / seconds
+        mfu = flops_per_token * tokens_per_s / job.world_size / peak_flops if peak_flops else None
+        eta = timedelta(seconds=round((max_steps - step) * seconds / steps_timed))
+        if master:
+            print(f"step {step}/{max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
+                  f"{tokens_per_s:,.0f} tok/s | MFU {f'{mfu:.1%}' if mfu else '-'} | ETA {eta}", flush=True)  # fmt: skip
+            record(step, {"loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu, "nonfinite_steps": steps.nonfinite_steps})
+
+    steps = StepLog(start_step, state["nonfinite_steps"])
     job.catch_stop_signals()
     try:
-        for step in range(start_step, max_steps):
-            step_start = time.time()
-            epoch, batch_in_epoch = divmod(step, steps_per_epoch)
-            rows = epoch_order(cfg.seed, epoch, len(train_windows))[batch_in_epoch * global_batch : (batch_in_epoch + 1) * global_batch]
-            # Rows as (micro-step, rank, batch_size): this rank's micro-step m takes rows[m, rank].
-            mine = rows.reshape(cfg.gradient_accumulation_steps, job.world_size, cfg.batch_size)[:, job.rank].ravel()
-            tokens = torch.from_numpy(train_windows.batch(mine)).to(cfg.device)
-            tokens = tokens.view(cfg.gradient_accumulation_steps, cfg.batch_size, cfg.block_size + 1)
+        feed = batches(train_windows, cfg, job, micro_batch_size, steps_per_epoch, start_step, max_steps)
+        for step, tokens in enumerate(feed, start=start_step + 1):  # step: the number of steps done once this one is
             lr = scheduler.get_last_lr()[0]
-            loss_sum = torch.zeros((), device=cfg.device)
-            for micro_step in range(cfg.gradient_accumulation_steps):
-                # Gradients are all-reduced once, in the backward of the last micro-step.
-                last = micro_step == cfg.gradient_accumulation_steps - 1
-                with model.no_sync() if job.world_size > 1 and not last else nullcontext():
-                    with autocast:
-                        _, loss = model(tokens[micro_step, :, :-1], tokens[micro_step, :, 1:])
-                    loss = loss / cfg.gradient_accumulation_steps  # the mean over the global batch
-                    loss.backward()
-                loss_sum += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)  # equal on all ranks after DDP
-            if job.world_size > 1:
-                dist.all_reduce(loss_sum)
-            loss, grad_norm = (loss_sum / job.world_size).item(), grad_norm.item()
-            step_done = step + 1
-            if math.isfinite(loss) and math.isfinite(grad_norm):
-                optimizer.step()
-                nonfinite_in_a_row = 0
-            else:
-                nonfinite_in_a_row += 1
-                state["nonfinite_steps"] += 1
-                if master:
-                    print(f"step {step_done}: non-finite loss {loss} or grad norm {grad_norm}; step skipped ({nonfinite_in_a_row} in a row)", flush=True)
-                    record(step_done, {"skipped": "non-finite loss", "nonfinite_steps": state["nonfinite_steps"]})
-                if nonfinite_in_a_row == NONFINITE_STEPS_BEFORE_STOP:
-                    last_good = latest_checkpoint(run_dir)
-                    raise FloatingPointError(f"loss was non-finite for {nonfinite_in_a_row} steps in a row (up to step {step_done}); the last checkpoint is {last_good}; lower learning_rate or check the data")
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            interval_time += time.time() - step_start
-            if nonfinite_in_a_row == 0:
-                interval_losses.append(loss)
-            last_step = step_done == max_steps
-
-            if (step_done % cfg.log_interval == 0 or last_step) and interval_losses:
-                steps_timed = step_done - logged_step
-                tokens_per_s = steps_timed * global_batch * cfg.block_size / interval_time
-                mfu = flops_per_token * tokens_per_s / job.world_size / peak_flops if peak_flops else None
-                eta = timedelta(seconds=round((max_steps - step_done) * interval_time / steps_timed))
-                train_loss = sum(interval_losses) / len(interval_losses)  # mean over the interval, as the HF Trainer logs
-                if master:
-                    print(
-                        f"step {step_done}/{max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
-                        f"{tokens_per_s:,.0f} tok/s | MFU {f'{mfu:.1%}' if mfu else '-'} | ETA {eta}",
-                        flush=True,
-                    )
-                    record(step_done, {"loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu, "nonfinite_steps": state["nonfinite_steps"]})
-                interval_losses, interval_time, logged_step = [], 0.0, step_done
-            if step_done % cfg.eval_interval == 0 or last_step:
-                val_loss = evaluate(raw_model, val_windows, val_rows, cfg.batch_size, cfg.device, autocast, job)
-                if master:
-                    print(f"step {step_done}: val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}", flush=True)
-                    record(step_done, {"val_loss": val_loss, "val_perplexity": math.exp(val_loss)})
+            steps.unread.append(train_step(model, raw_model, optimizer, scheduler, tokens, autocast, cfg.grad_clip, job))
+            last_step = step == max_steps
             stop_signal = job.stop_signal() if not last_step else 0  # the last step ends the run anyway
-            if step_done % cfg.checkpoint_interval == 0 or last_step or stop_signal:
-                trainer_state = {**state, "scheduler": scheduler.state_dict(), "data_order": data_order}
-                path = save_checkpoint(job, run_dir, step_done, raw_model, optimizer, trainer_state, cfg)
+            log = step % cfg.log_interval == 0 or last_step
+            evaluate_now = step % cfg.eval_interval == 0 or last_step
+            save = step % cfg.checkpoint_interval == 0 or last_step or stop_signal
+            if not (log or evaluate_now or save):
+                continue
+            steps.read(step, record, master, run_dir)
+            if log and steps.finite:
+                report(step, lr, *steps.interval(step))
+            if evaluate_now:
+                val_loss = evaluate(raw_model, val_windows, val_rows, micro_batch_size, cfg.device, autocast, job)
                 if master:
-                    print(f"step {step_done}: saved {path}", flush=True)
+                    print(f"step {step}: val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}", flush=True)
+                    record(step, {"val_loss": val_loss, "val_perplexity": math.exp(val_loss)})
+            if save:
+                trainer_state = {"nonfinite_steps": steps.nonfinite_steps, "wandb_run_id": state["wandb_run_id"], "scheduler": scheduler.state_dict(), "data_order": data_order}
+                path = save_checkpoint(job, run_dir, step, raw_model, optimizer, trainer_state, cfg)
+                if master:
+                    print(f"step {step}: saved {path}", flush=True)
             if last_step:
                 job.on_rank0(lambda: print(f"loss curves: {plot_run(run_dir)}", flush=True))
             if stop_signal:
                 if master:
-                    print(f"stopped by signal {stop_signal} at step {step_done}; continue with --resume=auto", flush=True)
+                    print(f"stopped by signal {stop_signal} at step {step}; continue with --resume=auto", flush=True)
                 raise SystemExit(128 + stop_signal)
+            steps.resume_clock()
         if start_step == max_steps and master:
             print(f"{run_dir} already finished its {max_steps} steps", flush=True)
     finally:

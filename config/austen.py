@@ -18,7 +18,6 @@ dropout = 0.0  # two passes over the data: nothing to overfit yet
 
 # 8 sequences of 256 tokens per step, two epochs
 batch_size = 8
-gradient_accumulation_steps = 1
 epochs = 2
 
 learning_rate = 2e-3  # a small model takes a larger step than GPT-2 small's 2.5e-4

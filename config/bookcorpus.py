@@ -1,11 +1,10 @@
 # The recipe: GPT-2 small (GPT2Config() defaults, 124M parameters) from scratch on BookCorpus,
 # one epoch, as the HF Trainer ran it. Prepare the data once with `python prepare.py`, then
 #   torchrun --standalone --nproc_per_node=8 train.py config/bookcorpus.py
-# Global batch: 8 sequences of 1024 tokens per GPU x 8 GPUs = 64 sequences (65,536 tokens).
-# batch_size and gradient_accumulation_steps are per device (as in the HF Trainer), so on fewer
-# GPUs keep 64 with gradient_accumulation_steps = 8 / GPUs: the same batches in the same order,
-# the same schedule, the same result up to floating-point summation order. One GPU:
-#   python train.py config/bookcorpus.py --gradient_accumulation_steps=8
+# 64 sequences of 1024 tokens (65,536 tokens) per optimizer step, as the recipe's 8 GPUs x 8 per
+# GPU, on any number of GPUs: each runs the largest micro-batch that fits and accumulates the rest,
+# so 1 GPU trains on the same batches in the same order with the same schedule as 8:
+#   python train.py config/bookcorpus.py
 
 run_name = "bookcorpus"
 data_dir = "data/bookcorpus"
@@ -19,8 +18,7 @@ n_embd = 768
 dropout = 0.1
 
 # batch and length
-batch_size = 8
-gradient_accumulation_steps = 1
+batch_size = 64  # sequences per optimizer step over all GPUs; micro_batch_size: the largest that fits
 epochs = 1
 
 # AdamW (no weight decay on biases and LayerNorm), 5% linear warmup, cosine to 0, clip 1.0

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.argv[0] = str(ROOT / "train.py")  # errors read "train.py: error: ...", as users see them
 
+import checkpoint  # noqa: E402
 import configurator  # noqa: E402
 import shards  # noqa: E402
 import train  # noqa: E402
@@ -35,19 +36,19 @@ def slow_batches():
 def slow_checkpoints():
     """Rank 0 takes 3 s to write a checkpoint, as GPT-2 124M's 1.5 GB take on a real disk: a signal
     sent again a second after the first lands mid-save."""
-    write = train.write_checkpoint
+    write = checkpoint.write_checkpoint
 
     def slow_write(*args, **kwargs):
         time.sleep(3)
         return write(*args, **kwargs)
 
-    train.write_checkpoint = slow_write
+    checkpoint.write_checkpoint = slow_write
 
 
 def disk_full_at_second_checkpoint():
     """Rank 0's disk fills up as it starts its second checkpoint: the real writers then fail (EFBIG,
     as they would with ENOSPC) partway through."""
-    write, calls = train.write_checkpoint, []
+    write, calls = checkpoint.write_checkpoint, []
 
     def write_to_full_disk(*args, **kwargs):
         calls.append(1)
@@ -57,12 +58,12 @@ def disk_full_at_second_checkpoint():
         return write(*args, **kwargs)
 
     if RANK == 0:
-        train.write_checkpoint = write_to_full_disk
+        checkpoint.write_checkpoint = write_to_full_disk
 
 
 def stale_listing():
     """Rank 1 lists the run directory as a stale network-filesystem cache would: without its newest checkpoint."""
-    listing = train.checkpoints
+    listing = checkpoint.checkpoints
 
     def stale(run_dir):
         found = listing(run_dir)
@@ -71,7 +72,23 @@ def stale_listing():
         return found
 
     if RANK == 1:
-        train.checkpoints = stale
+        checkpoint.checkpoints = stale
+
+
+def nan_loss_on_rank1_at_step_3():
+    """Rank 1 alone gets a non-finite loss (and gradients) at step 3: rank 0 must skip the step too."""
+    forward, calls = train.GPT.forward, []
+
+    def poisoned(self, idx, targets=None, **kwargs):
+        logits, loss = forward(self, idx, targets, **kwargs)
+        if self.training:
+            calls.append(1)
+            if len(calls) == 3:
+                loss = loss * float("nan")
+        return logits, loss
+
+    if RANK == 1:
+        train.GPT.forward = poisoned
 
 
 def rank1_fails_while_rank0_hangs():
@@ -86,7 +103,7 @@ def rank1_fails_while_rank0_hangs():
     train.evaluate = evaluate
 
 
-FAULTS = {fault.__name__: fault for fault in (slow_batches, slow_checkpoints, disk_full_at_second_checkpoint, stale_listing, rank1_fails_while_rank0_hangs)}
+FAULTS = {fault.__name__: fault for fault in (slow_batches, slow_checkpoints, disk_full_at_second_checkpoint, stale_listing, nan_loss_on_rank1_at_step_3, rank1_fails_while_rank0_hangs)}
 
 if __name__ == "__main__":
     for name in os.environ["FAULT"].split(","):

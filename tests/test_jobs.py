@@ -14,9 +14,10 @@ import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import TINY, assert_same_training, metrics, weights
 
 import train
-from test_train import TINY, assert_same_training, metrics, weights
+from checkpoint import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 FAULTY_TRAIN = ROOT / "tests" / "faulty_train.py"
@@ -81,7 +82,7 @@ def assert_complete_stop_checkpoint(out, step: int) -> Path:
     """The stop step's checkpoint is there and whole; no unfinished write is left."""
     run = Path(out) / "run"
     assert not list(run.glob("*.tmp")), list(run.glob("*.tmp"))
-    checkpoint = train.latest_checkpoint(run)
+    checkpoint = latest_checkpoint(run)
     assert checkpoint.name == f"ckpt_{step:07d}"
     assert torch.load(checkpoint / "trainer_state.pt", weights_only=True)["step"] == step
     assert torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"]
@@ -99,7 +100,7 @@ def uninterrupted(data, tmp_path_factory):
     """Two processes, 40 steps without a stop (checkpoints at 20 and 40): what every stopped and
     resumed job must end with."""
     out = tmp_path_factory.mktemp("uninterrupted")
-    run_job(data, out, "--batch_size=2", *STOP_TEST_STEPS, "--checkpoint_interval=20")
+    run_job(data, out, "--batch_size=4", *STOP_TEST_STEPS, "--checkpoint_interval=20")
     return out
 
 
@@ -121,7 +122,7 @@ def send(processes, signum):
 def test_a_stop_saves_the_stop_step_and_resumes_bit_for_bit(data, uninterrupted, tmp_path, how):
     # Batches take 50 ms and rank 0's checkpoint 3 s, so the signals land mid-run and the second copy
     # mid-save: a rank that left early, or a handler spent by the first copy, loses the save.
-    job = torchrun(data, tmp_path, "--batch_size=2", *STOP_TEST_STEPS, fault="slow_batches,slow_checkpoints")
+    job = torchrun(data, tmp_path, "--batch_size=4", *STOP_TEST_STEPS, fault="slow_batches,slow_checkpoints")
     ranks = workers(job)
     wait_for_step(tmp_path, 3, job)
     signum = signal.SIGINT if "SIGINT" in how else signal.SIGTERM
@@ -141,14 +142,14 @@ def test_a_stop_saves_the_stop_step_and_resumes_bit_for_bit(data, uninterrupted,
     assert 3 <= step < 40
     assert_complete_stop_checkpoint(tmp_path, step)
 
-    run_job(data, tmp_path, "--batch_size=2", *STOP_TEST_STEPS, "--resume=auto")
+    run_job(data, tmp_path, "--batch_size=4", *STOP_TEST_STEPS, "--resume=auto")
     assert_same_weights(tmp_path, uninterrupted)
 
 
 def test_sigterm_to_every_process_saves_gpt2_124m(data, tmp_path):
     """GPT-2 124M on CPU: steps take seconds and the checkpoint (~1.4 GB) seconds more to write."""
     gpt2 = ["--block_size=16", "--n_layer=12", "--n_head=12", "--n_embd=768", "--device=cpu", "--compile=False"]
-    job = torchrun(data, tmp_path, "--batch_size=1", *STOP_TEST_STEPS, model=gpt2)
+    job = torchrun(data, tmp_path, "--batch_size=2", *STOP_TEST_STEPS, model=gpt2)
     ranks = workers(job)
     wait_for_step(tmp_path, 1, job, timeout=300)
     send([psutil.Process(job.pid), *ranks], signal.SIGTERM)
@@ -158,24 +159,31 @@ def test_sigterm_to_every_process_saves_gpt2_124m(data, tmp_path):
     assert len(load_file(checkpoint / "model.safetensors")) == 148  # every tensor of GPT-2 small (HF names, lm_head tied)
 
 
-def test_a_failed_checkpoint_write_ends_the_job_and_the_previous_one_resumes(data, tmp_path):
+def test_a_failed_checkpoint_write_ends_the_job_and_the_previous_one_resumes(data, tmp_path, capsys):
     started = time.time()
-    job = torchrun(data, tmp_path, "--batch_size=2", "--max_steps=8", "--checkpoint_interval=2", fault="disk_full_at_second_checkpoint")
+    job = torchrun(data, tmp_path, "--batch_size=4", "--max_steps=8", "--checkpoint_interval=2", fault="disk_full_at_second_checkpoint")
     returncode, stdout, stderr = finish(job)
     assert returncode != 0 and time.time() - started < 60  # not the process-group timeout
     assert "train.py: error: could not write" in stderr and "ckpt_0000002, which is intact" in stderr, stderr[-3000:]
     assert "rank 1 stops: rank 0 failed" in stderr
     run = tmp_path / "run"
     assert [p.name for p in run.iterdir() if p.name.startswith("ckpt")] == ["ckpt_0000002"]  # nothing half-written
-    assert "resumed from" in run_job(data, tmp_path, "--batch_size=2", "--max_steps=8", "--checkpoint_interval=2", "--resume=auto")
-    assert train.latest_checkpoint(run).name == "ckpt_0000008"
+    train.main([f"--data_dir={data}", f"--out_dir={tmp_path}", *TINY, *JOB, "--batch_size=4", "--max_steps=8", "--checkpoint_interval=2", "--resume=auto"])
+    assert "resumed from" in capsys.readouterr().out and latest_checkpoint(run).name == "ckpt_0000008"
+
+
+def test_a_step_nonfinite_on_one_rank_is_skipped_by_every_rank(data, tmp_path):
+    run_job(data, tmp_path, "--batch_size=4", "--max_steps=5", "--log_interval=5", fault="nan_loss_on_rank1_at_step_3")
+    records = metrics(tmp_path)  # rank 0's, whose own loss was finite
+    assert [m["step"] for m in records if "skipped" in m] == [3] and records[-2]["nonfinite_steps"] == 1
+    assert all(torch.isfinite(t).all() for t in weights(latest_checkpoint(tmp_path / "run")).values())
 
 
 def test_ranks_with_different_listings_resume_the_same_checkpoint(data, uninterrupted, tmp_path):
     shutil.copytree(uninterrupted / "run", tmp_path / "run")
     shutil.rmtree(tmp_path / "run" / "ckpt_0000040")  # as if the job had died after step 20
     # Rank 1's listing misses ckpt_20 too (it would start anew): it must continue from rank 0's choice.
-    stdout = run_job(data, tmp_path, "--batch_size=2", *STOP_TEST_STEPS, "--resume=auto", fault="stale_listing")
+    stdout = run_job(data, tmp_path, "--batch_size=4", *STOP_TEST_STEPS, "--resume=auto", fault="stale_listing")
     assert "resumed from" in stdout and "ckpt_0000020" in stdout
     assert_same_weights(tmp_path, uninterrupted)
 
@@ -190,11 +198,11 @@ def test_two_nodes_train_as_one_process_with_the_same_global_batch(make_token_da
     small = make_token_data()  # test_train's data and reference run: 1 process, batch 8, 4 steps
     reference = tmp_path_factory.mktemp("reference")
     train.main([f"--data_dir={small}", f"--out_dir={reference}", "--run_name=run", *TINY, "--batch_size=8", "--max_steps=4", "--eval_interval=2"])
-    # 2 nodes x 1 process x 2 sequences x 2 micro-steps: the same 8 sequences per step
-    results = [finish(node) for node in two_nodes(small, tmp_path, "--batch_size=2", "--gradient_accumulation_steps=2", "--max_steps=4", "--eval_interval=2")]
+    # 2 nodes x 1 process x 2 micro-steps x 2 sequences: the same 8 sequences per step
+    results = [finish(node) for node in two_nodes(small, tmp_path, "--batch_size=8", "--micro_batch_size=2", "--max_steps=4", "--eval_interval=2")]
     assert all(returncode == 0 for returncode, _, _ in results), results
     stdout = "".join(out for _, out, _ in results)
-    assert "x 2 processes" in stdout and stdout.count("global batch") == 1  # rank 0 alone prints
+    assert "= 2 processes x 2 micro-steps x 2 sequences" in stdout and stdout.count("sequences of 16 tokens") == 1  # rank 0 alone prints
     assert_same_training(tmp_path, reference)
     # Val loss is averaged over both ranks' halves of the val split.
     val = lambda out: [m["val_loss"] for m in metrics(out) if "val_loss" in m]  # noqa: E731
@@ -203,7 +211,7 @@ def test_two_nodes_train_as_one_process_with_the_same_global_batch(make_token_da
 
 def test_a_failure_on_one_node_ends_the_other_within_seconds(data, tmp_path):
     started = time.time()
-    results = [finish(node) for node in two_nodes(data, tmp_path, "--batch_size=2", "--max_steps=8", "--eval_interval=2", fault="rank1_fails_while_rank0_hangs")]
+    results = [finish(node) for node in two_nodes(data, tmp_path, "--batch_size=4", "--max_steps=8", "--eval_interval=2", fault="rank1_fails_while_rank0_hangs")]
     assert time.time() - started < 90  # rank 0 would otherwise wait out its 600 s
     assert all(returncode != 0 for returncode, _, _ in results)
     stderr = "".join(err for _, _, err in results)
@@ -230,7 +238,7 @@ def test_slurm_script_saves_before_the_time_limit_requeues_and_resumes(make_toke
         (fake / name).write_text(f"#!/bin/bash\n{body}\n")
         (fake / name).chmod(0o755)
     out = tmp_path / "out"
-    train_args = [f"--data_dir={make_token_data(train_tokens=20_000)}", f"--out_dir={out}", *TINY, *JOB, "--batch_size=2", *STOP_TEST_STEPS]
+    train_args = [f"--data_dir={make_token_data(train_tokens=20_000)}", f"--out_dir={out}", *TINY, *JOB, "--batch_size=4", *STOP_TEST_STEPS]
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "FAKE_SLURM": str(fake), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
            "FAULTY_TRAIN": str(FAULTY_TRAIN), "FAULT": "slow_batches",
            "SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "localhost",
@@ -245,4 +253,4 @@ def test_slurm_script_saves_before_the_time_limit_requeues_and_resumes(make_toke
     returncode, stdout, stderr = finish(subprocess.Popen(["bash", "slurm.sbatch"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     assert returncode == 0 and "resumed from" in stdout, stderr[-3000:]
     assert (fake / "requeued").read_text() == "7\n"  # a finished run is not requeued
-    assert train.latest_checkpoint(out / "run").name == "ckpt_0000040"
+    assert latest_checkpoint(out / "run").name == "ckpt_0000040"

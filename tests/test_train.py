@@ -3,19 +3,23 @@ schedule, HF interchange, config errors, preemption, wandb offline and non-finit
 
 import json
 import math
+import queue
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import configurator
 import train
+from checkpoint import CHECKPOINT_PATTERN, latest_checkpoint
 from model import GPT
 from shards import TokenWindows
 
@@ -59,14 +63,14 @@ def assert_same_training(out, ref, rtol=1e-5, atol=1e-5):
     ignores a shift shared by all keys) and Adam scales noise up to ~1e-6; a real difference is ~lr."""
     assert len(losses(out)) == len(losses(ref)) == 4
     assert losses(out) == pytest.approx(losses(ref), rel=rtol)
-    ours, theirs = weights(train.latest_checkpoint(Path(out) / "run")), weights(train.latest_checkpoint(Path(ref) / "run"))
+    ours, theirs = weights(latest_checkpoint(Path(out) / "run")), weights(latest_checkpoint(Path(ref) / "run"))
     for name in theirs:
         assert torch.allclose(ours[name], theirs[name], rtol=rtol, atol=atol), name
 
 
 def test_resume_is_bitwise_identical(data, tmp_path, capsys):
     # dropout on: a resumed run must also continue every RNG stream exactly.
-    extra = ["--dropout=0.1", "--batch_size=2", "--gradient_accumulation_steps=2", "--max_steps=6", "--checkpoint_interval=3", "--eval_interval=3"]
+    extra = ["--dropout=0.1", "--batch_size=4", "--micro_batch_size=2", "--max_steps=6", "--checkpoint_interval=3", "--eval_interval=3"]
     train.main(args(data, tmp_path, *extra))
     run = tmp_path / "run"
     uninterrupted = metrics(tmp_path)
@@ -89,7 +93,7 @@ def test_resume_is_bitwise_identical(data, tmp_path, capsys):
 
 
 def test_gradient_accumulation_matches_one_big_batch(data, reference, tmp_path):
-    train.main(args(data, tmp_path, "--batch_size=2", "--gradient_accumulation_steps=4", "--max_steps=4", "--eval_interval=2"))
+    train.main(args(data, tmp_path, "--batch_size=8", "--micro_batch_size=2", "--max_steps=4", "--eval_interval=2"))
     assert_same_training(tmp_path, reference)
 
 
@@ -113,7 +117,7 @@ def test_schedule_matches_transformers(max_steps, warmup_ratio, tmp_path):
 def test_checkpoint_loads_in_transformers_with_the_logged_val_loss(data, reference, capsys):
     from transformers import GPT2LMHeadModel
 
-    checkpoint = train.latest_checkpoint(reference / "run")
+    checkpoint = latest_checkpoint(reference / "run")
     hf = GPT2LMHeadModel.from_pretrained(checkpoint).eval()
     ours = GPT.from_pretrained(checkpoint).eval()
     val = TokenWindows(data, "val", 16)
@@ -137,7 +141,14 @@ def test_checkpoint_loads_in_transformers_with_the_logged_val_loss(data, referen
         ("--batch_size=eight", "expected int"),
         ("--block_size=700", "fewer than block_size"),  # the val split has 600 tokens
         ("--vocab_size=32", "vocabulary of 64 tokens .* set vocab_size=64"),
-        ("--batch_size=300", "fewer than one global batch"),
+        ("--batch_size=300", "fewer than one batch"),
+        ("--batch_size=0", "batch_size=0: must be positive"),
+        ("--micro_batch_size=3", "micro_batch_size=3 does not divide the 64 sequences"),
+        ("--eval_interval=0", "eval_interval=0: must be positive"),
+        ("--log_interval=0", "log_interval=0: must be positive"),
+        ("--checkpoint_interval=-1", "checkpoint_interval=-1: must be positive"),
+        ("--keep_checkpoints=0", "keep_checkpoints=0: must be positive .keep_checkpoints=1 keeps the newest only"),
+        ("--dropout=1.5", r"dropout=1.5: must be in \[0, 1\)"),
         ("--resume=/nonexistent", "no trainer_state.pt"),
         ("--eval_only", "eval_only needs weights"),
         ("--dtype=float16", "use bfloat16 .* or float32"),
@@ -168,11 +179,11 @@ def test_sigterm_saves_a_checkpoint_that_resumes(data, tmp_path):
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert "stopped by signal 15" in stdout
-    stopped_at = int(train.CHECKPOINT_PATTERN.fullmatch(train.latest_checkpoint(tmp_path / "run").name).group(1))
+    stopped_at = int(CHECKPOINT_PATTERN.fullmatch(latest_checkpoint(tmp_path / "run").name).group(1))
     assert stopped_at >= 3 and metrics(tmp_path)[-1]["step"] == stopped_at
     train.main(args(data, tmp_path, "--resume=auto", f"--max_steps={stopped_at + 2}"))
     assert [m["step"] for m in metrics(tmp_path)[-3:]] == [stopped_at + 1, stopped_at + 2, stopped_at + 2]  # 2 steps, final eval
-    assert train.latest_checkpoint(tmp_path / "run").name == f"ckpt_{stopped_at + 2:07d}"
+    assert latest_checkpoint(tmp_path / "run").name == f"ckpt_{stopped_at + 2:07d}"
 
 
 def test_wandb_offline_run_writes_its_files(data, tmp_path, monkeypatch):
@@ -180,7 +191,7 @@ def test_wandb_offline_run_writes_its_files(data, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     train.main(args(data, tmp_path, "--wandb_log=True", "--max_steps=2"))
-    run_id = torch.load(train.latest_checkpoint(tmp_path / "run") / "trainer_state.pt", weights_only=True)["wandb_run_id"]
+    run_id = torch.load(latest_checkpoint(tmp_path / "run") / "trainer_state.pt", weights_only=True)["wandb_run_id"]
     (run_file,) = tmp_path.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")
     assert run_file.stat().st_size > 0
 
@@ -210,12 +221,16 @@ def poison_training_losses(monkeypatch, steps):
 
 
 def test_a_nonfinite_loss_skips_the_step(data, tmp_path, monkeypatch):
+    # The skip happens on the device; step 3 is read back, reported and recorded at the log step 4.
     poison_training_losses(monkeypatch, {3})
-    train.main(args(data, tmp_path, "--max_steps=5", "--checkpoint_interval=2"))
+    train.main(args(data, tmp_path, "--max_steps=5", "--checkpoint_interval=2", "--log_interval=4"))
     records = metrics(tmp_path)
     assert [m["step"] for m in records if "skipped" in m] == [3]
-    assert 3 not in [m["step"] for m in records if "loss" in m] and records[-2]["nonfinite_steps"] == 1
-    assert all(torch.isfinite(t).all() for t in weights(train.latest_checkpoint(tmp_path / "run")).values())
+    assert [m["step"] for m in records if "loss" in m] == [4, 5] and records[-2]["nonfinite_steps"] == 1
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    assert all(torch.isfinite(t).all() for t in weights(checkpoint).values())
+    steps = {int(state["step"]) for state in torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"].values()}
+    assert steps == {4}  # AdamW took 4 of the 5 steps: the bias correction did not count the skipped one
 
 
 def test_nonfinite_losses_in_a_row_stop_the_run(data, tmp_path, monkeypatch):
@@ -224,6 +239,62 @@ def test_nonfinite_losses_in_a_row_stop_the_run(data, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="^train.py: error: loss was non-finite for 5 steps in a row .* the last checkpoint is .*ckpt_0000006"):
         configurator.run(train.main)
     run = tmp_path / "run"
-    assert train.latest_checkpoint(run).name == "ckpt_0000006"  # steps 3..7 skipped, no save at 7
-    good, last = weights(run / "ckpt_0000002"), weights(train.latest_checkpoint(run))
+    assert latest_checkpoint(run).name == "ckpt_0000006"  # steps 3..7 skipped, no save at 7
+    good, last = weights(run / "ckpt_0000002"), weights(latest_checkpoint(run))
     assert all(torch.equal(good[name], last[name]) for name in good)  # skipped steps changed nothing
+
+
+@pytest.mark.parametrize("batch_size,steps_per_epoch", [(64, 3), (12, 5)])
+def test_global_batches_do_not_depend_on_the_split(batch_size, steps_per_epoch):
+    windows = batch_size * steps_per_epoch + 7  # the tail of an epoch is left out
+    for step in range(2 * steps_per_epoch):  # across an epoch boundary
+        rows = train.global_batch_rows(42, step, steps_per_epoch, windows, batch_size)
+        assert len(rows) == batch_size and len(set(rows)) == batch_size
+        for world_size in (1, 2, 4):
+            for micro in (m for m in range(1, batch_size // world_size + 1) if batch_size // world_size % m == 0):
+                shares = [train.rank_rows(rows, world_size, rank, micro) for rank in range(world_size)]
+                assert all(share.shape == (batch_size // world_size // micro, micro) for share in shares)
+                assert sorted(np.concatenate(shares, axis=None)) == sorted(rows)
+    first_epoch = np.concatenate([train.global_batch_rows(42, s, steps_per_epoch, windows, batch_size) for s in range(steps_per_epoch)])
+    assert len(set(first_epoch)) == len(first_epoch)  # an epoch visits each window at most once
+
+
+def test_the_automatic_micro_batch_is_the_largest_divisor_that_fits():
+    assert train.largest_micro_batch(64, fixed_bytes=10, bytes_per_sequence=1, budget_bytes=1000) == 64
+    assert train.largest_micro_batch(64, fixed_bytes=10, bytes_per_sequence=1, budget_bytes=50) == 32  # 40 fits, is no divisor
+    assert train.largest_micro_batch(8, fixed_bytes=10, bytes_per_sequence=4, budget_bytes=25) == 2
+    assert train.largest_micro_batch(8, fixed_bytes=100, bytes_per_sequence=4, budget_bytes=25) == 1  # nothing fits: try 1
+
+
+def test_training_steps_read_nothing_back_from_the_device(data, tmp_path, monkeypatch):
+    """A host read per step would make the CPU wait for the GPU every step: only log, eval and
+    checkpoint steps may read (on CPU there is nothing to wait for, so count the reads instead)."""
+    reads, step = [], train.train_step
+    for method in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method, lambda self, *a, _original=original, _name=method: reads.append(_name) or _original(self, *a))
+
+    def counted_step(*args, **kwargs):
+        before = len(reads)
+        result = step(*args, **kwargs)
+        assert len(reads) == before, f"train_step read {reads[before:]} back"
+        return result
+
+    monkeypatch.setattr(train, "train_step", counted_step)
+    train.main(args(data, tmp_path, "--max_steps=6", "--log_interval=3", "--eval_interval=1000", "--checkpoint_interval=1000"))
+    assert [m["step"] for m in metrics(tmp_path) if "loss" in m] == [3, 6]
+    assert reads.count("tolist") == 2  # one read of the steps per log line
+
+
+def test_batches_are_read_ahead_while_a_step_runs(data, monkeypatch):
+    windows = TokenWindows(data, "train", 16)
+    cfg = train.TrainConfig(data_dir=str(data), block_size=16, batch_size=4, device="cpu")
+    rows = [list(train.global_batch_rows(42, step, 10, len(windows), 4)) for step in (3, 4, 5)]
+    expected = [torch.from_numpy(windows.batch(r)).view(2, 2, 17) for r in rows]  # one process, micro-batches of 2
+    requested = queue.Queue()
+    batch = TokenWindows.batch
+    monkeypatch.setattr(TokenWindows, "batch", lambda self, indices: requested.put(list(indices)) or batch(self, indices))
+    feed = train.batches(windows, cfg, train.Job("cpu", timedelta(minutes=1)), micro_batch_size=2, steps_per_epoch=10, start_step=3, max_steps=6)
+    assert torch.equal(next(feed), expected[0])
+    assert [requested.get(timeout=30) for _ in range(2)] == rows[:2]  # step 4 is read before the consumer asks for it
+    assert all(torch.equal(tokens, e) for tokens, e in zip(feed, expected[1:], strict=True))
