@@ -283,7 +283,7 @@ def main(argv):
     names = cfg.sections.split(",")
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
-        raise ValueError(f"unknown section(s) {unknown}; choose from {','.join(SECTIONS)}")
+        raise configurator.UserError(f"unknown section(s) {unknown}; choose from {','.join(SECTIONS)}")
     rows = []
     print(f"machine: {machine_name(cfg.device)}; torch {torch.__version__}")
     print(f"{'what':<48} {'unit':<10} {'ours':>12} {'reference':>12} {'ratio':>7}")

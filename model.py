@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from configurator import UserError
+
 IGNORE_INDEX = -100  # targets equal to this add nothing to the loss, as in HF
 # Our Linear layers that are Conv1D in HF: their weights are stored transposed there.
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -92,7 +94,7 @@ class GPTConfig:
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; pick a multiple")
+            raise UserError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; pick a multiple")
 
 
 class Linear(nn.Linear):
@@ -227,7 +229,7 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than the context ({self.config.block_size}); crop it to block_size")
+            raise UserError(f"sequence of {T} tokens is longer than the context ({self.config.block_size}); crop it to block_size")
         if input_pos is None:  # the whole sequence at once, causal attention within it
             pos, mask = torch.arange(T, device=idx.device), None
         else:
@@ -340,12 +342,12 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         if T + max_new_tokens > self.config.block_size:
-            raise ValueError(
+            raise UserError(
                 f"{T} prompt tokens + {max_new_tokens} new tokens exceed the context of {self.config.block_size}; "
                 "shorten the prompt or generate fewer tokens"
             )
         if do_sample and not temperature > 0:
-            raise ValueError(f"temperature={temperature} must be > 0 when sampling; for greedy decoding use do_sample=False")
+            raise UserError(f"temperature={temperature} must be > 0 when sampling; for greedy decoding use do_sample=False")
         self.setup_kv_cache(B, T + max_new_tokens)
         logits, _ = self(idx, input_pos=torch.arange(T, device=idx.device))  # prefill: (B, 1, vocab_size)
         logits = logits[:, -1].float()
@@ -393,7 +395,7 @@ class GPT(nn.Module):
             directory = _download(str(path_or_name))
         config_path = directory / "config.json"
         if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path} not found; expected an HF GPT-2 checkpoint directory (config.json + model.safetensors)")
+            raise UserError(f"{config_path} not found; expected an HF GPT-2 checkpoint directory (config.json + model.safetensors)")
         config = config_from_hf(json.loads(config_path.read_text()))
         if dropout is not None:
             config.dropout = dropout
@@ -412,16 +414,16 @@ class GPT(nn.Module):
             if name.endswith((".attn.bias", ".attn.masked_bias")):
                 continue  # old HF versions saved the causal mask as a buffer
             if name not in ours:
-                raise ValueError(f"checkpoint has unexpected tensor '{name}'; is it a GPT-2 checkpoint?")
+                raise UserError(f"checkpoint has unexpected tensor '{name}'; is it a GPT-2 checkpoint?")
             if name.endswith(CONV1D_SUFFIXES):
                 tensor = tensor.t()
             if tensor.shape != ours[name].shape:
-                raise ValueError(f"checkpoint tensor '{name}' has shape {tuple(tensor.shape)}, the config expects {tuple(ours[name].shape)}")
+                raise UserError(f"checkpoint tensor '{name}' has shape {tuple(tensor.shape)}, the config expects {tuple(ours[name].shape)}")
             loaded[name] = tensor
         loaded.setdefault("lm_head.weight", loaded.get("transformer.wte.weight"))
         missing = [n for n in ours if n not in loaded or loaded[n] is None]
         if missing:
-            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. '{missing[0]}'; it is incomplete or not GPT-2")
+            raise UserError(f"checkpoint is missing {len(missing)} tensors, e.g. '{missing[0]}'; it is incomplete or not GPT-2")
         self.load_state_dict(loaded)
 
 
@@ -482,7 +484,7 @@ def hf_config(config: GPTConfig) -> dict:
 def config_from_hf(hf: dict) -> GPTConfig:
     """Reads an HF GPT-2 config.json; refuses variants this model does not implement."""
     if hf.get("model_type") != "gpt2":
-        raise ValueError(f"config.json has model_type {hf.get('model_type')!r}; only HF GPT-2 checkpoints (model_type 'gpt2') load")
+        raise UserError(f"config.json has model_type {hf.get('model_type')!r}; only HF GPT-2 checkpoints (model_type 'gpt2') load")
     unsupported = {
         "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
         "scale_attn_weights": (True,),
@@ -491,12 +493,12 @@ def config_from_hf(hf: dict) -> GPTConfig:
     }
     for key, allowed in unsupported.items():
         if key in hf and hf[key] not in allowed:
-            raise ValueError(f"config.json sets {key}={hf[key]!r}; this model supports only {allowed[0]!r}")
+            raise UserError(f"config.json sets {key}={hf[key]!r}; this model supports only {allowed[0]!r}")
     if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
-        raise ValueError(f"config.json sets n_inner={hf['n_inner']}; this model uses 4 * n_embd = {4 * hf['n_embd']}")
+        raise UserError(f"config.json sets n_inner={hf['n_inner']}; this model uses 4 * n_embd = {4 * hf['n_embd']}")
     dropouts = {hf.get(k, 0.1) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
     if len(dropouts) > 1:
-        raise ValueError(f"config.json has different dropouts {sorted(dropouts)}; this model uses one rate for all three")
+        raise UserError(f"config.json has different dropouts {sorted(dropouts)}; this model uses one rate for all three")
     return GPTConfig(
         block_size=hf["n_positions"],
         vocab_size=hf["vocab_size"],
@@ -516,7 +518,7 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
         return load_file(directory / "model.safetensors")
     if (directory / "pytorch_model.bin").is_file():
         return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{directory} has no model.safetensors or pytorch_model.bin; is it an HF GPT-2 checkpoint?")
+    raise UserError(f"{directory} has no model.safetensors or pytorch_model.bin; is it an HF GPT-2 checkpoint?")
 
 
 def _download(name: str) -> Path:
@@ -526,4 +528,4 @@ def _download(name: str) -> Path:
     try:
         return Path(snapshot_download(name, allow_patterns=["config.json", "model.safetensors"]))
     except Exception as e:  # the Hub client raises many types (connection, auth, not found)
-        raise OSError(f"'{name}' is not a local directory and could not be fetched from the Hugging Face Hub ({type(e).__name__}); pass a local checkpoint directory") from None
+        raise UserError(f"'{name}' is not a local directory and could not be fetched from the Hugging Face Hub ({type(e).__name__}); pass a local checkpoint directory") from None

@@ -47,6 +47,7 @@ import numpy as np
 from tqdm import tqdm
 
 import configurator
+from configurator import UserError
 from shards import ShardWriter, atomic_write_bytes, read_shard
 from tokenizer import EOT_ID, RANKS_SHA256, VOCAB_SIZE, get_tokenizer
 
@@ -124,9 +125,9 @@ def check_hub(repo: str, revision: str | None) -> None:
     try:
         HfApi().dataset_info(repo, revision=revision, timeout=10)
     except HfHubHTTPError as e:  # the Hub answered: no such dataset or revision, gated, ...
-        raise ValueError(f"--dataset={repo}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"--dataset={repo}: {str(e).splitlines()[0]}") from None
     except Exception as e:  # no answer; the transport's exception types vary across huggingface_hub versions
-        raise ConnectionError(f"cannot reach the Hugging Face Hub for {repo} ({type(e).__name__}: {e}); {OFFLINE_HINT}") from None
+        raise UserError(f"cannot reach the Hugging Face Hub for {repo} ({type(e).__name__}: {e}); {OFFLINE_HINT}") from None
 
 
 def dataset_documents(path: str, source: str, text_column: str, sentences: bool, hub: bool, **load_args):
@@ -141,11 +142,11 @@ def dataset_documents(path: str, source: str, text_column: str, sentences: bool,
     try:
         dataset = datasets.load_dataset(path, streaming=True, **load_args)
     except ConnectionError as e:
-        raise ConnectionError(f"cannot reach the Hugging Face Hub for {path} ({e}); {OFFLINE_HINT}") from None
+        raise UserError(f"cannot reach the Hugging Face Hub for {path} ({e}); {OFFLINE_HINT}") from None
     except RuntimeError as e:  # a loading script, which datasets no longer runs
-        raise ValueError(f"--dataset={path}: {e}; its Parquet export may work: --revision={BOOKCORPUS_REVISION}") from None
+        raise UserError(f"--dataset={path}: {e}; its Parquet export may work: --revision={BOOKCORPUS_REVISION}") from None
     if dataset.column_names and text_column not in dataset.column_names:
-        raise ValueError(f"{source} has no column '{text_column}' (it has {', '.join(dataset.column_names)}); pass --text_column=NAME")
+        raise UserError(f"{source} has no column '{text_column}' (it has {', '.join(dataset.column_names)}); pass --text_column=NAME")
     # Arrow batches: datasets' default Python formatting goes row by row, 10x slower
     batches = (table[text_column].to_pylist() for table in dataset.select_columns([text_column]).with_format("arrow").iter(batch_size=1000))
     if sentences:
@@ -162,12 +163,12 @@ def local_files(pattern: str) -> list[Path]:
     elif Path(pattern).is_file():
         paths = [Path(pattern)]
     else:
-        raise FileNotFoundError(f"--input={pattern}: no such file or directory")
+        raise UserError(f"--input={pattern}: no such file or directory")
     files = [p for p in paths if p.is_file() and (p.name.endswith((".txt", ".txt.gz")) or p.suffix in ROW_FORMATS)]
     if not files:
-        raise FileNotFoundError(f"--input={pattern}: no .txt, .txt.gz, .jsonl or .parquet files there")
+        raise UserError(f"--input={pattern}: no .txt, .txt.gz, .jsonl or .parquet files there")
     if len({p.suffix if p.suffix in ROW_FORMATS else "text" for p in files}) > 1:
-        raise ValueError(f"--input={pattern} mixes text and row files; prepare one kind at a time")
+        raise UserError(f"--input={pattern} mixes text and row files; prepare one kind at a time")
     return files
 
 
@@ -229,11 +230,11 @@ def split_blocks(blocks, val_fraction: float, seed: int):
     blocks = iter(blocks)
     block = next(blocks, None)
     if block is None:
-        raise ValueError("the input has no text; check the files (or --text_column)")
+        raise UserError("the input has no text; check the files (or --text_column)")
     previous_split, held_out = None, False
     for index, following in enumerate(itertools.chain(blocks, [None])):
         if index == 0 and following is None:
-            raise ValueError(f"the input is one block of {sum(len(text) for _, text in block):,} characters, too little to hold out validation text; lower --block_chars")
+            raise UserError(f"the input is one block of {sum(len(text) for _, text in block):,} characters, too little to hold out validation text; lower --block_chars")
         held_out_now = rng.random() < val_fraction and index > 0 or (following is None and not held_out)
         split = "val" if held_out_now else "train"
         held_out |= held_out_now
@@ -297,7 +298,7 @@ class SplitWriter:
                     self.close_shard(end=[index, offset])
                     completed = True
         except OSError as e:
-            raise OSError(f"writing {self.next_path()} failed: {e.strerror or e}; free disk space and rerun, finished shards are reused") from None
+            raise UserError(f"writing {self.next_path()} failed: {e.strerror or e}; free disk space and rerun, finished shards are reused") from None
         return completed
 
     def next_path(self) -> Path:
@@ -317,7 +318,7 @@ def check_settings(path: Path, settings: dict) -> dict:
     saved = json.loads(path.read_text())
     changed = [key for key in settings if saved.get(key) != settings[key]]
     if changed:
-        raise ValueError(f"{path.parent} holds shards prepared with other settings ({', '.join(changed)}); pass --force to rebuild, or another --out_dir")
+        raise UserError(f"{path.parent} holds shards prepared with other settings ({', '.join(changed)}); pass --force to rebuild, or another --out_dir")
     return saved
 
 
@@ -331,10 +332,10 @@ def intact(path: Path, tokens: int) -> bool:
 def main(argv):
     cfg = configurator.parse_config(PrepareConfig, argv)
     if not 0 <= cfg.val_fraction < 1 or min(cfg.shard_tokens, cfg.block_chars, cfg.workers) < 1:
-        raise ValueError("need 0 <= --val_fraction < 1 and --shard_tokens, --block_chars, --workers >= 1")
+        raise UserError("need 0 <= --val_fraction < 1 and --shard_tokens, --block_chars, --workers >= 1")
     max_id = get_tokenizer().max_token_value
     if max_id > np.iinfo(np.uint16).max:
-        raise ValueError(f"the tokenizer has ids up to {max_id}, but shards store uint16 (at most 65535); use a GPT-2-sized vocabulary")
+        raise UserError(f"the tokenizer has ids up to {max_id}, but shards store uint16 (at most 65535); use a GPT-2-sized vocabulary")
     replaced = collections.Counter()
     name, source, documents = open_source(cfg, replaced)
     out_dir = Path(cfg.out_dir or ROOT / "data" / name)

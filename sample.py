@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 import configurator
+from configurator import UserError
 import tokenizer
 from model import GPT, GPTConfig
 from train import latest_checkpoint
@@ -46,7 +47,7 @@ class SampleConfig:
 def newest_run(out_dir: Path) -> Path:
     runs = [run for run in out_dir.glob("*/") if latest_checkpoint(run)] if out_dir.is_dir() else []
     if not runs:
-        raise FileNotFoundError(f"no checkpoint under {out_dir}/; {TRAIN_HINT}")
+        raise UserError(f"no checkpoint under {out_dir}/; {TRAIN_HINT}")
     return max(runs, key=lambda run: latest_checkpoint(run).stat().st_mtime)
 
 
@@ -54,14 +55,14 @@ def load_model(cfg: SampleConfig) -> GPT:
     if cfg.init == "random":
         return GPT(GPTConfig(dropout=0.0))
     if cfg.init != "checkpoint":
-        raise ValueError(f"--init={cfg.init}: expected checkpoint or random")
+        raise UserError(f"--init={cfg.init}: expected checkpoint or random")
     path = Path(cfg.ckpt) if cfg.ckpt is not None else newest_run(Path("out"))
     if not path.is_dir():
-        raise FileNotFoundError(f"--ckpt={path} is not a directory; pass a run directory, a checkpoint directory or an HF GPT-2 directory")
+        raise UserError(f"--ckpt={path} is not a directory; pass a run directory, a checkpoint directory or an HF GPT-2 directory")
     if not (path / "config.json").is_file():  # a run directory: take its newest checkpoint
         checkpoint = latest_checkpoint(path)
         if checkpoint is None:
-            raise FileNotFoundError(f"{path} has neither config.json nor ckpt_* checkpoints; {TRAIN_HINT}")
+            raise UserError(f"{path} has neither config.json nor ckpt_* checkpoints; {TRAIN_HINT}")
         path = checkpoint
     print(f"loading {path}", file=sys.stderr)
     return GPT.from_pretrained(path, dropout=0.0)
@@ -71,7 +72,7 @@ def read_prompt(start: str) -> str:
     if start.startswith("FILE:"):
         path = Path(start.removeprefix("FILE:"))
         if not path.is_file():
-            raise FileNotFoundError(f"--start=FILE:{path}: no such file")
+            raise UserError(f"--start=FILE:{path}: no such file")
         return path.read_text(encoding="utf-8")
     return start
 
@@ -79,18 +80,18 @@ def read_prompt(start: str) -> str:
 def main(argv):
     cfg = configurator.parse_config(SampleConfig, argv)
     if cfg.dtype not in DTYPES:
-        raise ValueError(f"--dtype={cfg.dtype}: expected one of {', '.join(DTYPES)}")
+        raise UserError(f"--dtype={cfg.dtype}: expected one of {', '.join(DTYPES)}")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device={cfg.device}, but torch sees no CUDA GPU; use --device=cpu")
+        raise UserError(f"--device={cfg.device}, but torch sees no CUDA GPU; use --device=cpu")
     prompt = read_prompt(cfg.start)
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids:
-        raise ValueError("the prompt is empty; pass --start=TEXT or --start=FILE:prompt.txt")
+        raise UserError("the prompt is empty; pass --start=TEXT or --start=FILE:prompt.txt")
     torch.manual_seed(cfg.seed)  # a random init is reproducible too
     model = load_model(cfg).to(cfg.device, DTYPES[cfg.dtype]).eval()
     context = model.config.block_size
     if len(prompt_ids) + cfg.max_new_tokens > context:
-        raise ValueError(
+        raise UserError(
             f"the prompt ({len(prompt_ids)} tokens) + --max_new_tokens={cfg.max_new_tokens} exceed the context of {context} tokens; "
             "shorten the prompt or lower --max_new_tokens"
         )

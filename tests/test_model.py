@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from configurator import UserError
 from model import CONV1D_SUFFIXES, GPT, GPTConfig, config_from_hf, hf_config
 
 # Deliberately odd shapes: 3 heads of width 16, 37 positions, a vocabulary of 101; one head; many.
@@ -171,10 +172,10 @@ def test_bad_input_gives_clear_errors(tmp_path):
         config_from_hf({"n_layer": 2, "learning_rate": 1e-3})  # e.g. a training config, not a model's
     with pytest.raises(ValueError, match="activation_function"):
         config_from_hf({**hf_config(GPTConfig()), "activation_function": "relu"})
-    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+    with pytest.raises(UserError, match="no model.safetensors"):
         (tmp_path / "config.json").write_text(json.dumps(hf_config(GPTConfig())))
         GPT.from_pretrained(tmp_path)
-    with pytest.raises(OSError, match="could not be fetched"):
+    with pytest.raises(UserError, match="could not be fetched"):
         GPT.from_pretrained("no-such-user/no-such-model")
     with pytest.raises(ValueError, match="not divisible"):
         GPTConfig(n_embd=50, n_head=3)
