@@ -118,19 +118,19 @@ def find_resume_checkpoint(cfg: TrainConfig, run_dir: Path) -> Path | None:
     resume = cfg.resume or ("auto" if cfg.init_from == "resume" else "")
     if resume == "":
         if existing and not cfg.eval_only:
-            raise ValueError(f"{run_dir} already has checkpoints (newest {existing[max(existing)].name}); continue it with --resume=auto or pick another --run_name")
+            raise configurator.UserError(f"{run_dir} already has checkpoints (newest {existing[max(existing)].name}); continue it with --resume=auto or pick another --run_name")
         return None
     if resume == "auto":
         if not existing and cfg.init_from == "resume":
-            raise FileNotFoundError(f"init_from='resume' but {run_dir} has no checkpoint; check --out_dir/--run_name, or use --resume=auto to start the run when none exists")
+            raise configurator.UserError(f"init_from='resume' but {run_dir} has no checkpoint; check --out_dir/--run_name, or use --resume=auto to start the run when none exists")
         return existing[max(existing)] if existing else None
     checkpoint = Path(resume)
     if not (checkpoint / "trainer_state.pt").is_file():
-        raise FileNotFoundError(f"--resume={resume}: no trainer_state.pt there; pass a ckpt_* directory or --resume=auto")
+        raise configurator.UserError(f"--resume={resume}: no trainer_state.pt there; pass a ckpt_* directory or --resume=auto")
     step = torch.load(checkpoint / "trainer_state.pt", weights_only=True)["step"]
     newer = [path.name for s, path in sorted(existing.items()) if s > step]
     if newer and not cfg.eval_only:
-        raise ValueError(f"{run_dir} has checkpoints newer than {checkpoint} ({newer[-1]}); resume into another --run_name so they stay apart")
+        raise configurator.UserError(f"{run_dir} has checkpoints newer than {checkpoint} ({newer[-1]}); resume into another --run_name so they stay apart")
     return checkpoint
 
 
@@ -151,9 +151,9 @@ def build_model(cfg: TrainConfig, source, meta: dict) -> GPT:
 
 def check_model_fits_data(config: GPTConfig, cfg: TrainConfig, meta: dict) -> None:
     if cfg.block_size > config.block_size:
-        raise ValueError(f"block_size={cfg.block_size} is longer than the model's context of {config.block_size} positions; lower block_size")
+        raise configurator.UserError(f"block_size={cfg.block_size} is longer than the model's context of {config.block_size} positions; lower block_size")
     if meta["vocab_size"] > config.vocab_size:
-        raise ValueError(f"{cfg.data_dir} uses a vocabulary of {meta['vocab_size']} tokens but the model has vocab_size={config.vocab_size}; set vocab_size={meta['vocab_size']}")
+        raise configurator.UserError(f"{cfg.data_dir} uses a vocabulary of {meta['vocab_size']} tokens but the model has vocab_size={config.vocab_size}; set vocab_size={meta['vocab_size']}")
 
 
 def cosine_schedule(optimizer, max_steps: int, warmup_ratio: float) -> LambdaLR:
@@ -240,7 +240,7 @@ def start_wandb(cfg: TrainConfig, run_id: str | None):
     import wandb
 
     if os.environ.get("WANDB_MODE") not in ("offline", "disabled") and not wandb.login(prompt=False, verify=False):
-        raise ValueError("wandb_log=True but wandb has no API key; run `wandb login`, set WANDB_API_KEY, or log locally with WANDB_MODE=offline")
+        raise configurator.UserError("wandb_log=True but wandb has no API key; run `wandb login`, set WANDB_API_KEY, or log locally with WANDB_MODE=offline")
     try:
         return wandb.init(project=cfg.wandb_project, name=cfg.run_name, id=run_id, resume="allow", config=asdict(cfg))
     except Exception as e:  # wandb raises many types (network, auth, server)
@@ -250,9 +250,9 @@ def start_wandb(cfg: TrainConfig, run_id: str | None):
 def main(argv: list[str]) -> None:
     cfg = configurator.parse_config(TrainConfig, argv)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={cfg.device} but no GPU is visible; use --device=cpu")
+        raise configurator.UserError(f"device={cfg.device} but no GPU is visible; use --device=cpu")
     if cfg.dtype not in ("bfloat16", "float32"):
-        raise ValueError(f"dtype={cfg.dtype}: use bfloat16 (autocast) or float32; float16 would need loss scaling")
+        raise configurator.UserError(f"dtype={cfg.dtype}: use bfloat16 (autocast) or float32; float16 would need loss scaling")
     world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
     rank = int(os.environ.get("RANK", 0))
     if world_size > 1:
@@ -283,7 +283,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int) -> None:
     resume_from = find_resume_checkpoint(cfg, run_dir)
     source = resume_from or (None if cfg.init_from == "scratch" else cfg.init_from)
     if cfg.eval_only and source is None:
-        raise ValueError("eval_only needs weights: --resume=auto (this run's newest checkpoint), --resume=CKPT_DIR or --init_from=HF_DIR")
+        raise configurator.UserError("eval_only needs weights: --resume=auto (this run's newest checkpoint), --resume=CKPT_DIR or --init_from=HF_DIR")
 
     val_windows = TokenWindows(cfg.data_dir, "val", cfg.block_size)
     val_rows = np.arange(len(val_windows))
@@ -294,7 +294,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int) -> None:
         train_windows = TokenWindows(cfg.data_dir, "train", cfg.block_size)
         steps_per_epoch = len(train_windows) // global_batch
         if steps_per_epoch == 0:
-            raise ValueError(f"{cfg.data_dir}: the train split has {len(train_windows)} windows of {cfg.block_size + 1} tokens, fewer than one global batch of {global_batch}; lower batch_size, gradient_accumulation_steps or block_size")
+            raise configurator.UserError(f"{cfg.data_dir}: the train split has {len(train_windows)} windows of {cfg.block_size + 1} tokens, fewer than one global batch of {global_batch}; lower batch_size, gradient_accumulation_steps or block_size")
         max_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
 
     raw_model = build_model(cfg, source, val_windows.meta).to(cfg.device)
@@ -324,7 +324,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int) -> None:
     if resume_from:
         saved = torch.load(resume_from / "trainer_state.pt", weights_only=True)
         if saved["data_order"] != data_order:
-            raise ValueError(f"{resume_from} was trained with {saved['data_order']}, this run has {data_order}; resume with the same seed, global batch and data, or start a new run")
+            raise configurator.UserError(f"{resume_from} was trained with {saved['data_order']}, this run has {data_order}; resume with the same seed, global batch and data, or start a new run")
         optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", map_location=cfg.device, weights_only=True))
         scheduler.load_state_dict(saved["scheduler"])
         state = {key: saved[key] for key in state}
@@ -415,7 +415,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int) -> None:
                     record(step_done, {"skipped": "non-finite loss", "nonfinite_steps": state["nonfinite_steps"]})
                 if nonfinite_in_a_row == NONFINITE_STEPS_BEFORE_STOP:
                     last_good = latest_checkpoint(run_dir)
-                    raise FloatingPointError(f"loss was non-finite for {nonfinite_in_a_row} steps in a row (up to step {step_done}); the last checkpoint is {last_good}; lower learning_rate or check the data")
+                    raise configurator.UserError(f"loss was non-finite for {nonfinite_in_a_row} steps in a row (up to step {step_done}); the last checkpoint is {last_good}; lower learning_rate or check the data")
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             interval_time += time.time() - step_start
