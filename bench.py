@@ -95,7 +95,7 @@ def write_austen_corpus(directory: Path, copies: int) -> Path:
     for path in sorted(ROOT.glob("assets/austen/*.txt.gz")):
         paragraphs = gzip.open(path).read().decode().split("\n\n")
         for copy in range(copies):
-            (directory / f"{copy:03d}_{path.name[:-3]}").write_text("\n\n".join(paragraphs))
+            (directory / f"{copy:03d}_{path.name[:-3]}").write_text("\n\n".join(paragraphs), encoding="utf-8")
             rng.shuffle(paragraphs)
     return directory
 

@@ -78,7 +78,8 @@ class PrepareConfig:
     seed: int = 1337
     shard_tokens: int = 100_000_000
     block_chars: int = 1 << 18  # text per validation draw and per tokenizer task
-    workers: int = len(os.sched_getaffinity(0))  # tokenizer threads
+    # tokenizer threads: the CPUs this process may use (as os.process_cpu_count of Python 3.13; affinity is Linux-only)
+    workers: int = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     force: bool = False  # delete this dataset's shards and rebuild
 
 

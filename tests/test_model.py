@@ -133,11 +133,11 @@ def test_default_config_size_and_init_match_hf(full_pair):
     assert ours.lm_head.weight is ours.transformer.wte.weight
 
 
-def test_optimizer_groups_match_hf_trainer():
+def test_optimizer_groups_match_hf_trainer(tmp_path):
     from transformers import Trainer, TrainingArguments
 
     hf, ours = make_pair(**SMALL_CONFIGS[0])
-    args = TrainingArguments(output_dir="/tmp/unused", weight_decay=0.01, report_to=[])
+    args = TrainingArguments(output_dir=str(tmp_path), weight_decay=0.01, report_to=[])
     decay_names = set(Trainer(model=hf, args=args).get_decay_parameter_names(hf))
     decay_names.remove("lm_head.weight")  # HF lists the tied embedding under both names
     ours_by_id = {id(p): n for n, p in ours.named_parameters()}

@@ -4,7 +4,6 @@ import collections
 import gzip
 import json
 import os
-import resource
 import signal
 import struct
 import subprocess
@@ -85,7 +84,7 @@ def run_cli(*args: str, env=None, **kwargs) -> subprocess.CompletedProcess:
 def write_text_files(directory: Path, documents: list[str]) -> Path:
     directory.mkdir()
     for i, document in enumerate(documents):
-        (directory / f"{i:04d}.txt").write_text(document)
+        (directory / f"{i:04d}.txt").write_text(document, encoding="utf-8")  # not the locale's (Windows: cp1252)
     return directory
 
 
@@ -132,7 +131,7 @@ def test_rerun_after_a_kill_reuses_shards_and_is_byte_identical(tmp_path):
     progress = killed / "progress.json"
     while process.poll() is None and not (progress.exists() and len(json.loads(progress.read_text())["splits"]["train"]) >= 3):
         time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
+    process.kill()  # SIGKILL; TerminateProcess on Windows
     process.wait()
     assert not (killed / "meta.json").exists(), "the run finished before the kill; use a larger corpus"
     kept = {p.name: p.stat().st_mtime_ns for p in killed.glob("train_*.bin")}
@@ -247,6 +246,7 @@ def test_tokenizer_with_ids_above_uint16_is_refused(tmp_path, monkeypatch):
 
 
 def test_disk_full_is_a_one_line_error_and_leaves_no_partial_shard(tmp_path):
+    resource = pytest.importorskip("resource", reason="file size limits are POSIX-only")
     corpus = write_text_files(tmp_path / "docs", AUSTEN[:2])
 
     def small_disk():  # files stop growing at 200 kB, as on a full disk
