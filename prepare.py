@@ -11,9 +11,20 @@ starts with <|endoftext|>, as in llm.c; BookCorpus rows are sentences of one run
 Validation: the text goes in blocks of ~block_chars characters (small documents whole, large ones cut
 before a space between two non-space characters, where GPT-2's pre-tokenizer splits anyway, so tokens
 are exactly those of the whole document). Each block is held out with probability val_fraction, drawn
-from a generator seeded with `seed`; the first block always trains, the last is held out if no other
-was. Blocks are contiguous text, so nothing is in both splits; text that resumes after the other
-split's blocks starts with <|endoftext|>.
+from a generator seeded with `seed`; the first block always trains. Blocks are contiguous text, so
+nothing is in both splits; text that resumes after the other split's blocks starts with <|endoftext|>.
+
+The share held out suits the input's size, which a stream does not tell up front; two rules settle it
+in one pass, in bounded memory:
+- Read-ahead: the first MIN_BLOCKS (16) blocks are read before any is assigned. An input that ends
+  within them is small, and wholly in memory: it is cut again into blocks of 1/16 of its size.
+- Fallback: when the input ends with less than half a block held out, the last block is held out,
+  and the one before it too if the last is under half a block (the last two blocks wait for this).
+So an input under 16 blocks (4M characters, ~1M tokens) holds out ~1/16 of itself (3-9%), one of
+16-64 blocks 1.5-9%, larger ones a block or more, and from ~1/val_fraction blocks on (170M characters)
+the draws alone: 0.15% of BookCorpus. Inputs under MIN_CHARS are refused. The read-ahead holds at most
+16 blocks (4M characters); inputs of 16 blocks or more (BookCorpus, the bundled Austen) are cut and
+drawn exactly as before these rules.
 
 Speed and memory: the main thread reads and cuts blocks, `workers` threads tokenize them (tiktoken
 releases the GIL), at most 2 * workers blocks are in flight and shards stream to disk: peak RSS does
@@ -64,6 +75,8 @@ FORMAT_VERSION = 1  # of meta.json
 READ_BYTES = 1 << 20
 REPLACEMENT_UTF8 = "\ufffd".encode()
 SPLITS = ("train", "val")
+MIN_BLOCKS = 16  # an input of fewer blocks is cut into this many smaller ones (see the docstring)
+MIN_CHARS = 4096  # ~1k tokens: less cannot give both splits something to work with
 
 
 @dataclass
@@ -225,23 +238,67 @@ def cut_blocks(documents, block_chars: int):
         yield block
 
 
-def split_blocks(blocks, val_fraction: float, seed: int):
-    """Numbers the blocks and assigns each to a split, as the module docstring says."""
-    rng = random.Random(seed)
-    blocks = iter(blocks)
-    block = next(blocks, None)
-    if block is None:
+def block_chars_of(block) -> int:
+    return sum(len(text) for _, text in block)
+
+
+def documents_of(blocks):
+    """The documents that cut_blocks cut these blocks from, each as a list of pieces."""
+    document = []
+    for block in blocks:
+        for starts_document, text in block:
+            if starts_document and document:
+                yield document
+                document = []
+            document.append(text)
+    if document:
+        yield document
+
+
+def sized_blocks(documents, block_chars: int):
+    """cut_blocks at a length that suits the input's size (the docstring's read-ahead); returns (blocks, length)."""
+    blocks = cut_blocks(documents, block_chars)
+    head = list(itertools.islice(blocks, MIN_BLOCKS))
+    if len(head) == MIN_BLOCKS:
+        return itertools.chain(head, blocks), block_chars
+    chars = sum(map(block_chars_of, head))
+    if chars == 0:
         raise UserError("the input has no text; check the files (or --text_column)")
-    previous_split, held_out = None, False
-    for index, following in enumerate(itertools.chain(blocks, [None])):
-        if index == 0 and following is None:
-            raise UserError(f"the input is one block of {sum(len(text) for _, text in block):,} characters, too little to hold out validation text; lower --block_chars")
-        held_out_now = rng.random() < val_fraction and index > 0 or (following is None and not held_out)
-        split = "val" if held_out_now else "train"
-        held_out |= held_out_now
+    if chars < MIN_CHARS:
+        raise UserError(f"the input has {chars:,} characters, too little to hold out validation text; prepare at least {MIN_CHARS:,}")
+    small = -(-chars // MIN_BLOCKS)
+    return cut_blocks(documents_of(head), small), small
+
+
+def held_out_blocks(blocks, block_chars: int, val_fraction: float, seed: int):
+    """Yields (block, whether it is held out): the seeded draws, then the docstring's fallback."""
+    rng = random.Random(seed)
+    last_two = collections.deque()  # [index, block, held out], still open to the fallback
+    held_out_chars = 0
+    for index, block in enumerate(blocks):
+        held_out = rng.random() < val_fraction and index > 0
+        held_out_chars += held_out * block_chars_of(block)
+        last_two.append([index, block, held_out])
+        if len(last_two) > 2:
+            yield last_two.popleft()[1:]
+    for entry in reversed(last_two):
+        index, block, held_out = entry
+        if held_out_chars >= block_chars / 2 or index == 0:
+            break
+        if not held_out:
+            entry[2] = True
+            held_out_chars += block_chars_of(block)
+    yield from (entry[1:] for entry in last_two)
+
+
+def split_blocks(blocks, block_chars: int, val_fraction: float, seed: int):
+    """Numbers the blocks and assigns each to a split, as the module docstring says."""
+    previous_split = None
+    for index, (block, held_out) in enumerate(held_out_blocks(blocks, block_chars, val_fraction, seed)):
+        split = "val" if held_out else "train"
         (starts_document, text), *others = block
         yield Unit(index, split, [(starts_document or split != previous_split, text), *others])
-        previous_split, block = split, following
+        previous_split = split
 
 
 def tokenize(units, workers: int):
@@ -362,7 +419,7 @@ def main(argv):
         path.unlink()
 
     writers = {split: SplitWriter(out_dir, split, cfg.shard_tokens, completed[split]) for split in SPLITS}
-    units = split_blocks(cut_blocks(documents, cfg.block_chars), cfg.val_fraction, cfg.seed)
+    units = split_blocks(*sized_blocks(documents, cfg.block_chars), cfg.val_fraction, cfg.seed)
     todo = (unit for unit in units if unit.index >= writers[unit.split].resume[0])
     started, tokenized = time.perf_counter(), 0
     try:

@@ -27,7 +27,7 @@ import bench, configurator, model, plot, prepare, sample, shards, tokenizer, tra
 
 corpus, data, out = sys.argv[1:]
 assert prepare.PrepareConfig().workers >= 1
-prepare.main([f"--input={corpus}", f"--out_dir={data}", "--block_chars=4000", "--val_fraction=0.2"])
+prepare.main([f"--input={corpus}", f"--out_dir={data}"])
 train.main([f"--data_dir={data}", f"--out_dir={out}", "--run_name=run", "--block_size=32", "--n_layer=1", "--n_head=2",
             "--n_embd=16", "--batch_size=2", "--max_steps=2", "--device=cpu", "--compile=False", "--dtype=float32"])
 sample.main([f"--ckpt={out}/run", "--max_new_tokens=3", "--device=cpu"])
