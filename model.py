@@ -145,8 +145,8 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache: KVCache | None = None  # set by GPT.setup_kv_cache for generation
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, T, C). Decoding with the KV cache: input_pos (T,) are x's positions, mask (T, max_len)
-        says which cached positions each query sees; otherwise attention is causal within x."""
+        """x: (B, T, C). Decoding with the KV cache: input_pos (T,) are x's cache positions, mask (T, max_len)
+        or (B, 1, T, max_len) says which cached positions each query sees; otherwise attention is causal within x."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim)
@@ -219,10 +219,14 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # the tied embedding counts once
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, input_pos: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, input_pos: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None):
         """idx, targets: (B, T) token ids; targets are idx shifted left by one, IGNORE_INDEX to skip.
         input_pos: (T,) positions of idx when decoding with the KV caches of setup_kv_cache; then only
         the last position's logits are computed (generation needs no others): (B, 1, vocab_size).
+        attention_mask (B, max_len), decoding only: 1 where the cache holds a token, 0 where it holds padding
+        (left-padded prompts). Padding is then hidden from every other query, and positions count tokens
+        only, as HF's position_ids = attention_mask.cumsum(-1) - 1.
 
         Returns (logits (B, T, vocab_size), mean cross-entropy over counted targets or None).
         When training eagerly with targets, logits are None: they are never materialized.
@@ -237,9 +241,14 @@ class GPT(nn.Module):
             if cache is None:
                 raise ValueError("input_pos is for decoding with KV caches; call setup_kv_cache(batch_size, max_len) first")
             # Each query sees the cached positions up to its own: (T, max_len), broadcast over batch and heads.
+            slots = torch.arange(cache.k.size(2), device=idx.device)
+            visible, pos = slots <= input_pos[:, None], input_pos
+            if attention_mask is not None:
+                pos = (attention_mask.cumsum(1)[:, input_pos] - 1).clamp(min=0)  # (B, T); padding's own is unused
+                # No query sees padding, but a padding query sees itself: an all -inf row is NaN on some SDPA backends.
+                visible = (visible & (attention_mask[:, None, :].bool() | (slots == input_pos[:, None])))[:, None]  # (B, 1, T, max_len)
             # Additive (0 / -inf) in the cache's dtype: SDPA on CPU runs it faster than a boolean mask (2x in bf16).
-            visible = torch.arange(cache.k.size(2), device=idx.device) <= input_pos[:, None]
-            pos, mask = input_pos, torch.zeros(visible.shape, dtype=cache.k.dtype, device=idx.device).masked_fill_(~visible, float("-inf"))
+            mask = torch.zeros(visible.shape, dtype=cache.k.dtype, device=idx.device).masked_fill_(~visible, float("-inf"))
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x, input_pos, mask)
@@ -295,12 +304,13 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.attn.kv_cache = None
 
-    def decode_step(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def decode_step(self, token: torch.Tensor, input_pos: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """One token per sequence (B, 1) at position input_pos (1,) -> next-token logits (B, vocab_size), float32.
 
-        Its shapes stay the same from token to token (the KV cache is preallocated): see compile_decode_step.
+        attention_mask: (B, max_len), as for forward. Its shapes stay the same from token to token (the KV
+        cache is preallocated): see compile_decode_step.
         """
-        logits, _ = self(token, input_pos=input_pos)
+        logits, _ = self(token, input_pos=input_pos, attention_mask=attention_mask)
         return logits[:, -1].float()
 
     def compile_decode_step(self) -> None:
@@ -328,17 +338,22 @@ class GPT(nn.Module):
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
         callback=None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Continues each prompt of idx (B, T) by max_new_tokens tokens; returns the ids (B, T + new).
 
         Same tokens as GPT2LMHeadModel.generate(idx, max_new_tokens=..., do_sample=..., temperature=...,
-        top_k=..., top_p=...) for the same weights and torch seed (see sample_next_token; HF's top_k
-        defaults to 50, pass top_k=0 to it for our None). do_sample=False is greedy. A sequence that
-        emitted eos_token_id goes on with eos (HF's pad token for GPT-2); generation stops early once
-        all have. callback(tokens), if given, receives each step's new tokens (B,) as they are chosen.
-        A prompt plus max_new_tokens longer than the context (block_size) is a ValueError before any
+        top_k=..., top_p=..., attention_mask=...) for the same weights and torch seed (see
+        sample_next_token; HF's top_k defaults to 50, pass top_k=0 to it for our None). do_sample=False
+        is greedy. attention_mask (B, T), as HF's: 0 marks the padding on the left of shorter prompts,
+        so prompts of different lengths share a batch. A sequence that emitted eos_token_id goes on with
+        eos (HF's pad token for GPT-2); generation stops early once all have. callback(tokens), if
+        given, receives each step's new tokens (B,) as they are chosen.
+        A prompt plus max_new_tokens longer than the context (block_size) is an error before any
         work: GPT-2 has no positions beyond it, and silently cropping would continue another text.
-        The KV caches stay allocated for the next call (see setup_kv_cache); clear_kv_cache frees them.
+        Runs in eval mode (no dropout), then gives the model back in the mode it found it in. Under
+        torch.autocast the KV caches take autocast's dtype. They stay allocated for the next call (see
+        setup_kv_cache); clear_kv_cache frees them.
         """
         B, T = idx.shape
         if T + max_new_tokens > self.config.block_size:
@@ -348,24 +363,35 @@ class GPT(nn.Module):
             )
         if do_sample and not temperature > 0:
             raise UserError(f"temperature={temperature} must be > 0 when sampling; for greedy decoding use do_sample=False")
-        self.setup_kv_cache(B, T + max_new_tokens)
-        logits, _ = self(idx, input_pos=torch.arange(T, device=idx.device))  # prefill: (B, 1, vocab_size)
-        logits = logits[:, -1].float()
-        input_pos = torch.tensor([T], device=idx.device)
-        unfinished = torch.ones(B, dtype=torch.bool, device=idx.device)
-        tokens = [idx]
-        for step in range(max_new_tokens):
-            next_token = sample_next_token(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
-            if eos_token_id is not None:
-                next_token = next_token.masked_fill(~unfinished, eos_token_id)
-                unfinished &= next_token != eos_token_id
-            tokens.append(next_token[:, None])
-            if callback is not None:
-                callback(next_token)
-            if step == max_new_tokens - 1 or (eos_token_id is not None and not unfinished.any()):
-                break
-            logits = self.decode_step(next_token[:, None], input_pos)
-            input_pos += 1
+        if attention_mask is not None and not attention_mask[:, -1].all():
+            raise UserError("attention_mask has padding at the end of a prompt; pad prompts on the left, as for HF generate")
+        device = idx.device.type
+        self.setup_kv_cache(B, T + max_new_tokens, dtype=torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+        if attention_mask is not None:  # over the whole cache: what comes after the prompts is tokens
+            cache_len = self.transformer.h[0].attn.kv_cache.k.size(2)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, cache_len - T)], dim=1)
+        was_training = self.training
+        self.eval()
+        try:
+            logits, _ = self(idx, input_pos=torch.arange(T, device=idx.device), attention_mask=attention_mask)  # prefill: (B, 1, vocab_size)
+            logits = logits[:, -1].float()
+            input_pos = torch.tensor([T], device=idx.device)
+            unfinished = torch.ones(B, dtype=torch.bool, device=idx.device)
+            tokens = [idx]
+            for step in range(max_new_tokens):
+                next_token = sample_next_token(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
+                if eos_token_id is not None:
+                    next_token = next_token.masked_fill(~unfinished, eos_token_id)
+                    unfinished &= next_token != eos_token_id
+                tokens.append(next_token[:, None])
+                if callback is not None:
+                    callback(next_token)
+                if step == max_new_tokens - 1 or (eos_token_id is not None and not unfinished.any()):
+                    break
+                logits = self.decode_step(next_token[:, None], input_pos, attention_mask)
+                input_pos += 1
+        finally:
+            self.train(was_training)
         return torch.cat(tokens, dim=1)
 
     # ---- Hugging Face checkpoints -------------------------------------------------------------
@@ -389,7 +415,8 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_name: str, dropout: float | None = None) -> "GPT":
-        """Loads an HF GPT-2 checkpoint directory (or a Hub name such as 'gpt2', when online)."""
+        """Loads an HF GPT-2 checkpoint directory (or a Hub name such as 'gpt2', when online), in eval
+        mode as HF's from_pretrained: call .train() to train it."""
         directory = Path(path_or_name)
         if not directory.is_dir():
             directory = _download(str(path_or_name))
@@ -401,7 +428,7 @@ class GPT(nn.Module):
             config.dropout = dropout
         model = cls(config)
         model.load_hf_state_dict(_read_weights(directory))
-        return model
+        return model.eval()
 
     def load_hf_state_dict(self, hf_state: dict[str, torch.Tensor]) -> None:
         """Copies HF-named weights in; any missing, unexpected or misshaped tensor is an error."""
