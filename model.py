@@ -21,6 +21,10 @@ IGNORE_INDEX = -100  # targets equal to this add nothing to the loss, as in HF
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # oneDNN's matmul as an op of its own (torch.compile's CPU backend calls it); missing from builds without oneDNN.
 ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# An HF checkpoint's weights, looked for in this order: one file or an index of shards, safetensors
+# before pickles; and the files to fetch from the Hub for each format, safetensors first.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+HUB_WEIGHT_PATTERNS = (WEIGHT_FILES[:2] + ("model-*.safetensors",), WEIGHT_FILES[2:] + ("pytorch_model-*.bin",))
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -416,13 +420,14 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_name: str, dropout: float | None = None) -> "GPT":
         """Loads an HF GPT-2 checkpoint directory (or a Hub name such as 'gpt2', when online), in eval
-        mode as HF's from_pretrained: call .train() to train it."""
+        mode as HF's from_pretrained: call .train() to train it. Weights come from model.safetensors,
+        pytorch_model.bin (weights_only: no code runs) or either's shards (*.index.json)."""
         directory = Path(path_or_name)
         if not directory.is_dir():
             directory = _download(str(path_or_name))
         config_path = directory / "config.json"
         if not config_path.is_file():
-            raise UserError(f"{config_path} not found; expected an HF GPT-2 checkpoint directory (config.json + model.safetensors)")
+            raise UserError(f"{config_path} not found; expected an HF GPT-2 checkpoint directory (config.json and its weights)")
         config = config_from_hf(json.loads(config_path.read_text()))
         if dropout is not None:
             config.dropout = dropout
@@ -539,20 +544,36 @@ def config_from_hf(hf: dict) -> GPTConfig:
 
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    if (directory / "model.safetensors").is_file():
-        from safetensors.torch import load_file
+    """A checkpoint's tensors: from its one weights file, or from the shards its index lists."""
+    from safetensors.torch import load_file
 
-        return load_file(directory / "model.safetensors")
-    if (directory / "pytorch_model.bin").is_file():
-        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise UserError(f"{directory} has no model.safetensors or pytorch_model.bin; is it an HF GPT-2 checkpoint?")
+    found = next((name for name in WEIGHT_FILES if (directory / name).is_file()), None)
+    if found is None:
+        raise UserError(f"{directory} has none of {', '.join(WEIGHT_FILES)}; is it an HF GPT-2 checkpoint?")
+    index = json.loads((directory / found).read_text()) if found.endswith(".index.json") else None
+    state = {}
+    for name in sorted(set(index["weight_map"].values())) if index else [found]:
+        path = directory / name
+        if not path.is_file():
+            raise UserError(f"{path} not found, though {found} lists it; download or copy the checkpoint again")
+        state.update(load_file(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True))
+    return state
 
 
 def _download(name: str) -> Path:
-    """Fetches config + weights of a Hub model; offline this fails fast with one line."""
+    """Fetches config.json and the weights of a Hub model: its safetensors (one file or shards) if it has
+    them, else its pytorch_model.bin (likewise). Offline, or from a local cache with HF_HUB_OFFLINE=1,
+    it fails fast with one line."""
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(name, allow_patterns=["config.json", "model.safetensors"]))
+        for weights in HUB_WEIGHT_PATTERNS:
+            directory = Path(snapshot_download(name, allow_patterns=["config.json", *weights]))
+            if any((directory / weights_file).is_file() for weights_file in WEIGHT_FILES):
+                return directory
     except Exception as e:  # the Hub client raises many types (connection, auth, not found)
-        raise UserError(f"'{name}' is not a local directory and could not be fetched from the Hugging Face Hub ({type(e).__name__}); pass a local checkpoint directory") from None
+        raise UserError(
+            f"'{name}' is not a local directory and could not be fetched from the Hugging Face Hub ({type(e).__name__}); "
+            "pass a local checkpoint directory, or a Hub name such as gpt2 when online"
+        ) from None
+    raise UserError(f"the Hub model '{name}' has none of {', '.join(WEIGHT_FILES)}; is it a GPT-2 model?")

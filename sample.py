@@ -3,6 +3,7 @@
     python sample.py --start="I was telling her that"        # the newest run under out/
     python sample.py --ckpt=out/austen --num_samples=3 --seed=2
     python sample.py --ckpt=path/to/gpt2 --start=FILE:prompt.txt --dtype=bfloat16
+    python sample.py --ckpt=gpt2                               # a Hub model (online), as train.py's --init_from
     python sample.py --init=random                             # an untrained GPT-2 124M, as the recipe showed
 
 Defaults are the recipe's generate call: 100 new tokens, sampling with top_k=10 and top_p=0.95 at
@@ -29,7 +30,7 @@ TRAIN_HINT = "train one with `python prepare.py --dataset=austen && python train
 
 @dataclass
 class SampleConfig:
-    ckpt: str | None = None  # a run directory (its newest checkpoint), a checkpoint or any HF GPT-2 directory; None: newest run under out/
+    ckpt: str | None = None  # a run directory (its newest checkpoint), a checkpoint, any HF GPT-2 directory or Hub name (gpt2); None: newest run under out/
     init: str = "checkpoint"  # or "random": an untrained GPT-2 124M
     start: str = "I was telling her that"  # the prompt, or FILE:path to read it from a file
     num_samples: int = 1
@@ -56,16 +57,14 @@ def load_model(cfg: SampleConfig) -> GPT:
         return GPT(GPTConfig(dropout=0.0))
     if cfg.init != "checkpoint":
         raise UserError(f"--init={cfg.init}: expected checkpoint or random")
-    path = Path(cfg.ckpt) if cfg.ckpt is not None else newest_run(Path("out"))
-    if not path.is_dir():
-        raise UserError(f"--ckpt={path} is not a directory; pass a run directory, a checkpoint directory or an HF GPT-2 directory")
-    if not (path / "config.json").is_file():  # a run directory: take its newest checkpoint
-        checkpoint = latest_checkpoint(path)
+    source = cfg.ckpt if cfg.ckpt is not None else str(newest_run(Path("out")))
+    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():  # a run directory: its newest checkpoint
+        checkpoint = latest_checkpoint(source)
         if checkpoint is None:
-            raise UserError(f"{path} has neither config.json nor ckpt_* checkpoints; {TRAIN_HINT}")
-        path = checkpoint
-    print(f"loading {path}", file=sys.stderr)
-    return GPT.from_pretrained(path, dropout=0.0)
+            raise UserError(f"{source} has neither config.json nor ckpt_* checkpoints; {TRAIN_HINT}")
+        source = str(checkpoint)
+    print(f"loading {source}", file=sys.stderr)
+    return GPT.from_pretrained(source, dropout=0.0)  # not a directory: a Hub name, as train.py's --init_from
 
 
 def read_prompt(start: str) -> str:

@@ -1,5 +1,6 @@
 """sample.py on a tiny checkpoint: streamed text, the recipe's defaults, one-line errors."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,9 @@ def run_dir(tmp_path_factory):
     return run
 
 
-def run_sample(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+def run_sample(*args, cwd=ROOT, env=None):
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
 
 
 def test_streams_the_continuation_of_the_newest_checkpoint(run_dir):
@@ -66,7 +68,7 @@ def test_recipe_defaults():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--ckpt=no/such/run"], "--ckpt=no/such/run is not a directory"),
+        (["--ckpt=no/such/run"], "'no/such/run' is not a local directory and could not be fetched"),
         (["--start="], "the prompt is empty"),
         (["--start=FILE:no-such-prompt.txt"], "no such file"),
         (["--start=" + "word " * 120], "exceed the context of 128 tokens"),
@@ -85,3 +87,11 @@ def test_without_checkpoint_it_says_how_to_train_one(tmp_path):
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1
     assert "python prepare.py --dataset=austen && python train.py config/austen.py" in result.stderr
+
+
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}])
+def test_a_hub_name_offline_is_a_one_line_error(tmp_path, env):
+    """--ckpt takes what train.py's --init_from does; offline that is said in one line."""
+    result = run_sample("--ckpt=gpt2", env={"HF_HOME": str(tmp_path), **env})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("sample.py: error: 'gpt2' is not a local directory and could not be fetched from the Hugging Face Hub")
