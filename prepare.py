@@ -20,11 +20,11 @@ in one pass, in bounded memory:
   within them is small, and wholly in memory: it is cut again into blocks of 1/16 of its size.
 - Fallback: when the input ends with less than half a block held out, the last block is held out,
   and the one before it too if the last is under half a block (the last two blocks wait for this).
-So an input under 16 blocks (4M characters, ~1M tokens) holds out ~1/16 of itself (3-9%), one of
-16-64 blocks 1.5-9%, larger ones a block or more, and from ~1/val_fraction blocks on (170M characters)
-the draws alone: 0.15% of BookCorpus. Inputs under MIN_CHARS are refused. The read-ahead holds at most
-16 blocks (4M characters); inputs of 16 blocks or more (BookCorpus, the bundled Austen) are cut and
-drawn exactly as before these rules.
+So an input under 16 blocks (4M characters, ~1M tokens) holds out 3-9% of itself, a larger one at
+least half a block, and from ~1/val_fraction blocks on (170M characters) the draws take over: 0.15%
+of BookCorpus. Inputs under MIN_CHARS are refused. The read-ahead holds at most 16 blocks (4M
+characters). Inputs of 16 blocks or more are cut and drawn as before these rules, so BookCorpus and
+the bundled Austen give the same shards.
 
 Speed and memory: the main thread reads and cuts blocks, `workers` threads tokenize them (tiktoken
 releases the GIL), at most 2 * workers blocks are in flight and shards stream to disk: peak RSS does
