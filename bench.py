@@ -96,7 +96,7 @@ def write_austen_corpus(directory: Path, copies: int) -> Path:
     for path in sorted(ROOT.glob("assets/austen/*.txt.gz")):
         paragraphs = gzip.open(path).read().decode().split("\n\n")
         for copy in range(copies):
-            (directory / f"{copy:03d}_{path.name[:-3]}").write_text("\n\n".join(paragraphs))
+            (directory / f"{copy:03d}_{path.name[:-3]}").write_text("\n\n".join(paragraphs), encoding="utf-8")
             rng.shuffle(paragraphs)
     return directory
 
@@ -294,7 +294,7 @@ def main(argv):
     names = cfg.sections.split(",")
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
-        raise ValueError(f"unknown section(s) {unknown}; choose from {','.join(SECTIONS)}")
+        raise configurator.UserError(f"unknown section(s) {unknown}; choose from {','.join(SECTIONS)}")
     rows = []
     print(f"machine: {machine_name(cfg.device)}; torch {torch.__version__}")
     print(f"{'what':<80} {'unit':<10} {'ours':>12} {'reference':>12} {'ratio':>7}")

@@ -5,6 +5,10 @@ them as plain variables, then `--key=value` overrides are parsed against each fi
 `--lr=1` is a float, `--compile=False` a bool and `--start="a=b"` a string. Unlike nanoGPT's
 configurator nothing on the command line is exec'd, and an unknown key or a bad value is a
 one-line error that names the closest valid key.
+
+UserError is the one exception for what the user can fix (a bad value, a missing file, the Hub out
+of reach, a full disk); its message names the problem and the fix. run() prints it as one line and
+lets everything else through with its traceback: a ValueError from a bug stays debuggable.
 """
 
 import difflib
@@ -18,12 +22,11 @@ TRUE_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, 
 
 
 class UserError(ValueError):
-    """A mistake in what the user asked for (or in their environment) that they can fix: scripts
-    print it as one line that says how (see run)."""
+    """A mistake or an environment problem the user fixes; the message says how. One line from run()."""
 
 
 class ConfigError(UserError):
-    pass
+    """A bad config key or value."""
 
 
 def _field_types(cls) -> dict[str, tuple[type, bool]]:
@@ -104,11 +107,11 @@ def parse_config(cls, argv: list[str]):
 
 
 def run(main):
-    """Runs a script's main(); a user error (bad config, missing file) or a diverged run
-    (FloatingPointError) is one line on stderr."""
+    """Runs a script's main(): a UserError is one line on stderr (exit status 1), Ctrl-C exits with 130,
+    and anything else propagates with its traceback."""
     try:
         main(sys.argv[1:])
-    except (ValueError, OSError, FloatingPointError) as e:
+    except UserError as e:
         sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")
     except KeyboardInterrupt:
         sys.exit(130)

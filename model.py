@@ -14,11 +14,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from configurator import UserError
+
 IGNORE_INDEX = -100  # targets equal to this add nothing to the loss, as in HF
 # Our Linear layers that are Conv1D in HF: their weights are stored transposed there.
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # oneDNN's matmul as an op of its own (torch.compile's CPU backend calls it); missing from builds without oneDNN.
 ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# An HF checkpoint's weights, looked for in this order: one file or an index of shards, safetensors
+# before pickles; and the files to fetch from the Hub for each format, safetensors first.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+HUB_WEIGHT_PATTERNS = (WEIGHT_FILES[:2] + ("model-*.safetensors",), WEIGHT_FILES[2:] + ("pytorch_model-*.bin",))
 
 
 # Rows per chunk of the output layer's loss on a GPU (on CPU: n_embd, see linear_cross_entropy).
@@ -117,7 +123,7 @@ class GPTConfig:
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; pick a multiple")
+            raise UserError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; pick a multiple")
 
 
 class Linear(nn.Linear):
@@ -168,8 +174,8 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache: KVCache | None = None  # set by GPT.setup_kv_cache for generation
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, T, C). Decoding with the KV cache: input_pos (T,) are x's positions, mask (T, max_len)
-        says which cached positions each query sees; otherwise attention is causal within x."""
+        """x: (B, T, C). Decoding with the KV cache: input_pos (T,) are x's cache positions, mask (T, max_len)
+        or (B, 1, T, max_len) says which cached positions each query sees; otherwise attention is causal within x."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim)
@@ -242,17 +248,21 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # the tied embedding counts once
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, input_pos: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, input_pos: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None):
         """idx, targets: (B, T) token ids; targets are idx shifted left by one, IGNORE_INDEX to skip.
         input_pos: (T,) positions of idx when decoding with the KV caches of setup_kv_cache; then only
         the last position's logits are computed (generation needs no others): (B, 1, vocab_size).
+        attention_mask (B, max_len), decoding only: 1 where the cache holds a token, 0 where it holds padding
+        (left-padded prompts). Padding is then hidden from every other query, and positions count tokens
+        only, as HF's position_ids = attention_mask.cumsum(-1) - 1.
 
         Returns (logits (B, T, vocab_size), None) without targets, and (None, mean cross-entropy over
         the counted targets) with them: the loss never materializes the logits (linear_cross_entropy).
         """
         B, T = idx.shape
         if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than the context ({self.config.block_size}); crop it to block_size")
+            raise UserError(f"sequence of {T} tokens is longer than the context ({self.config.block_size}); crop it to block_size")
         if input_pos is None:  # the whole sequence at once, causal attention within it
             pos, mask = torch.arange(T, device=idx.device), None
         else:
@@ -260,9 +270,14 @@ class GPT(nn.Module):
             if cache is None:
                 raise ValueError("input_pos is for decoding with KV caches; call setup_kv_cache(batch_size, max_len) first")
             # Each query sees the cached positions up to its own: (T, max_len), broadcast over batch and heads.
+            slots = torch.arange(cache.k.size(2), device=idx.device)
+            visible, pos = slots <= input_pos[:, None], input_pos
+            if attention_mask is not None:
+                pos = (attention_mask.cumsum(1)[:, input_pos] - 1).clamp(min=0)  # (B, T); padding's own is unused
+                # No query sees padding, but a padding query sees itself: an all -inf row is NaN on some SDPA backends.
+                visible = (visible & (attention_mask[:, None, :].bool() | (slots == input_pos[:, None])))[:, None]  # (B, 1, T, max_len)
             # Additive (0 / -inf) in the cache's dtype: SDPA on CPU runs it faster than a boolean mask (2x in bf16).
-            visible = torch.arange(cache.k.size(2), device=idx.device) <= input_pos[:, None]
-            pos, mask = input_pos, torch.zeros(visible.shape, dtype=cache.k.dtype, device=idx.device).masked_fill_(~visible, float("-inf"))
+            mask = torch.zeros(visible.shape, dtype=cache.k.dtype, device=idx.device).masked_fill_(~visible, float("-inf"))
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x, input_pos, mask)
@@ -312,12 +327,13 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.attn.kv_cache = None
 
-    def decode_step(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def decode_step(self, token: torch.Tensor, input_pos: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """One token per sequence (B, 1) at position input_pos (1,) -> next-token logits (B, vocab_size), float32.
 
-        Its shapes stay the same from token to token (the KV cache is preallocated): see compile_decode_step.
+        attention_mask: (B, max_len), as for forward. Its shapes stay the same from token to token (the KV
+        cache is preallocated): see compile_decode_step.
         """
-        logits, _ = self(token, input_pos=input_pos)
+        logits, _ = self(token, input_pos=input_pos, attention_mask=attention_mask)
         return logits[:, -1].float()
 
     def compile_decode_step(self) -> None:
@@ -345,44 +361,60 @@ class GPT(nn.Module):
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
         callback=None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Continues each prompt of idx (B, T) by max_new_tokens tokens; returns the ids (B, T + new).
 
         Same tokens as GPT2LMHeadModel.generate(idx, max_new_tokens=..., do_sample=..., temperature=...,
-        top_k=..., top_p=...) for the same weights and torch seed (see sample_next_token; HF's top_k
-        defaults to 50, pass top_k=0 to it for our None). do_sample=False is greedy. A sequence that
-        emitted eos_token_id goes on with eos (HF's pad token for GPT-2); generation stops early once
-        all have. callback(tokens), if given, receives each step's new tokens (B,) as they are chosen.
-        A prompt plus max_new_tokens longer than the context (block_size) is a ValueError before any
+        top_k=..., top_p=..., attention_mask=...) for the same weights and torch seed (see
+        sample_next_token; HF's top_k defaults to 50, pass top_k=0 to it for our None). do_sample=False
+        is greedy. attention_mask (B, T), as HF's: 0 marks the padding on the left of shorter prompts,
+        so prompts of different lengths share a batch. A sequence that emitted eos_token_id goes on with
+        eos (HF's pad token for GPT-2); generation stops early once all have. callback(tokens), if
+        given, receives each step's new tokens (B,) as they are chosen.
+        A prompt plus max_new_tokens longer than the context (block_size) is an error before any
         work: GPT-2 has no positions beyond it, and silently cropping would continue another text.
-        The KV caches stay allocated for the next call (see setup_kv_cache); clear_kv_cache frees them.
+        Runs in eval mode (no dropout), then gives the model back in the mode it found it in. Under
+        torch.autocast the KV caches take autocast's dtype. They stay allocated for the next call (see
+        setup_kv_cache); clear_kv_cache frees them.
         """
         B, T = idx.shape
         if T + max_new_tokens > self.config.block_size:
-            raise ValueError(
+            raise UserError(
                 f"{T} prompt tokens + {max_new_tokens} new tokens exceed the context of {self.config.block_size}; "
                 "shorten the prompt or generate fewer tokens"
             )
         if do_sample and not temperature > 0:
-            raise ValueError(f"temperature={temperature} must be > 0 when sampling; for greedy decoding use do_sample=False")
-        self.setup_kv_cache(B, T + max_new_tokens)
-        logits, _ = self(idx, input_pos=torch.arange(T, device=idx.device))  # prefill: (B, 1, vocab_size)
-        logits = logits[:, -1].float()
-        input_pos = torch.tensor([T], device=idx.device)
-        unfinished = torch.ones(B, dtype=torch.bool, device=idx.device)
-        tokens = [idx]
-        for step in range(max_new_tokens):
-            next_token = sample_next_token(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
-            if eos_token_id is not None:
-                next_token = next_token.masked_fill(~unfinished, eos_token_id)
-                unfinished &= next_token != eos_token_id
-            tokens.append(next_token[:, None])
-            if callback is not None:
-                callback(next_token)
-            if step == max_new_tokens - 1 or (eos_token_id is not None and not unfinished.any()):
-                break
-            logits = self.decode_step(next_token[:, None], input_pos)
-            input_pos += 1
+            raise UserError(f"temperature={temperature} must be > 0 when sampling; for greedy decoding use do_sample=False")
+        if attention_mask is not None and not attention_mask[:, -1].all():
+            raise UserError("attention_mask has padding at the end of a prompt; pad prompts on the left, as for HF generate")
+        device = idx.device.type
+        self.setup_kv_cache(B, T + max_new_tokens, dtype=torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+        if attention_mask is not None:  # over the whole cache: what comes after the prompts is tokens
+            cache_len = self.transformer.h[0].attn.kv_cache.k.size(2)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, cache_len - T)], dim=1)
+        was_training = self.training
+        self.eval()
+        try:
+            logits, _ = self(idx, input_pos=torch.arange(T, device=idx.device), attention_mask=attention_mask)  # prefill: (B, 1, vocab_size)
+            logits = logits[:, -1].float()
+            input_pos = torch.tensor([T], device=idx.device)
+            unfinished = torch.ones(B, dtype=torch.bool, device=idx.device)
+            tokens = [idx]
+            for step in range(max_new_tokens):
+                next_token = sample_next_token(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
+                if eos_token_id is not None:
+                    next_token = next_token.masked_fill(~unfinished, eos_token_id)
+                    unfinished &= next_token != eos_token_id
+                tokens.append(next_token[:, None])
+                if callback is not None:
+                    callback(next_token)
+                if step == max_new_tokens - 1 or (eos_token_id is not None and not unfinished.any()):
+                    break
+                logits = self.decode_step(next_token[:, None], input_pos, attention_mask)
+                input_pos += 1
+        finally:
+            self.train(was_training)
         return torch.cat(tokens, dim=1)
 
     # ---- Hugging Face checkpoints -------------------------------------------------------------
@@ -406,19 +438,21 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_name: str, dropout: float | None = None) -> "GPT":
-        """Loads an HF GPT-2 checkpoint directory (or a Hub name such as 'gpt2', when online)."""
+        """Loads an HF GPT-2 checkpoint directory (or a Hub name such as 'gpt2', when online), in eval
+        mode as HF's from_pretrained: call .train() to train it. Weights come from model.safetensors,
+        pytorch_model.bin (weights_only: no code runs) or either's shards (*.index.json)."""
         directory = Path(path_or_name)
         if not directory.is_dir():
             directory = _download(str(path_or_name))
         config_path = directory / "config.json"
         if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path} not found; expected an HF GPT-2 checkpoint directory (config.json + model.safetensors)")
+            raise UserError(f"{config_path} not found; expected an HF GPT-2 checkpoint directory (config.json and its weights)")
         config = config_from_hf(json.loads(config_path.read_text()))
         if dropout is not None:
             config.dropout = dropout
         model = cls(config)
         model.load_hf_state_dict(_read_weights(directory))
-        return model
+        return model.eval()
 
     def load_hf_state_dict(self, hf_state: dict[str, torch.Tensor]) -> None:
         """Copies HF-named weights in; any missing, unexpected or misshaped tensor is an error."""
@@ -431,16 +465,16 @@ class GPT(nn.Module):
             if name.endswith((".attn.bias", ".attn.masked_bias")):
                 continue  # old HF versions saved the causal mask as a buffer
             if name not in ours:
-                raise ValueError(f"checkpoint has unexpected tensor '{name}'; is it a GPT-2 checkpoint?")
+                raise UserError(f"checkpoint has unexpected tensor '{name}'; is it a GPT-2 checkpoint?")
             if name.endswith(CONV1D_SUFFIXES):
                 tensor = tensor.t()
             if tensor.shape != ours[name].shape:
-                raise ValueError(f"checkpoint tensor '{name}' has shape {tuple(tensor.shape)}, the config expects {tuple(ours[name].shape)}")
+                raise UserError(f"checkpoint tensor '{name}' has shape {tuple(tensor.shape)}, the config expects {tuple(ours[name].shape)}")
             loaded[name] = tensor
         loaded.setdefault("lm_head.weight", loaded.get("transformer.wte.weight"))
         missing = [n for n in ours if n not in loaded or loaded[n] is None]
         if missing:
-            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. '{missing[0]}'; it is incomplete or not GPT-2")
+            raise UserError(f"checkpoint is missing {len(missing)} tensors, e.g. '{missing[0]}'; it is incomplete or not GPT-2")
         self.load_state_dict(loaded)
 
 
@@ -501,7 +535,7 @@ def hf_config(config: GPTConfig) -> dict:
 def config_from_hf(hf: dict) -> GPTConfig:
     """Reads an HF GPT-2 config.json; refuses variants this model does not implement."""
     if hf.get("model_type") != "gpt2":
-        raise ValueError(f"config.json has model_type {hf.get('model_type')!r}; only HF GPT-2 checkpoints (model_type 'gpt2') load")
+        raise UserError(f"config.json has model_type {hf.get('model_type')!r}; only HF GPT-2 checkpoints (model_type 'gpt2') load")
     unsupported = {
         "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
         "scale_attn_weights": (True,),
@@ -510,12 +544,12 @@ def config_from_hf(hf: dict) -> GPTConfig:
     }
     for key, allowed in unsupported.items():
         if key in hf and hf[key] not in allowed:
-            raise ValueError(f"config.json sets {key}={hf[key]!r}; this model supports only {allowed[0]!r}")
+            raise UserError(f"config.json sets {key}={hf[key]!r}; this model supports only {allowed[0]!r}")
     if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
-        raise ValueError(f"config.json sets n_inner={hf['n_inner']}; this model uses 4 * n_embd = {4 * hf['n_embd']}")
+        raise UserError(f"config.json sets n_inner={hf['n_inner']}; this model uses 4 * n_embd = {4 * hf['n_embd']}")
     dropouts = {hf.get(k, 0.1) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
     if len(dropouts) > 1:
-        raise ValueError(f"config.json has different dropouts {sorted(dropouts)}; this model uses one rate for all three")
+        raise UserError(f"config.json has different dropouts {sorted(dropouts)}; this model uses one rate for all three")
     return GPTConfig(
         block_size=hf["n_positions"],
         vocab_size=hf["vocab_size"],
@@ -529,20 +563,36 @@ def config_from_hf(hf: dict) -> GPTConfig:
 
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    if (directory / "model.safetensors").is_file():
-        from safetensors.torch import load_file
+    """A checkpoint's tensors: from its one weights file, or from the shards its index lists."""
+    from safetensors.torch import load_file
 
-        return load_file(directory / "model.safetensors")
-    if (directory / "pytorch_model.bin").is_file():
-        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{directory} has no model.safetensors or pytorch_model.bin; is it an HF GPT-2 checkpoint?")
+    found = next((name for name in WEIGHT_FILES if (directory / name).is_file()), None)
+    if found is None:
+        raise UserError(f"{directory} has none of {', '.join(WEIGHT_FILES)}; is it an HF GPT-2 checkpoint?")
+    index = json.loads((directory / found).read_text()) if found.endswith(".index.json") else None
+    state = {}
+    for name in sorted(set(index["weight_map"].values())) if index else [found]:
+        path = directory / name
+        if not path.is_file():
+            raise UserError(f"{path} not found, though {found} lists it; download or copy the checkpoint again")
+        state.update(load_file(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True))
+    return state
 
 
 def _download(name: str) -> Path:
-    """Fetches config + weights of a Hub model; offline this fails fast with one line."""
+    """Fetches config.json and the weights of a Hub model: its safetensors (one file or shards) if it has
+    them, else its pytorch_model.bin (likewise). Offline, or from a local cache with HF_HUB_OFFLINE=1,
+    it fails fast with one line."""
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(name, allow_patterns=["config.json", "model.safetensors"]))
+        for weights in HUB_WEIGHT_PATTERNS:
+            directory = Path(snapshot_download(name, allow_patterns=["config.json", *weights]))
+            if any((directory / weights_file).is_file() for weights_file in WEIGHT_FILES):
+                return directory
     except Exception as e:  # the Hub client raises many types (connection, auth, not found)
-        raise OSError(f"'{name}' is not a local directory and could not be fetched from the Hugging Face Hub ({type(e).__name__}); pass a local checkpoint directory") from None
+        raise UserError(
+            f"'{name}' is not a local directory and could not be fetched from the Hugging Face Hub ({type(e).__name__}); "
+            "pass a local checkpoint directory, or a Hub name such as gpt2 when online"
+        ) from None
+    raise UserError(f"the Hub model '{name}' has none of {', '.join(WEIGHT_FILES)}; is it a GPT-2 model?")

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import configurator
+from configurator import UserError
 from shards import atomic_write_bytes
 
 
@@ -21,14 +22,14 @@ def plot_run(run_dir) -> Path:
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.jsonl"
     if not metrics_path.is_file():
-        raise FileNotFoundError(f"{metrics_path} not found; pass a run directory written by train.py, e.g. out/austen")
+        raise UserError(f"{metrics_path} not found; pass a run directory written by train.py, e.g. out/austen")
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     curves = {
         "train": [(r["tokens"], r["loss"]) for r in records if "loss" in r],
         "val": [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r],
     }
     if not any(curves.values()):
-        raise ValueError(f"{metrics_path} has no losses yet; plot again after the first log step")
+        raise UserError(f"{metrics_path} has no losses yet; plot again after the first log step")
     fig, ax = plt.subplots(figsize=(8, 5))
     for (label, points), style in zip(curves.items(), ("-", "o-")):
         if points:
@@ -48,7 +49,7 @@ def plot_run(run_dir) -> Path:
 
 def main(argv: list[str]) -> None:
     if len(argv) != 1:
-        raise ValueError("usage: python plot.py RUN_DIR (e.g. out/austen)")
+        raise UserError("usage: python plot.py RUN_DIR (e.g. out/austen)")
     print(f"wrote {plot_run(argv[0])}")
 
 

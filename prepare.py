@@ -11,9 +11,20 @@ starts with <|endoftext|>, as in llm.c; BookCorpus rows are sentences of one run
 Validation: the text goes in blocks of ~block_chars characters (small documents whole, large ones cut
 before a space between two non-space characters, where GPT-2's pre-tokenizer splits anyway, so tokens
 are exactly those of the whole document). Each block is held out with probability val_fraction, drawn
-from a generator seeded with `seed`; the first block always trains, the last is held out if no other
-was. Blocks are contiguous text, so nothing is in both splits; text that resumes after the other
-split's blocks starts with <|endoftext|>.
+from a generator seeded with `seed`; the first block always trains. Blocks are contiguous text, so
+nothing is in both splits; text that resumes after the other split's blocks starts with <|endoftext|>.
+
+The share held out suits the input's size, which a stream does not tell up front; two rules settle it
+in one pass, in bounded memory:
+- Read-ahead: the first MIN_BLOCKS (16) blocks are read before any is assigned. An input that ends
+  within them is small, and wholly in memory: it is cut again into blocks of 1/16 of its size.
+- Fallback: when the input ends with less than half a block held out, the last block is held out,
+  and the one before it too if the last is under half a block (the last two blocks wait for this).
+So an input under 16 blocks (4M characters, ~1M tokens) holds out 3-9% of itself, a larger one at
+least half a block, and from ~1/val_fraction blocks on (170M characters) the draws take over: 0.15%
+of BookCorpus. Inputs under MIN_CHARS are refused. The read-ahead holds at most 16 blocks (4M
+characters). Inputs of 16 blocks or more are cut and drawn as before these rules, so BookCorpus and
+the bundled Austen give the same shards.
 
 Speed and memory: the main thread reads and cuts blocks, `workers` threads tokenize them (tiktoken
 releases the GIL), at most 2 * workers blocks are in flight and shards stream to disk: peak RSS does
@@ -47,6 +58,7 @@ import numpy as np
 from tqdm import tqdm
 
 import configurator
+from configurator import UserError
 from shards import ShardWriter, atomic_write_bytes, read_shard
 from tokenizer import EOT_ID, RANKS_SHA256, VOCAB_SIZE, get_tokenizer
 
@@ -63,6 +75,8 @@ FORMAT_VERSION = 1  # of meta.json
 READ_BYTES = 1 << 20
 REPLACEMENT_UTF8 = "\ufffd".encode()
 SPLITS = ("train", "val")
+MIN_BLOCKS = 16  # an input of fewer blocks is cut into this many smaller ones (see the docstring)
+MIN_CHARS = 4096  # ~1k tokens: less cannot give both splits something to work with
 
 
 @dataclass
@@ -77,7 +91,8 @@ class PrepareConfig:
     seed: int = 1337
     shard_tokens: int = 100_000_000
     block_chars: int = 1 << 18  # text per validation draw and per tokenizer task
-    workers: int = len(os.sched_getaffinity(0))  # tokenizer threads
+    # tokenizer threads: the CPUs this process may use (as os.process_cpu_count of Python 3.13; affinity is Linux-only)
+    workers: int = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     force: bool = False  # delete this dataset's shards and rebuild
 
 
@@ -124,9 +139,9 @@ def check_hub(repo: str, revision: str | None) -> None:
     try:
         HfApi().dataset_info(repo, revision=revision, timeout=10)
     except HfHubHTTPError as e:  # the Hub answered: no such dataset or revision, gated, ...
-        raise ValueError(f"--dataset={repo}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"--dataset={repo}: {str(e).splitlines()[0]}") from None
     except Exception as e:  # no answer; the transport's exception types vary across huggingface_hub versions
-        raise ConnectionError(f"cannot reach the Hugging Face Hub for {repo} ({type(e).__name__}: {e}); {OFFLINE_HINT}") from None
+        raise UserError(f"cannot reach the Hugging Face Hub for {repo} ({type(e).__name__}: {e}); {OFFLINE_HINT}") from None
 
 
 def dataset_documents(path: str, source: str, text_column: str, sentences: bool, hub: bool, **load_args):
@@ -141,11 +156,11 @@ def dataset_documents(path: str, source: str, text_column: str, sentences: bool,
     try:
         dataset = datasets.load_dataset(path, streaming=True, **load_args)
     except ConnectionError as e:
-        raise ConnectionError(f"cannot reach the Hugging Face Hub for {path} ({e}); {OFFLINE_HINT}") from None
+        raise UserError(f"cannot reach the Hugging Face Hub for {path} ({e}); {OFFLINE_HINT}") from None
     except RuntimeError as e:  # a loading script, which datasets no longer runs
-        raise ValueError(f"--dataset={path}: {e}; its Parquet export may work: --revision={BOOKCORPUS_REVISION}") from None
+        raise UserError(f"--dataset={path}: {e}; its Parquet export may work: --revision={BOOKCORPUS_REVISION}") from None
     if dataset.column_names and text_column not in dataset.column_names:
-        raise ValueError(f"{source} has no column '{text_column}' (it has {', '.join(dataset.column_names)}); pass --text_column=NAME")
+        raise UserError(f"{source} has no column '{text_column}' (it has {', '.join(dataset.column_names)}); pass --text_column=NAME")
     # Arrow batches: datasets' default Python formatting goes row by row, 10x slower
     batches = (table[text_column].to_pylist() for table in dataset.select_columns([text_column]).with_format("arrow").iter(batch_size=1000))
     if sentences:
@@ -162,12 +177,12 @@ def local_files(pattern: str) -> list[Path]:
     elif Path(pattern).is_file():
         paths = [Path(pattern)]
     else:
-        raise FileNotFoundError(f"--input={pattern}: no such file or directory")
+        raise UserError(f"--input={pattern}: no such file or directory")
     files = [p for p in paths if p.is_file() and (p.name.endswith((".txt", ".txt.gz")) or p.suffix in ROW_FORMATS)]
     if not files:
-        raise FileNotFoundError(f"--input={pattern}: no .txt, .txt.gz, .jsonl or .parquet files there")
+        raise UserError(f"--input={pattern}: no .txt, .txt.gz, .jsonl or .parquet files there")
     if len({p.suffix if p.suffix in ROW_FORMATS else "text" for p in files}) > 1:
-        raise ValueError(f"--input={pattern} mixes text and row files; prepare one kind at a time")
+        raise UserError(f"--input={pattern} mixes text and row files; prepare one kind at a time")
     return files
 
 
@@ -223,23 +238,67 @@ def cut_blocks(documents, block_chars: int):
         yield block
 
 
-def split_blocks(blocks, val_fraction: float, seed: int):
-    """Numbers the blocks and assigns each to a split, as the module docstring says."""
+def block_chars_of(block) -> int:
+    return sum(len(text) for _, text in block)
+
+
+def documents_of(blocks):
+    """The documents that cut_blocks cut these blocks from, each as a list of pieces."""
+    document = []
+    for block in blocks:
+        for starts_document, text in block:
+            if starts_document and document:
+                yield document
+                document = []
+            document.append(text)
+    if document:
+        yield document
+
+
+def sized_blocks(documents, block_chars: int):
+    """cut_blocks at a length that suits the input's size (the docstring's read-ahead); returns (blocks, length)."""
+    blocks = cut_blocks(documents, block_chars)
+    head = list(itertools.islice(blocks, MIN_BLOCKS))
+    if len(head) == MIN_BLOCKS:
+        return itertools.chain(head, blocks), block_chars
+    chars = sum(map(block_chars_of, head))
+    if chars == 0:
+        raise UserError("the input has no text; check the files (or --text_column)")
+    if chars < MIN_CHARS:
+        raise UserError(f"the input has {chars:,} characters, too little to hold out validation text; prepare at least {MIN_CHARS:,}")
+    small = -(-chars // MIN_BLOCKS)
+    return cut_blocks(documents_of(head), small), small
+
+
+def held_out_blocks(blocks, block_chars: int, val_fraction: float, seed: int):
+    """Yields (block, whether it is held out): the seeded draws, then the docstring's fallback."""
     rng = random.Random(seed)
-    blocks = iter(blocks)
-    block = next(blocks, None)
-    if block is None:
-        raise ValueError("the input has no text; check the files (or --text_column)")
-    previous_split, held_out = None, False
-    for index, following in enumerate(itertools.chain(blocks, [None])):
-        if index == 0 and following is None:
-            raise ValueError(f"the input is one block of {sum(len(text) for _, text in block):,} characters, too little to hold out validation text; lower --block_chars")
-        held_out_now = rng.random() < val_fraction and index > 0 or (following is None and not held_out)
-        split = "val" if held_out_now else "train"
-        held_out |= held_out_now
+    last_two = collections.deque()  # [index, block, held out], still open to the fallback
+    held_out_chars = 0
+    for index, block in enumerate(blocks):
+        held_out = rng.random() < val_fraction and index > 0
+        held_out_chars += held_out * block_chars_of(block)
+        last_two.append([index, block, held_out])
+        if len(last_two) > 2:
+            yield last_two.popleft()[1:]
+    for entry in reversed(last_two):
+        index, block, held_out = entry
+        if held_out_chars >= block_chars / 2 or index == 0:
+            break
+        if not held_out:
+            entry[2] = True
+            held_out_chars += block_chars_of(block)
+    yield from (entry[1:] for entry in last_two)
+
+
+def split_blocks(blocks, block_chars: int, val_fraction: float, seed: int):
+    """Numbers the blocks and assigns each to a split, as the module docstring says."""
+    previous_split = None
+    for index, (block, held_out) in enumerate(held_out_blocks(blocks, block_chars, val_fraction, seed)):
+        split = "val" if held_out else "train"
         (starts_document, text), *others = block
         yield Unit(index, split, [(starts_document or split != previous_split, text), *others])
-        previous_split, block = split, following
+        previous_split = split
 
 
 def tokenize(units, workers: int):
@@ -297,7 +356,7 @@ class SplitWriter:
                     self.close_shard(end=[index, offset])
                     completed = True
         except OSError as e:
-            raise OSError(f"writing {self.next_path()} failed: {e.strerror or e}; free disk space and rerun, finished shards are reused") from None
+            raise UserError(f"writing {self.next_path()} failed: {e.strerror or e}; free disk space and rerun, finished shards are reused") from None
         return completed
 
     def next_path(self) -> Path:
@@ -317,7 +376,7 @@ def check_settings(path: Path, settings: dict) -> dict:
     saved = json.loads(path.read_text())
     changed = [key for key in settings if saved.get(key) != settings[key]]
     if changed:
-        raise ValueError(f"{path.parent} holds shards prepared with other settings ({', '.join(changed)}); pass --force to rebuild, or another --out_dir")
+        raise UserError(f"{path.parent} holds shards prepared with other settings ({', '.join(changed)}); pass --force to rebuild, or another --out_dir")
     return saved
 
 
@@ -331,10 +390,10 @@ def intact(path: Path, tokens: int) -> bool:
 def main(argv):
     cfg = configurator.parse_config(PrepareConfig, argv)
     if not 0 <= cfg.val_fraction < 1 or min(cfg.shard_tokens, cfg.block_chars, cfg.workers) < 1:
-        raise ValueError("need 0 <= --val_fraction < 1 and --shard_tokens, --block_chars, --workers >= 1")
+        raise UserError("need 0 <= --val_fraction < 1 and --shard_tokens, --block_chars, --workers >= 1")
     max_id = get_tokenizer().max_token_value
     if max_id > np.iinfo(np.uint16).max:
-        raise ValueError(f"the tokenizer has ids up to {max_id}, but shards store uint16 (at most 65535); use a GPT-2-sized vocabulary")
+        raise UserError(f"the tokenizer has ids up to {max_id}, but shards store uint16 (at most 65535); use a GPT-2-sized vocabulary")
     replaced = collections.Counter()
     name, source, documents = open_source(cfg, replaced)
     out_dir = Path(cfg.out_dir or ROOT / "data" / name)
@@ -360,7 +419,7 @@ def main(argv):
         path.unlink()
 
     writers = {split: SplitWriter(out_dir, split, cfg.shard_tokens, completed[split]) for split in SPLITS}
-    units = split_blocks(cut_blocks(documents, cfg.block_chars), cfg.val_fraction, cfg.seed)
+    units = split_blocks(*sized_blocks(documents, cfg.block_chars), cfg.val_fraction, cfg.seed)
     todo = (unit for unit in units if unit.index >= writers[unit.split].resume[0])
     started, tokenized = time.perf_counter(), 0
     try:

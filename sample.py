@@ -1,12 +1,17 @@
-"""Continue a prompt with a trained GPT-2, streaming tokens as they come.
+"""Continue a prompt with a trained GPT-2, streaming tokens as they come; or many prompts in one batch.
 
     python sample.py --start="I was telling her that"        # the newest run under out/
     python sample.py --ckpt=out/austen --num_samples=3 --seed=2
     python sample.py --ckpt=path/to/gpt2 --start=FILE:prompt.txt --dtype=bfloat16
+    python sample.py --ckpt=gpt2                               # a Hub model (online), as train.py's --init_from
     python sample.py --init=random                             # an untrained GPT-2 124M, as the recipe showed
+    python sample.py --prompts=prompts.txt                     # one prompt per line, all continued in one batch
 
 Defaults are the recipe's generate call: 100 new tokens, sampling with top_k=10 and top_p=0.95 at
-temperature 1.0; with the same weights and seed the tokens equal GPT2LMHeadModel.generate's.
+temperature 1.0; with the same weights and seed the tokens equal GPT2LMHeadModel.generate's. With
+--prompts, the prompts are left-padded to the longest and masked, as HF batches them: each
+continuation equals HF generate's on that batch with its attention_mask. A batch prints each
+prompt's text once all are done, separated by lines of dashes, each cut after its first <|endoftext|>.
 """
 
 import codecs
@@ -20,6 +25,7 @@ import torch
 import configurator
 import tokenizer
 from checkpoint import latest_checkpoint
+from configurator import UserError
 from model import GPT, GPTConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -28,9 +34,10 @@ TRAIN_HINT = "train one with `python prepare.py --dataset=austen && python train
 
 @dataclass
 class SampleConfig:
-    ckpt: str | None = None  # a run directory (its newest checkpoint), a checkpoint or any HF GPT-2 directory; None: newest run under out/
+    ckpt: str | None = None  # a run directory (its newest checkpoint), a checkpoint, any HF GPT-2 directory or Hub name (gpt2); None: newest run under out/
     init: str = "checkpoint"  # or "random": an untrained GPT-2 124M
     start: str = "I was telling her that"  # the prompt, or FILE:path to read it from a file
+    prompts: str | None = None  # a file of prompts, one per line (blank lines skipped), continued in one batch; replaces start
     num_samples: int = 1
     max_new_tokens: int = 100
     temperature: float = 1.0
@@ -46,7 +53,7 @@ class SampleConfig:
 def newest_run(out_dir: Path) -> Path:
     runs = [run for run in out_dir.glob("*/") if latest_checkpoint(run)] if out_dir.is_dir() else []
     if not runs:
-        raise FileNotFoundError(f"no checkpoint under {out_dir}/; {TRAIN_HINT}")
+        raise UserError(f"no checkpoint under {out_dir}/; {TRAIN_HINT}")
     return max(runs, key=lambda run: latest_checkpoint(run).stat().st_mtime)
 
 
@@ -54,73 +61,95 @@ def load_model(cfg: SampleConfig) -> GPT:
     if cfg.init == "random":
         return GPT(GPTConfig(dropout=0.0))
     if cfg.init != "checkpoint":
-        raise ValueError(f"--init={cfg.init}: expected checkpoint or random")
-    path = Path(cfg.ckpt) if cfg.ckpt is not None else newest_run(Path("out"))
-    if not path.is_dir():
-        raise FileNotFoundError(f"--ckpt={path} is not a directory; pass a run directory, a checkpoint directory or an HF GPT-2 directory")
-    if not (path / "config.json").is_file():  # a run directory: take its newest checkpoint
-        checkpoint = latest_checkpoint(path)
+        raise UserError(f"--init={cfg.init}: expected checkpoint or random")
+    source = cfg.ckpt if cfg.ckpt is not None else str(newest_run(Path("out")))
+    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():  # a run directory: its newest checkpoint
+        checkpoint = latest_checkpoint(source)
         if checkpoint is None:
-            raise FileNotFoundError(f"{path} has neither config.json nor ckpt_* checkpoints; {TRAIN_HINT}")
-        path = checkpoint
-    print(f"loading {path}", file=sys.stderr)
-    return GPT.from_pretrained(path, dropout=0.0)
+            raise UserError(f"{source} has neither config.json nor ckpt_* checkpoints; {TRAIN_HINT}")
+        source = str(checkpoint)
+    print(f"loading {source}", file=sys.stderr)
+    return GPT.from_pretrained(source, dropout=0.0)  # not a directory: a Hub name, as train.py's --init_from
 
 
 def read_prompt(start: str) -> str:
     if start.startswith("FILE:"):
         path = Path(start.removeprefix("FILE:"))
         if not path.is_file():
-            raise FileNotFoundError(f"--start=FILE:{path}: no such file")
+            raise UserError(f"--start=FILE:{path}: no such file")
         return path.read_text(encoding="utf-8")
     return start
+
+
+def read_prompts(path: str) -> list[str]:
+    if not Path(path).is_file():
+        raise UserError(f"--prompts={path}: no such file; pass a text file with one prompt per line")
+    prompts = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"--prompts={path} has no prompts; write one per line")
+    return prompts
+
+
+def stream(model: GPT, prompt: str, prompt_ids: list[int], cfg: SampleConfig, sampling: dict) -> int:
+    """Prints the prompt and its continuation token by token; returns the number of new tokens."""
+    token_bytes = tokenizer.get_tokenizer().decode_single_token_bytes
+    # A character may span tokens (e.g. an emoji): the incremental decoder prints only complete ones.
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    print(prompt, end="", flush=True)
+    idx = torch.tensor([prompt_ids], device=cfg.device)  # (1, T)
+    out = model.generate(idx, cfg.max_new_tokens, **sampling, callback=lambda token: print(utf8.decode(token_bytes(token.item())), end="", flush=True))
+    print(utf8.decode(b"", final=True))
+    return out.shape[1] - idx.shape[1]
+
+
+def continue_batch(model: GPT, prompts: list[str], prompt_ids: list[list[int]], cfg: SampleConfig, sampling: dict) -> int:
+    """Continues all prompts in one batch, left-padded and masked as HF batches them, then prints
+    each; returns the number of new tokens in all."""
+    longest = max(map(len, prompt_ids))
+    padding = [longest - len(ids) for ids in prompt_ids]
+    idx = torch.tensor([[tokenizer.EOT_ID] * pad + ids for pad, ids in zip(padding, prompt_ids)], device=cfg.device)  # (B, longest)
+    attention_mask = torch.tensor([[0] * pad + [1] * len(ids) for pad, ids in zip(padding, prompt_ids)], device=cfg.device)
+    out = model.generate(idx, cfg.max_new_tokens, **sampling, attention_mask=attention_mask)
+    for i, (prompt, new) in enumerate(zip(prompts, out[:, longest:].tolist())):
+        if tokenizer.EOT_ID in new:  # a finished sequence goes on with <|endoftext|>: print the first
+            new = new[: new.index(tokenizer.EOT_ID) + 1]
+        print(("---------------\n" if i else "") + prompt + tokenizer.decode(new))
+    return out[:, longest:].numel()
 
 
 def main(argv):
     cfg = configurator.parse_config(SampleConfig, argv)
     if cfg.dtype not in DTYPES:
-        raise ValueError(f"--dtype={cfg.dtype}: expected one of {', '.join(DTYPES)}")
+        raise UserError(f"--dtype={cfg.dtype}: expected one of {', '.join(DTYPES)}")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device={cfg.device}, but torch sees no CUDA GPU; use --device=cpu")
-    prompt = read_prompt(cfg.start)
-    prompt_ids = tokenizer.encode(prompt)
-    if not prompt_ids:
-        raise ValueError("the prompt is empty; pass --start=TEXT or --start=FILE:prompt.txt")
+        raise UserError(f"--device={cfg.device}, but torch sees no CUDA GPU; use --device=cpu")
+    prompts = read_prompts(cfg.prompts) if cfg.prompts is not None else [read_prompt(cfg.start)]
+    prompt_ids = [tokenizer.encode(prompt) for prompt in prompts]
+    if not all(prompt_ids):
+        raise UserError("the prompt is empty; pass --start=TEXT or --start=FILE:prompt.txt")
     torch.manual_seed(cfg.seed)  # a random init is reproducible too
     model = load_model(cfg).to(cfg.device, DTYPES[cfg.dtype]).eval()
-    context = model.config.block_size
-    if len(prompt_ids) + cfg.max_new_tokens > context:
-        raise ValueError(
-            f"the prompt ({len(prompt_ids)} tokens) + --max_new_tokens={cfg.max_new_tokens} exceed the context of {context} tokens; "
-            "shorten the prompt or lower --max_new_tokens"
+    context, longest = model.config.block_size, max(map(len, prompt_ids))
+    if longest + cfg.max_new_tokens > context:
+        raise UserError(
+            f"the {'longest ' if len(prompts) > 1 else ''}prompt ({longest} tokens) + --max_new_tokens={cfg.max_new_tokens} "
+            f"exceed the context of {context} tokens; shorten the prompt or lower --max_new_tokens"
         )
     if cfg.compile:
         torch._inductor.config.freezing = True  # weights become prepacked constants: faster on CPU (see compile_decode_step)
         model.compile_decode_step()
-    idx = torch.tensor([prompt_ids], device=cfg.device)  # (1, T)
-    token_bytes = tokenizer.get_tokenizer().decode_single_token_bytes
+    sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, do_sample=cfg.do_sample, eos_token_id=tokenizer.EOT_ID)
     torch.manual_seed(cfg.seed)  # again, whatever loading drew: the same tokens as HF generate after manual_seed(seed)
     for sample in range(cfg.num_samples):
-        # A character may span tokens (e.g. an emoji): the incremental decoder prints only complete ones.
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        print(prompt, end="", flush=True)
-        started = time.perf_counter()
-        out = model.generate(
-            idx,
-            cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_k=cfg.top_k,
-            top_p=cfg.top_p,
-            do_sample=cfg.do_sample,
-            eos_token_id=tokenizer.EOT_ID,
-            callback=lambda token: print(utf8.decode(token_bytes(token.item())), end="", flush=True),
-        )
-        seconds = time.perf_counter() - started
-        print(utf8.decode(b"", final=True))
-        new_tokens = out.shape[1] - idx.shape[1]
-        print(f"[{new_tokens} tokens in {seconds:.2f} s: {new_tokens / seconds:.1f} tokens/s]", file=sys.stderr)
-        if sample < cfg.num_samples - 1:
+        if sample:
             print("---------------")
+        started = time.perf_counter()
+        if len(prompts) == 1:
+            new_tokens = stream(model, prompts[0], prompt_ids[0], cfg, sampling)
+        else:
+            new_tokens = continue_batch(model, prompts, prompt_ids, cfg, sampling)
+        seconds = time.perf_counter() - started
+        print(f"[{new_tokens} tokens in {seconds:.2f} s: {new_tokens / seconds:.1f} tokens/s]", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from configurator import UserError
+
 MAGIC = 20240520
 VERSION = 1
 HEADER_INTS = 256
@@ -99,22 +101,24 @@ def write_shard(path: Path, tokens: np.ndarray) -> None:
 def read_shard(path: Path) -> np.memmap:
     """Memory-maps a shard's tokens after checking its header and size; errors name the file."""
     path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} not found; rerun prepare.py")
     size = path.stat().st_size
     if size < HEADER_BYTES:
-        raise ValueError(f"{path}: truncated shard ({size} bytes, header alone is {HEADER_BYTES}); rerun prepare.py")
+        raise UserError(f"{path}: truncated shard ({size} bytes, header alone is {HEADER_BYTES}); rerun prepare.py")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     if header[0] != MAGIC or header[1] != VERSION:
-        raise ValueError(f"{path}: not a token shard (magic {header[0]}, version {header[1]}); rerun prepare.py")
+        raise UserError(f"{path}: not a token shard (magic {header[0]}, version {header[1]}); rerun prepare.py")
     expected = HEADER_BYTES + int(header[2]) * 2
     if size != expected:
-        raise ValueError(f"{path}: size {size} bytes but header promises {expected}; the shard is damaged, rerun prepare.py")
+        raise UserError(f"{path}: size {size} bytes but header promises {expected}; the shard is damaged, rerun prepare.py")
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(int(header[2]),))
 
 
 def read_meta(data_dir: Path) -> dict:
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; run `python prepare.py` (or --dataset=austen) first")
+        raise UserError(f"{path} not found; run `python prepare.py` (or --dataset=austen) first")
     return json.loads(path.read_text())
 
 
@@ -131,17 +135,17 @@ class TokenWindows:
         self.block_size = block_size
         shard_infos = self.meta["splits"].get(split, {}).get("shards", [])
         if not shard_infos:
-            raise ValueError(f"{self.data_dir}: no '{split}' shards in meta.json; rerun prepare.py")
+            raise UserError(f"{self.data_dir}: no '{split}' shards in meta.json; rerun prepare.py")
         self.shards = []
         for info in shard_infos:
             tokens = read_shard(self.data_dir / info["file"])
             if len(tokens) != info["tokens"]:
-                raise ValueError(f"{self.data_dir / info['file']}: {len(tokens)} tokens but meta.json says {info['tokens']}; rerun prepare.py --force")
+                raise UserError(f"{self.data_dir / info['file']}: {len(tokens)} tokens but meta.json says {info['tokens']}; rerun prepare.py --force")
             self.shards.append(tokens)
         counts = np.array([max(0, (len(s) - 1) // block_size) for s in self.shards], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(counts)])  # window index where each shard begins
         if self.starts[-1] == 0:
-            raise ValueError(f"{self.data_dir}: '{split}' has fewer than block_size + 1 = {block_size + 1} tokens; use a smaller block_size or more data")
+            raise UserError(f"{self.data_dir}: '{split}' has fewer than block_size + 1 = {block_size + 1} tokens; use a smaller block_size or more data")
 
     def __len__(self) -> int:
         return int(self.starts[-1])

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import tiktoken
 
+from configurator import UserError
+
 RANKS_PATH = Path(__file__).parent / "assets" / "gpt2.tiktoken"
 RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 # GPT-2's pre-tokenizer split pattern (tiktoken's r50k_base / gpt2).
@@ -26,7 +28,7 @@ def get_tokenizer() -> tiktoken.Encoding:
     contents = RANKS_PATH.read_bytes()
     digest = hashlib.sha256(contents).hexdigest()
     if digest != RANKS_SHA256:
-        raise ValueError(
+        raise UserError(
             f"{RANKS_PATH} is damaged (sha256 {digest[:12]}..., expected {RANKS_SHA256[:12]}...); "
             "restore it with `git checkout -- assets/gpt2.tiktoken`"
         )

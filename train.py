@@ -139,7 +139,7 @@ def build_model(cfg: TrainConfig, source, meta: dict) -> GPT:
         check_model_fits_data(config, cfg, meta)
         torch.manual_seed(cfg.seed)  # the same initial weights whatever the number of ranks
         return GPT(config)
-    model = GPT.from_pretrained(str(source), dropout=cfg.dropout)
+    model = GPT.from_pretrained(str(source), dropout=cfg.dropout).train()  # from_pretrained gives eval mode, as HF's
     check_model_fits_data(model.config, cfg, meta)
     return model
 

@@ -1,13 +1,12 @@
 # A small GPT-2 on the six Austen novels (data/austen), sized for a 2-core CPU in about 10 minutes:
 #   python prepare.py --dataset=austen && python train.py config/austen.py && python sample.py
 # The 50257-way output layer is most of the work at this width; one epoch is ~466 steps.
+# device and compile are TrainConfig's: a visible GPU, compiled, else the CPU, eager.
 # On a CPU without native bf16 (no AVX512-BF16 / AMX) add --dtype=float32: about 3x slower here.
 
 run_name = "austen"
 data_dir = "data/austen"
-device = "cpu"
-compile = False
-dtype = "bfloat16"  # autocast: the output layer's matmuls ~3x faster on AVX512-BF16 CPUs
+dtype = "bfloat16"  # autocast: the output layer's matmuls ~3x faster on AVX512-BF16 CPUs, and GPUs' native type
 
 # model: 4 layers of width 128 (7.3M parameters, 6.5M of them the token embedding)
 block_size = 256

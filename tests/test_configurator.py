@@ -1,8 +1,14 @@
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-from configurator import ConfigError, parse_config
+import configurator
+from configurator import ConfigError, UserError, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -58,3 +64,41 @@ def test_bad_config_file_values(tmp_path):
     path.write_text("stepz = 1\n")
     with pytest.raises(ConfigError, match="did you mean 'steps'"):
         parse_config(Example, [str(path)])
+
+
+def test_run_prints_user_errors_as_one_line_and_keeps_other_tracebacks(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["script.py", "--x=1"])
+
+    def main_raising(error):
+        def main(argv):
+            assert argv == ["--x=1"]
+            raise error
+        return main
+
+    with pytest.raises(SystemExit) as exit_info:
+        configurator.run(main_raising(UserError("--x=1: expected a path; pass --x=FILE")))
+    assert exit_info.value.code == "script.py: error: --x=1: expected a path; pass --x=FILE"
+    assert issubclass(ConfigError, UserError) and issubclass(UserError, ValueError)  # callers catching ValueError still do
+    with pytest.raises(SystemExit) as exit_info:
+        configurator.run(main_raising(KeyboardInterrupt()))
+    assert exit_info.value.code == 130
+    for bug in (ValueError("a bug"), OSError("a bug"), ZeroDivisionError()):
+        with pytest.raises(type(bug)):  # not SystemExit: the traceback survives
+            configurator.run(main_raising(bug))
+
+
+def run_prepare(code: str) -> subprocess.CompletedProcess:
+    """prepare.py's command line (configurator.run(prepare.main)), after `code` ran in the same process."""
+    script = f"import sys, configurator, prepare\n{code}\nsys.argv[0] = 'prepare.py'\nconfigurator.run(prepare.main)"
+    return subprocess.run([sys.executable, "-c", script, "--input=no/such/dir"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_a_user_mistake_is_one_line_on_stderr_and_a_bug_keeps_its_traceback():
+    mistake = run_prepare("")
+    assert mistake.returncode == 1 and mistake.stdout == ""
+    assert mistake.stderr == "prepare.py: error: --input=no/such/dir: no such file or directory\n"
+    # a bug inside the code (here: an internal function raising ValueError) is not dressed up as a user error
+    bug = run_prepare("def broken(pattern):\n    raise ValueError('internal bug')\nprepare.local_files = broken")
+    assert bug.returncode == 1
+    assert "Traceback (most recent call last)" in bug.stderr and "in broken" in bug.stderr
+    assert bug.stderr.rstrip().endswith("ValueError: internal bug")

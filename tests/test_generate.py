@@ -12,11 +12,12 @@ SMALL = dict(n_layer=2, n_head=3, n_embd=48, n_positions=128, vocab_size=101, bo
 RECIPE = dict(do_sample=True, top_k=10, top_p=0.95)
 
 
-def hf_generate(hf, idx, max_new_tokens, seed, **sampling):
+def hf_generate(hf, idx, max_new_tokens, seed, attention_mask=None, **sampling):
     """HF generate with every default pinned: top_k=0 stands for our None (HF's default is 50)."""
     torch.manual_seed(seed)
     sampling.setdefault("top_k", 0)
-    return hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=max_new_tokens, **sampling)
+    attention_mask = torch.ones_like(idx) if attention_mask is None else attention_mask
+    return hf.generate(idx, attention_mask=attention_mask, max_new_tokens=max_new_tokens, **sampling)
 
 
 def our_generate(ours, idx, max_new_tokens, seed, **sampling):
@@ -101,6 +102,58 @@ def test_each_prompt_of_a_batch_continues_as_if_alone(small_pair):
     batched = ours.generate(idx, 20, do_sample=False)
     for row in range(3):
         assert torch.equal(batched[row : row + 1], ours.generate(idx[row : row + 1], 20, do_sample=False))
+
+
+@pytest.mark.parametrize("sampling", [RECIPE, dict(do_sample=False)], ids=["recipe", "greedy"])
+def test_left_padded_prompts_give_hf_generates_tokens(small_pair, sampling):
+    hf, ours = small_pair
+    lengths = torch.tensor([7, 2, 5, 7])
+    attention_mask = (torch.arange(7) >= 7 - lengths[:, None]).long()  # (4, 7), padding on the left
+    idx = tokens(101, 4, 7, seed=6).masked_fill(attention_mask == 0, 100)  # the pad id is any token: masked
+    ref = hf_generate(hf, idx, 30, seed=3, attention_mask=attention_mask, **sampling)
+    got = our_generate(ours, idx, 30, seed=3, attention_mask=attention_mask, **sampling)
+    assert torch.equal(got, ref)
+    if not sampling["do_sample"]:  # greedy: each prompt continues as it would alone, padding unseen
+        for row, length in enumerate(lengths):
+            alone = ours.generate(idx[row : row + 1, 7 - length :], 30, do_sample=False)
+            assert torch.equal(got[row, 7:], alone[0, length:]), row
+
+
+def test_generate_is_in_eval_mode_whatever_the_caller_left(small_pair):
+    _, ours = small_pair
+    idx = tokens(101, 2, 5)
+    reference = ours.generate(idx, 20, do_sample=False)
+    for module in ours.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5  # as if trained with dropout: in train mode it would change the tokens
+    try:
+        ours.train()
+        assert torch.equal(ours.generate(idx, 20, do_sample=False), reference)
+        assert ours.training  # the caller's mode is given back
+        ours.eval()
+        ours.generate(idx, 20, do_sample=False)
+        assert not ours.training
+    finally:
+        for module in ours.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+
+
+def test_generate_under_autocast_with_fp32_weights(small_pair):
+    _, ours = small_pair
+    idx = tokens(101, 2, 5)
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for mask in (None, attention_mask):
+            assert ours.generate(idx, 10, attention_mask=mask, **RECIPE).shape == (2, 15)
+            assert ours.transformer.h[0].attn.kv_cache.k.dtype == torch.bfloat16  # autocast's, not the weights'
+    assert ours.lm_head.weight.dtype == torch.float32
+
+
+def test_right_padding_is_refused(small_pair):
+    _, ours = small_pair
+    with pytest.raises(ValueError, match="pad prompts on the left"):
+        ours.generate(tokens(101, 2, 5), 3, attention_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]))
 
 
 @pytest.mark.parametrize(

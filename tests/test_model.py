@@ -1,13 +1,17 @@
 """Parity with transformers' GPT2LMHeadModel on random-init models (no downloads)."""
 
 import contextlib
+import fnmatch
 import json
 import math
+import shutil
 
 import pytest
 import torch
+from huggingface_hub import save_torch_state_dict
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from configurator import UserError
 from model import CONV1D_SUFFIXES, GPT, GPTConfig, config_from_hf, hf_config
 
 # Deliberately odd shapes: 3 heads of width 16, 37 positions, a vocabulary of 101; one head; many.
@@ -101,20 +105,61 @@ def test_round_trips_give_equal_logits(tmp_path):
 
 
 def test_from_pretrained_reads_every_hf_layout(tmp_path):
-    hf, _ = make_pair(**SMALL_CONFIGS[0])
+    hf, _ = make_pair(dropout=0.1, **SMALL_CONFIGS[0])  # in train mode dropout would make the logits differ
     idx = tokens(101, 1, 10)
     with torch.no_grad():
         ref = hf.eval()(idx).logits
     hf.save_pretrained(tmp_path / "safetensors")
-    # pytorch_model.bin from a torch.compile'd model, and GPT2Model keys without 'transformer.'
-    for folder, rename in [("compiled", lambda n: "_orig_mod." + n), ("bare", lambda n: n.removeprefix("transformer."))]:
+    hf.save_pretrained(tmp_path / "safetensors-shards", max_shard_size="100KB")  # model.safetensors.index.json
+    for folder in ["bin", "bin-shards", "compiled", "bare"]:
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "config.json").write_text(hf.config.to_json_string())
+    # pytorch_model.bin, one file and sharded, as huggingface_hub writes them (transformers 4's save_pretrained did the same)
+    for folder, shard_size in [("bin", "5GB"), ("bin-shards", "100KB")]:
+        save_torch_state_dict(hf.state_dict(), tmp_path / folder, max_shard_size=shard_size, safe_serialization=False)
+    # pytorch_model.bin from a torch.compile'd model, and GPT2Model keys without 'transformer.'
+    for folder, rename in [("compiled", lambda n: "_orig_mod." + n), ("bare", lambda n: n.removeprefix("transformer."))]:
         torch.save({rename(n): t for n, t in hf.state_dict().items()}, tmp_path / folder / "pytorch_model.bin")
-    for folder in ["safetensors", "compiled", "bare"]:
-        model = GPT.from_pretrained(tmp_path / folder).eval()
+    assert len(list((tmp_path / "safetensors-shards").glob("model-*.safetensors"))) > 1
+    assert len(list((tmp_path / "bin-shards").glob("pytorch_model-*.bin"))) > 1
+    for folder in ["safetensors", "safetensors-shards", "bin", "bin-shards", "compiled", "bare"]:
+        model = GPT.from_pretrained(tmp_path / folder)
+        assert not model.training  # eval mode, as HF's from_pretrained: the README's "same logits" as they are
         with torch.no_grad():
             assert (model(idx)[0] - ref).abs().max() < 1e-6, folder
+
+
+def test_hub_models_fetch_config_and_one_format_of_weights(tmp_path, monkeypatch):
+    """The Hub played by local folders: a repo with both formats gives its safetensors alone, one with
+    sharded pickles those shards."""
+    import huggingface_hub
+
+    hf, _ = make_pair(**SMALL_CONFIGS[0])
+    hub = tmp_path / "hub"
+    hf.save_pretrained(hub / "both")
+    save_torch_state_dict(hf.state_dict(), hub / "both", safe_serialization=False)
+    (hub / "bin-shards").mkdir()
+    (hub / "bin-shards" / "config.json").write_text(hf.config.to_json_string())
+    save_torch_state_dict(hf.state_dict(), hub / "bin-shards", max_shard_size="100KB", safe_serialization=False)
+
+    def snapshot_download(repo_id, allow_patterns):
+        snapshot = tmp_path / "cache" / repo_id
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for path in (hub / repo_id).iterdir():
+            if any(fnmatch.fnmatch(path.name, pattern) for pattern in allow_patterns):  # as huggingface_hub matches
+                shutil.copy(path, snapshot)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.chdir(tmp_path)  # no local directory is called like the repos
+    idx = tokens(101, 1, 10)
+    with torch.no_grad():
+        ref = hf.eval()(idx).logits
+    for repo, fetched in [("both", {"config.json", "model.safetensors"}), ("bin-shards", {p.name for p in (hub / "bin-shards").iterdir()})]:
+        model = GPT.from_pretrained(repo)
+        assert {p.name for p in (tmp_path / "cache" / repo).iterdir()} == fetched
+        with torch.no_grad():
+            assert (model(idx)[0] - ref).abs().max() < 1e-6, repo
 
 
 def test_default_config_size_and_init_match_hf(full_pair):
@@ -133,11 +178,11 @@ def test_default_config_size_and_init_match_hf(full_pair):
     assert ours.lm_head.weight is ours.transformer.wte.weight
 
 
-def test_optimizer_groups_match_hf_trainer():
+def test_optimizer_groups_match_hf_trainer(tmp_path):
     from transformers import Trainer, TrainingArguments
 
     hf, ours = make_pair(**SMALL_CONFIGS[0])
-    args = TrainingArguments(output_dir="/tmp/unused", weight_decay=0.01, report_to=[])
+    args = TrainingArguments(output_dir=str(tmp_path), weight_decay=0.01, report_to=[])
     decay_names = set(Trainer(model=hf, args=args).get_decay_parameter_names(hf))
     decay_names.remove("lm_head.weight")  # HF lists the tied embedding under both names
     ours_by_id = {id(p): n for n, p in ours.named_parameters()}
@@ -172,10 +217,10 @@ def test_bad_input_gives_clear_errors(tmp_path):
         config_from_hf({"n_layer": 2, "learning_rate": 1e-3})  # e.g. a training config, not a model's
     with pytest.raises(ValueError, match="activation_function"):
         config_from_hf({**hf_config(GPTConfig()), "activation_function": "relu"})
-    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+    with pytest.raises(UserError, match="has none of model.safetensors, .*pytorch_model.bin"):
         (tmp_path / "config.json").write_text(json.dumps(hf_config(GPTConfig())))
         GPT.from_pretrained(tmp_path)
-    with pytest.raises(OSError, match="could not be fetched"):
+    with pytest.raises(UserError, match="could not be fetched"):
         GPT.from_pretrained("no-such-user/no-such-model")
     with pytest.raises(ValueError, match="not divisible"):
         GPTConfig(n_embd=50, n_head=3)

@@ -2,9 +2,10 @@
 
 import collections
 import gzip
+import itertools
 import json
 import os
-import resource
+import random
 import signal
 import struct
 import subprocess
@@ -85,7 +86,7 @@ def run_cli(*args: str, env=None, **kwargs) -> subprocess.CompletedProcess:
 def write_text_files(directory: Path, documents: list[str]) -> Path:
     directory.mkdir()
     for i, document in enumerate(documents):
-        (directory / f"{i:04d}.txt").write_text(document)
+        (directory / f"{i:04d}.txt").write_text(document, encoding="utf-8")  # not the locale's (Windows: cp1252)
     return directory
 
 
@@ -123,6 +124,48 @@ def test_split_is_deterministic_disjoint_and_independent_of_workers(tmp_path):
     assert held_out == list(range(len(SMALL_DOCS) - len(held_out), len(SMALL_DOCS))) and len(held_out) <= 2
 
 
+AUSTEN_TEXT = "".join(AUSTEN)
+
+
+@pytest.mark.parametrize(
+    "documents",
+    [
+        [AUSTEN_TEXT[i * 45_500 : (i + 1) * 45_500] for i in range(5)],  # 227,500 characters: one block, once refused
+        [AUSTEN_TEXT[:1_000_000]],  # 4 blocks, of which the last (21% of the tokens) was held out
+    ],
+    ids=["five-files-57k-tokens", "one-file-1MB"],
+)
+def test_small_inputs_hold_out_a_share_that_suits_their_size(tmp_path, documents):
+    corpus = write_text_files(tmp_path / "corpus", documents)
+    run(f"--input={corpus}", f"--out_dir={tmp_path / 'out'}")  # the default --block_chars and --val_fraction
+    splits = json.loads((tmp_path / "out" / "meta.json").read_text())["splits"]
+    assert 0.03 < splits["val"]["tokens"] / (splits["train"]["tokens"] + splits["val"]["tokens"]) < 0.1
+    used = reassemble(documents, tmp_path / "out")  # lossless, nothing in both splits, tokens as whole documents
+    assert used["val"] == [len(documents) - 1]  # one contiguous piece: the end of the last document
+
+
+@pytest.mark.parametrize("last_block, held_out", [(60, [20]), (10, [19, 20])])
+def test_without_draws_at_least_half_a_block_is_held_out_at_the_end(last_block, held_out):
+    blocks = [[(True, "x" * 100)]] * 20 + [[(True, "x" * last_block)]]
+    assigned = prepare.held_out_blocks(iter(blocks), 100, val_fraction=0.0, seed=0)
+    assert [i for i, (_, is_held_out) in enumerate(assigned) if is_held_out] == held_out
+
+
+def test_large_inputs_are_split_by_the_seeded_draws_alone():
+    """BookCorpus' ~18k blocks: each held out with probability val_fraction, seeded, as before the size rules."""
+    blocks = [[(True, "x" * 10)]] * 20_000
+    rng = random.Random(1337)
+    drawn = [i for i in range(len(blocks)) if rng.random() < 0.0015 and i > 0]
+    assigned = prepare.held_out_blocks(iter(blocks), 10, val_fraction=0.0015, seed=1337)
+    assert [i for i, (_, is_held_out) in enumerate(assigned) if is_held_out] == drawn and len(drawn) > 10
+
+
+def test_an_endless_stream_is_read_ahead_by_a_bounded_amount():
+    endless = (["word " * 100] for _ in itertools.count())  # documents of 500 characters, forever
+    blocks, block_chars = prepare.sized_blocks(endless, 1000)
+    assert block_chars == 1000 and len(list(itertools.islice(blocks, 50))) == 50
+
+
 def test_rerun_after_a_kill_reuses_shards_and_is_byte_identical(tmp_path):
     corpus = write_text_files(tmp_path / "corpus", AUSTEN)
     args = [f"--input={corpus}", "--block_chars=8192", "--shard_tokens=20000", "--workers=1"]
@@ -132,7 +175,7 @@ def test_rerun_after_a_kill_reuses_shards_and_is_byte_identical(tmp_path):
     progress = killed / "progress.json"
     while process.poll() is None and not (progress.exists() and len(json.loads(progress.read_text())["splits"]["train"]) >= 3):
         time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
+    process.kill()  # SIGKILL; TerminateProcess on Windows
     process.wait()
     assert not (killed / "meta.json").exists(), "the run finished before the kill; use a larger corpus"
     kept = {p.name: p.stat().st_mtime_ns for p in killed.glob("train_*.bin")}
@@ -169,7 +212,7 @@ def test_exception_mid_shard_leaves_no_partial_file_and_resumes(tmp_path, monkey
 
 
 def test_prepared_directory_is_reused_guarded_and_forced(tmp_path, capsys):
-    corpus = write_text_files(tmp_path / "docs", SMALL_DOCS[:10])
+    corpus = write_text_files(tmp_path / "docs", SMALL_DOCS)
     out = tmp_path / "out"
     args = [f"--input={corpus}", f"--out_dir={out}", "--block_chars=150"]
     run(*args)
@@ -247,6 +290,7 @@ def test_tokenizer_with_ids_above_uint16_is_refused(tmp_path, monkeypatch):
 
 
 def test_disk_full_is_a_one_line_error_and_leaves_no_partial_shard(tmp_path):
+    resource = pytest.importorskip("resource", reason="file size limits are POSIX-only")
     corpus = write_text_files(tmp_path / "docs", AUSTEN[:2])
 
     def small_disk():  # files stop growing at 200 kB, as on a full disk

@@ -1,5 +1,6 @@
 """sample.py on a tiny checkpoint: streamed text, the recipe's defaults, one-line errors."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,9 @@ def run_dir(tmp_path_factory):
     return run
 
 
-def run_sample(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+def run_sample(*args, cwd=ROOT, env=None):
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
 
 
 def test_streams_the_continuation_of_the_newest_checkpoint(run_dir):
@@ -58,6 +60,24 @@ def test_prints_only_whole_characters(monkeypatch, capsys, run_dir):
     assert capsys.readouterr().out == "Hi" + text + "\n"
 
 
+def test_several_prompts_continue_in_one_batch_as_hf_generate_does(run_dir, tmp_path, capsys):
+    from transformers import GPT2LMHeadModel
+
+    prompts = ["I was telling her that", "Yes", "It is a truth universally acknowledged, that a single man"]
+    (tmp_path / "prompts.txt").write_text(f"{prompts[0]}\n{prompts[1]}\n\n{prompts[2]}\n", encoding="utf-8")  # blank lines skipped
+    sample.main([f"--ckpt={run_dir}", f"--prompts={tmp_path / 'prompts.txt'}", "--max_new_tokens=12", "--seed=7"])
+    # HF generate on the same batch: left-padded to the longest prompt, padding masked out
+    ids = [tokenizer.encode(prompt) for prompt in prompts]
+    longest = max(map(len, ids))
+    idx = torch.tensor([[0] * (longest - len(row)) + row for row in ids])
+    attention_mask = torch.tensor([[0] * (longest - len(row)) + [1] * len(row) for row in ids])
+    hf = GPT2LMHeadModel.from_pretrained(run_dir / "ckpt_0000020")
+    torch.manual_seed(7)
+    out = hf.generate(idx, attention_mask=attention_mask, max_new_tokens=12, do_sample=True, top_k=10, top_p=0.95)
+    continuations = [prompt + tokenizer.decode(row) + "\n" for prompt, row in zip(prompts, out[:, longest:].tolist())]
+    assert capsys.readouterr().out == "---------------\n".join(continuations)
+
+
 def test_recipe_defaults():
     cfg = sample.SampleConfig()
     assert (cfg.max_new_tokens, cfg.top_k, cfg.top_p, cfg.temperature, cfg.do_sample) == (100, 10, 0.95, 1.0, True)
@@ -66,9 +86,10 @@ def test_recipe_defaults():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--ckpt=no/such/run"], "--ckpt=no/such/run is not a directory"),
+        (["--ckpt=no/such/run"], "'no/such/run' is not a local directory and could not be fetched"),
         (["--start="], "the prompt is empty"),
         (["--start=FILE:no-such-prompt.txt"], "no such file"),
+        (["--prompts=no-such-prompts.txt"], "--prompts=no-such-prompts.txt: no such file"),
         (["--start=" + "word " * 120], "exceed the context of 128 tokens"),
         (["--dtype=float8"], "--dtype=float8: expected one of float32, bfloat16, float16"),
         (["--init=pretrained"], "--init=pretrained: expected checkpoint or random"),
@@ -85,3 +106,11 @@ def test_without_checkpoint_it_says_how_to_train_one(tmp_path):
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1
     assert "python prepare.py --dataset=austen && python train.py config/austen.py" in result.stderr
+
+
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}])
+def test_a_hub_name_offline_is_a_one_line_error(tmp_path, env):
+    """--ckpt takes what train.py's --init_from does; offline that is said in one line."""
+    result = run_sample("--ckpt=gpt2", env={"HF_HOME": str(tmp_path), **env})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("sample.py: error: 'gpt2' is not a local directory and could not be fetched from the Hugging Face Hub")
