@@ -60,6 +60,10 @@ class StopSignals:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
+    def ignore(self):
+        for s in self.previous:
+            signal.signal(s, signal.SIG_IGN)
+
 
 class Job:
     """This process's place in the job: rank, world size, device, and the job-wide operations above."""
@@ -135,13 +139,16 @@ class Job:
 
     def close(self, clean: bool, stopped: bool) -> None:
         """Ends this process's part in the job. After a failure the process group is left to the exit
-        (destroying it can wait on a peer that is gone). After a stop the signal handlers stay: torchrun
-        signals the ranks still running as soon as one has exited, and they must exit as it did."""
+        (destroying it can wait on a peer that is gone). After a stop under torchrun, stop signals are
+        ignored from now on: torchrun signals the ranks still running as soon as one has exited, and
+        they must exit as it did (Python's shutdown resets the handlers it runs, but not SIG_IGN)."""
         if self.watcher:
             self.watcher.stop()
         if self.world_size > 1 and clean:
             dist.destroy_process_group()
-        if self.stop_signals and not stopped:
+        if self.stop_signals and stopped and self.world_size > 1:
+            self.stop_signals.ignore()
+        elif self.stop_signals:
             self.stop_signals.restore()
 
 
