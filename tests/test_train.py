@@ -298,3 +298,9 @@ def test_batches_are_read_ahead_while_a_step_runs(data, monkeypatch):
     assert torch.equal(next(feed), expected[0])
     assert [requested.get(timeout=30) for _ in range(2)] == rows[:2]  # step 4 is read before the consumer asks for it
     assert all(torch.equal(tokens, e) for tokens, e in zip(feed, expected[1:], strict=True))
+
+
+@pytest.mark.parametrize("capabilities, expected", [({"avx2": True, "avx512_bf16": False}, "float32"), ({"avx512_bf16": True}, "bfloat16"), ({"amx_bf16": True}, "bfloat16")])
+def test_default_dtype_is_bf16_only_where_the_cpu_runs_it_natively(capabilities, expected, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    assert train.native_dtype("cpu") == expected
