@@ -2,7 +2,8 @@
 
     python bench.py                      # small defaults: a few minutes on a 2-core CPU
     python bench.py --full               # the 124M config
-    python bench.py --sections=prepare   # any of: prepare,train,generate
+    python bench.py --sections=prepare   # any of: prepare,train,generate,fidelity
+    python bench.py --sections=fidelity  # train.py vs the Trainer, 5 seeds each: ~25 min on 2 cores
 
 Absolute numbers on shared machines are noise; the ratio between two runs made back to back on
 the same machine is the number to read. Results are printed as a table and written as JSON.
@@ -20,16 +21,22 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import psutil
 import torch
 
 import configurator
+from checkpoint import latest_checkpoint
+from model import GPT
+from shards import TokenWindows
 
 
 @dataclass
 class BenchConfig:
-    sections: str = "prepare,train,generate"
+    sections: str = "prepare,train,generate"  # fidelity (long) on request
     full: bool = False  # the 124M config (slow on CPU) instead of small defaults
+    fidelity_seeds: int = 5  # runs of each side in the fidelity section
+    fidelity_steps: int = 200
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     json_path: str = "bench.json"
 
@@ -146,23 +153,66 @@ def bench_prepare(cfg):
 SECTIONS["prepare"] = bench_prepare
 
 
+# The recipe's side: GPT2LMHeadModel under the HF Trainer, set up as the blog recipe sets it up.
+class RecipeWindows(torch.utils.data.Dataset):
+    """train.py's windows as the Trainer's examples, in `order` (default: as stored): the same block_size
+    inputs and next-token targets. The targets go in as shift_labels, which GPT2LMHeadModel's loss takes
+    as they are; `labels` (unshifted, as the recipe's) would drop each window's last target."""
+
+    def __init__(self, windows: TokenWindows, order=None):
+        self.windows, self.order = windows, np.arange(len(windows)) if order is None else order
+
+    def __len__(self):
+        return len(self.order)
+
+    def __getitem__(self, i):
+        window = torch.from_numpy(self.windows.batch([self.order[i]])[0])
+        return {"input_ids": window[:-1], "labels": window[:-1], "shift_labels": window[1:]}
+
+
+def recipe_arguments(out_dir, batch_size: int, steps: int, learning_rate: float, seed: int, gpu: bool, **overrides):
+    """The recipe's TrainingArguments for `steps` optimizer steps, with any `overrides`: AdamW
+    (transformers' default, fused; weight decay 0.01 off biases and LayerNorm), 5% linear warmup then
+    cosine, clipping at 1.0, bf16 on a GPU. train.py's defaults are these."""
+    from transformers import TrainingArguments
+
+    recipe = dict(
+        output_dir=str(out_dir), per_device_train_batch_size=batch_size, max_steps=steps, learning_rate=learning_rate, seed=seed,
+        weight_decay=0.01, warmup_steps=0.05, lr_scheduler_type="cosine", max_grad_norm=1.0, bf16=gpu, use_cpu=not gpu,
+        save_strategy="no", eval_strategy="no", report_to=[], dataloader_drop_last=True, remove_unused_columns=False,
+    )  # fmt: skip
+    return TrainingArguments(**{**recipe, **overrides})
+
+
+def prepare_austen(data_dir: Path) -> Path:
+    subprocess.run([sys.executable, "prepare.py", "--dataset=austen", f"--out_dir={data_dir}"], cwd=ROOT, check=True, capture_output=True)
+    return data_dir
+
+
+def run_train_py(overrides: dict) -> str:
+    """Runs train.py with --key=value overrides in its own process; returns what it printed."""
+    command = [sys.executable, "train.py", *(f"--{key}={value}" for key, value in overrides.items())]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"train.py failed: {result.stderr[-2000:]}")
+    return result.stdout
+
+
+def timed_logs(run_dir: Path) -> list[dict]:
+    """train.py's log records with its own clock's tokens/s, after the first (which holds the warm-up)."""
+    logs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in logs if "tokens_per_s" in r][1:]
+
+
 # train: train.py (our model + loop) vs GPT2LMHeadModel under the HF Trainer (the recipe's loop), on
 # the same windows with the same batch, AdamW (fused), schedule, clipping and precision (bf16 on GPU).
 RECIPE_TRAIN = """
 import json, sys, time, torch
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback
+from bench import RecipeWindows, recipe_arguments
 from shards import TokenWindows
 
 run = json.loads(sys.argv[1])
-windows = TokenWindows(run["data_dir"], "train", run["block_size"])
-
-class Windows(torch.utils.data.Dataset):
-    def __len__(self):
-        return len(windows)
-
-    def __getitem__(self, i):
-        ids = torch.from_numpy(windows.batch([i])[0, :-1])
-        return {"input_ids": ids, "labels": ids}
 
 class StepTimer(TrainerCallback):
     seconds = []
@@ -171,15 +221,13 @@ class StepTimer(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.seconds.append(time.perf_counter() - self.started)
 
-torch.manual_seed(0)
-model = GPT2LMHeadModel(GPT2Config(n_layer=run["n_layer"], n_head=run["n_head"], n_embd=run["n_embd"], n_positions=run["block_size"]))
-args = TrainingArguments(
-    output_dir=run["out_dir"], per_device_train_batch_size=run["batch_size"], max_steps=run["steps"],
-    learning_rate=2.5e-4, weight_decay=0.01, warmup_steps=0.05, lr_scheduler_type="cosine", max_grad_norm=1.0,
-    bf16=run["gpu"], use_cpu=not run["gpu"], save_strategy="no", eval_strategy="no", report_to=[],
-    logging_steps=run["steps"], dataloader_drop_last=True,
-)
-Trainer(model=model, args=args, train_dataset=Windows(), callbacks=[StepTimer()]).train()
+torch.manual_seed(run["seed"])
+dropouts = dict.fromkeys(["resid_pdrop", "embd_pdrop", "attn_pdrop"], run["dropout"])
+model = GPT2LMHeadModel(GPT2Config(n_layer=run["n_layer"], n_head=run["n_head"], n_embd=run["n_embd"], n_positions=run["block_size"], **dropouts))
+args = recipe_arguments(run["out_dir"], run["batch_size"], run["steps"], run["learning_rate"], run["seed"], run["gpu"], logging_steps=run["steps"])
+trainer = Trainer(model=model, args=args, train_dataset=RecipeWindows(TokenWindows(run["data_dir"], "train", run["block_size"])), callbacks=[StepTimer()])
+trainer.train()
+trainer.save_model(run["out_dir"])
 timed = StepTimer.seconds[run["warmup_steps"]:]
 print(json.dumps({"tokens_per_s": run["batch_size"] * run["block_size"] * len(timed) / sum(timed)}))
 """
@@ -198,22 +246,20 @@ def bench_train(cfg):
         variants[f"64x{block_size} per step, micro-batch auto"] = {"batch_size": 64}
     ours, reference = {name: {"tokens_per_s": 0.0} for name in variants}, 0.0
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir = Path(tmp) / "data"
-        subprocess.run([sys.executable, "prepare.py", "--dataset=austen", f"--out_dir={data_dir}"], cwd=ROOT, check=True, capture_output=True)
+        data_dir = prepare_austen(Path(tmp) / "data")
         for round_ in range(rounds):
             for i, (name, variant) in enumerate(variants.items()):
                 run_name = f"bench{round_}_{i}"
                 overrides = {**shape, **variant, "block_size": block_size, "max_steps": steps, "log_interval": warmup_steps, "eval_interval": 10**9,
                              "eval_windows": 1, "checkpoint_interval": 10**9, "data_dir": data_dir, "out_dir": tmp, "run_name": run_name, "device": cfg.device}
-                stdout = subprocess.run([sys.executable, "train.py", *(f"--{k}={v}" for k, v in overrides.items())], cwd=ROOT, check=True, capture_output=True, text=True).stdout
-                logs = [json.loads(line) for line in (Path(tmp) / run_name / "metrics.jsonl").read_text().splitlines()]
-                timed = [r for r in logs if "tokens_per_s" in r][1:]  # the first interval holds the warm-up
+                stdout = run_train_py(overrides)
+                timed = timed_logs(Path(tmp) / run_name)
                 tokens_per_s = sum(r["tokens_per_s"] for r in timed) / len(timed)
                 if tokens_per_s > ours[name]["tokens_per_s"]:
                     micro = re.search(r"x (\d+) sequences", stdout).group(1)
                     ours[name] = {"tokens_per_s": tokens_per_s, "mfu": timed[-1]["mfu"], "micro_batch_size": int(micro)}
-            run = {**shape, "block_size": block_size, "batch_size": batch_size, "steps": steps, "warmup_steps": warmup_steps,
-                   "data_dir": str(data_dir), "out_dir": str(Path(tmp) / "hf"), "gpu": gpu}
+            run = {**shape, "block_size": block_size, "batch_size": batch_size, "steps": steps, "warmup_steps": warmup_steps, "learning_rate": 2.5e-4,
+                   "dropout": 0.1, "seed": 0, "data_dir": str(data_dir), "out_dir": str(Path(tmp) / "hf"), "gpu": gpu}
             reference = max(reference, run_measured(RECIPE_TRAIN, json.dumps(run))["tokens_per_s"])
     rows = []
     for name, result in ours.items():
@@ -224,6 +270,65 @@ def bench_train(cfg):
 
 
 SECTIONS["train"] = bench_train
+
+# fidelity: does train.py learn what the recipe learns? Each side trains from seeds of its own (initial
+# weights, window order, dropout) with the same data, hyperparameters and steps; one evaluation then
+# scores every final model on the same val windows. The controlled twin (same weights and order, no
+# dropout, agreeing to float rounding) is tests/test_fidelity.py.
+@torch.no_grad()
+def val_loss(model_dir: Path, windows: TokenWindows, device: str) -> float:
+    """Mean next-token loss of the HF GPT-2 directory's model over every window, in fp32."""
+    model = GPT.from_pretrained(str(model_dir)).to(device)
+    total = 0.0
+    for start in range(0, len(windows), 32):
+        tokens = torch.from_numpy(windows.batch(range(start, min(start + 32, len(windows))))).to(device)  # (B, T + 1)
+        total += model(tokens[:, :-1], tokens[:, 1:])[1].item() * len(tokens)
+    return total / len(windows)
+
+
+def bench_fidelity(cfg):
+    from scipy import stats
+
+    gpu = cfg.device.startswith("cuda")
+    # CPU: the measurement that filed the comparison (4 x 128, 128 tokens, batch 8, lr 1e-3); --full: the recipe's model.
+    shape = dict(n_layer=12, n_head=12, n_embd=768) if cfg.full else dict(n_layer=4, n_head=4, n_embd=128)
+    block_size, learning_rate = (1024, 2.5e-4) if cfg.full else (128, 1e-3)
+    run = {**shape, "block_size": block_size, "batch_size": 8, "steps": cfg.fidelity_steps, "learning_rate": learning_rate, "dropout": 0.1}
+    warmup_steps = max(1, cfg.fidelity_steps // 10)  # untimed
+    losses, seconds_per_step = {"ours": [], "recipe": []}, {"ours": [], "recipe": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = prepare_austen(Path(tmp) / "data")
+        val = TokenWindows(data_dir, "val", block_size)
+        for seed in range(cfg.fidelity_seeds):
+            run_dir = Path(tmp) / f"ours{seed}"
+            run_train_py({**shape, "block_size": block_size, "batch_size": 8, "micro_batch_size": 8, "max_steps": cfg.fidelity_steps,
+                          "learning_rate": learning_rate, "dropout": 0.1, "seed": seed, "dtype": "bfloat16" if gpu else "float32",
+                          "log_interval": warmup_steps, "eval_interval": 10**9, "eval_windows": 1, "checkpoint_interval": 10**9,
+                          "data_dir": data_dir, "out_dir": tmp, "run_name": run_dir.name, "device": cfg.device})  # fmt: skip
+            losses["ours"].append(val_loss(latest_checkpoint(run_dir), val, cfg.device))
+            seconds_per_step["ours"].append(8 * block_size / np.mean([r["tokens_per_s"] for r in timed_logs(run_dir)]))
+            recipe_dir = Path(tmp) / f"recipe{seed}"
+            recipe = run_measured(RECIPE_TRAIN, json.dumps({**run, "seed": seed, "warmup_steps": warmup_steps, "data_dir": str(data_dir), "out_dir": str(recipe_dir), "gpu": gpu}))
+            losses["recipe"].append(val_loss(recipe_dir, val, cfg.device))
+            seconds_per_step["recipe"].append(8 * block_size / recipe["tokens_per_s"])
+            print(f"fidelity, seed {seed}: val loss ours {losses['ours'][-1]:.4f}, recipe {losses['recipe'][-1]:.4f}; "
+                  f"s/step ours {seconds_per_step['ours'][-1]:.3f}, recipe {seconds_per_step['recipe'][-1]:.3f}", flush=True)  # fmt: skip
+    ours, recipe = np.array(losses["ours"]), np.array(losses["recipe"])
+    interval = stats.ttest_ind(ours, recipe, equal_var=False).confidence_interval(0.95)
+    size = f"{'124M' if cfg.full else '4x128'}, {block_size} tokens x 8, {cfg.fidelity_steps} steps, {cfg.fidelity_seeds} seeds"
+    print(f"fidelity ({size}): final val loss ours {ours.mean():.4f} ± {ours.std(ddof=1):.4f}, recipe {recipe.mean():.4f} ± {recipe.std(ddof=1):.4f} "
+          f"(mean ± sd); ours - recipe {ours.mean() - recipe.mean():+.4f}, 95% CI [{interval.low:+.4f}, {interval.high:+.4f}] (Welch)")  # fmt: skip
+    for name, values in seconds_per_step.items():
+        print(f"fidelity: {name} {np.mean(values):.3f} s per step (mean of {len(values)} runs)")
+    return [
+        {"what": f"fidelity val loss, {size} (lower is better)", "unit": "loss", "ours": ours.mean(), "reference": recipe.mean(),
+         "ours_sd": ours.std(ddof=1), "reference_sd": recipe.std(ddof=1), "difference_ci95": [interval.low, interval.high],
+         "ours_runs": ours.tolist(), "reference_runs": recipe.tolist()},
+        {"what": f"fidelity steps/s, {size}", "unit": "steps/s", "ours": 1 / np.mean(seconds_per_step["ours"]), "reference": 1 / np.mean(seconds_per_step["recipe"])},
+    ]  # fmt: skip
+
+
+SECTIONS["fidelity"] = bench_fidelity
 
 # generate: GPT.generate (fp32, bf16, eager and with the decode step compiled) and the bare matvecs of
 # one token, each against GPT2LMHeadModel.generate in fp32 on the same weights; batch 1, the recipe's sampling.
@@ -302,7 +407,7 @@ def main(argv):
         for row in SECTIONS[name](cfg):
             row["ratio"] = row["ours"] / row["reference"]
             rows.append(row)
-            print(f"{row['what']:<80} {row['unit']:<10} {row['ours']:>12.1f} {row['reference']:>12.1f} {row['ratio']:>6.2f}x")
+            print(f"{row['what']:<80} {row['unit']:<10} {row['ours']:>12.5g} {row['reference']:>12.5g} {row['ratio']:>6.3f}x")
     with open(cfg.json_path, "w") as f:
         json.dump({"machine": machine_name(cfg.device), "config": asdict(cfg), "rows": rows}, f, indent=2)
     print(f"wrote {cfg.json_path}")
