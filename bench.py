@@ -400,6 +400,8 @@ def main(argv):
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
         raise configurator.UserError(f"unknown section(s) {unknown}; choose from {','.join(SECTIONS)}")
+    if "fidelity" in names and (cfg.fidelity_seeds < 2 or cfg.fidelity_steps < 10):
+        raise configurator.UserError(f"fidelity_seeds={cfg.fidelity_seeds}, fidelity_steps={cfg.fidelity_steps}: a spread needs >= 2 seeds per side, a timing >= 10 steps")
     rows = []
     print(f"machine: {machine_name(cfg.device)}; torch {torch.__version__}")
     print(f"{'what':<80} {'unit':<10} {'ours':>12} {'reference':>12} {'ratio':>7}")

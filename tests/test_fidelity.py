@@ -13,9 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import bench
 import train
 from bench import RecipeWindows, recipe_arguments
 from checkpoint import latest_checkpoint
+from configurator import UserError
 from model import GPT, GPTConfig, hf_config
 from shards import TokenWindows
 
@@ -121,3 +123,8 @@ def test_a_drift_from_the_trainer_is_caught(drift, data, recipe, tmp_path, monke
     monkeypatch.setattr(*DRIFTS[drift])
     ours, _ = train_py(data, tmp_path)
     assert largest_weight_difference(ours, recipe[0]) > 10 * WEIGHT_TOLERANCE
+
+
+def test_the_fidelity_benchmark_refuses_a_spread_of_one_seed():
+    with pytest.raises(UserError, match=">= 2 seeds per side"):
+        bench.main(["--sections=fidelity", "--fidelity_seeds=1"])
