@@ -227,7 +227,8 @@ model = GPT2LMHeadModel(GPT2Config(n_layer=run["n_layer"], n_head=run["n_head"],
 args = recipe_arguments(run["out_dir"], run["batch_size"], run["steps"], run["learning_rate"], run["seed"], run["gpu"], logging_steps=run["steps"])
 trainer = Trainer(model=model, args=args, train_dataset=RecipeWindows(TokenWindows(run["data_dir"], "train", run["block_size"])), callbacks=[StepTimer()])
 trainer.train()
-trainer.save_model(run["out_dir"])
+if run["save_model"]:
+    trainer.save_model(run["out_dir"])
 timed = StepTimer.seconds[run["warmup_steps"]:]
 print(json.dumps({"tokens_per_s": run["batch_size"] * run["block_size"] * len(timed) / sum(timed)}))
 """
@@ -259,7 +260,7 @@ def bench_train(cfg):
                     micro = re.search(r"x (\d+) sequences", stdout).group(1)
                     ours[name] = {"tokens_per_s": tokens_per_s, "mfu": timed[-1]["mfu"], "micro_batch_size": int(micro)}
             run = {**shape, "block_size": block_size, "batch_size": batch_size, "steps": steps, "warmup_steps": warmup_steps, "learning_rate": 2.5e-4,
-                   "dropout": 0.1, "seed": 0, "data_dir": str(data_dir), "out_dir": str(Path(tmp) / "hf"), "gpu": gpu}
+                   "dropout": 0.1, "seed": 0, "data_dir": str(data_dir), "out_dir": str(Path(tmp) / "hf"), "gpu": gpu, "save_model": False}
             reference = max(reference, run_measured(RECIPE_TRAIN, json.dumps(run))["tokens_per_s"])
     rows = []
     for name, result in ours.items():
@@ -293,7 +294,7 @@ def bench_fidelity(cfg):
     # CPU: the measurement that filed the comparison (4 x 128, 128 tokens, batch 8, lr 1e-3); --full: the recipe's model.
     shape = dict(n_layer=12, n_head=12, n_embd=768) if cfg.full else dict(n_layer=4, n_head=4, n_embd=128)
     block_size, learning_rate = (1024, 2.5e-4) if cfg.full else (128, 1e-3)
-    run = {**shape, "block_size": block_size, "batch_size": 8, "steps": cfg.fidelity_steps, "learning_rate": learning_rate, "dropout": 0.1}
+    both = {**shape, "block_size": block_size, "batch_size": 8, "learning_rate": learning_rate, "dropout": 0.1}  # what the two sides share
     warmup_steps = max(1, cfg.fidelity_steps // 10)  # untimed
     losses, seconds_per_step = {"ours": [], "recipe": []}, {"ours": [], "recipe": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -301,14 +302,14 @@ def bench_fidelity(cfg):
         val = TokenWindows(data_dir, "val", block_size)
         for seed in range(cfg.fidelity_seeds):
             run_dir = Path(tmp) / f"ours{seed}"
-            run_train_py({**shape, "block_size": block_size, "batch_size": 8, "micro_batch_size": 8, "max_steps": cfg.fidelity_steps,
-                          "learning_rate": learning_rate, "dropout": 0.1, "seed": seed, "dtype": "bfloat16" if gpu else "float32",
+            run_train_py({**both, "micro_batch_size": 8, "max_steps": cfg.fidelity_steps, "seed": seed, "dtype": "bfloat16" if gpu else "float32",
                           "log_interval": warmup_steps, "eval_interval": 10**9, "eval_windows": 1, "checkpoint_interval": 10**9,
                           "data_dir": data_dir, "out_dir": tmp, "run_name": run_dir.name, "device": cfg.device})  # fmt: skip
             losses["ours"].append(val_loss(latest_checkpoint(run_dir), val, cfg.device))
             seconds_per_step["ours"].append(8 * block_size / np.mean([r["tokens_per_s"] for r in timed_logs(run_dir)]))
             recipe_dir = Path(tmp) / f"recipe{seed}"
-            recipe = run_measured(RECIPE_TRAIN, json.dumps({**run, "seed": seed, "warmup_steps": warmup_steps, "data_dir": str(data_dir), "out_dir": str(recipe_dir), "gpu": gpu}))
+            recipe = run_measured(RECIPE_TRAIN, json.dumps({**both, "steps": cfg.fidelity_steps, "seed": seed, "warmup_steps": warmup_steps, "data_dir": str(data_dir),
+                                                            "out_dir": str(recipe_dir), "gpu": gpu, "save_model": True}))  # fmt: skip
             losses["recipe"].append(val_loss(recipe_dir, val, cfg.device))
             seconds_per_step["recipe"].append(8 * block_size / recipe["tokens_per_s"])
             print(f"fidelity, seed {seed}: val loss ours {losses['ours'][-1]:.4f}, recipe {losses['recipe'][-1]:.4f}; "
