@@ -24,8 +24,8 @@ from shards import TokenWindows
 SEED, BATCH, STEPS, BLOCK = 3, 8, 30, 32  # 2 epochs of 15 steps over 124 windows
 LEARNING_RATE = 3e-3
 CLIP_AT = 0.3  # below most steps' gradient norm on this data (the recipe's 1.0 would never act)
-OURS = [f"--block_size={BLOCK}", "--vocab_size=64", "--n_layer=2", "--n_head=2", "--n_embd=32", "--dropout=0.0", f"--seed={SEED}",
-        f"--batch_size={BATCH}", f"--max_steps={STEPS}", f"--learning_rate={LEARNING_RATE}", f"--grad_clip={CLIP_AT}", "--log_interval=1", "--eval_interval=1000",
+SHAPE = dict(block_size=BLOCK, vocab_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+OURS = [*(f"--{key}={value}" for key, value in SHAPE.items()), f"--seed={SEED}", f"--batch_size={BATCH}", f"--max_steps={STEPS}", f"--learning_rate={LEARNING_RATE}", f"--grad_clip={CLIP_AT}", "--log_interval=1", "--eval_interval=1000",
         "--checkpoint_interval=1000", "--device=cpu", "--dtype=float32", "--compile=False"]  # fmt: skip
 # The two sides differ in the order of float operations (fused loss vs logits, attention kernels):
 # after 30 steps their weights differ by ~1e-6 of each tensor's scale; each drift below by >= 4e-4.
@@ -34,7 +34,7 @@ WEIGHT_TOLERANCE = 1e-5
 
 @pytest.fixture(scope="module")
 def data(make_token_data):
-    return make_token_data(train_tokens=4000, val_tokens=600, vocab_size=64)
+    return make_token_data(train_tokens=4000, val_tokens=600, vocab_size=SHAPE["vocab_size"])
 
 
 def window_order(num_windows: int) -> np.ndarray:
@@ -52,7 +52,7 @@ def recipe(data, tmp_path_factory):
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer
 
     torch.manual_seed(SEED)  # as train.py builds a new model
-    ours = GPT(GPTConfig(block_size=BLOCK, vocab_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0))
+    ours = GPT(GPTConfig(**SHAPE))
     model = GPT2LMHeadModel(GPT2Config(**hf_config(ours.config)))
     model.load_state_dict(ours.hf_state_dict(), strict=False)  # lm_head.weight is tied to wte
     windows = TokenWindows(data, "train", BLOCK)
