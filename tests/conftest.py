@@ -5,7 +5,23 @@ import json
 import numpy as np
 import pytest
 
+import train
 from shards import write_shard
+
+
+@pytest.fixture(autouse=True)
+def dtype_is_pinned(request, monkeypatch):
+    """A test that trains states its precision (--dtype=float32 for comparisons to rounding, bfloat16
+    with a bf16 tolerance): left to train.native_dtype, it would compare bf16 runs on CPUs with native
+    bf16 and fp32 runs elsewhere, and pass or fail by the machine. Tests of that choice itself are
+    marked machine_dtype. (Subprocesses are not covered: tests/test_train.py's TINY pins it for them.)"""
+    if request.node.get_closest_marker("machine_dtype"):
+        return
+
+    def unpinned(device):
+        raise AssertionError("this test trains with dtype left to the machine; pass --dtype=float32 (or bfloat16)")
+
+    monkeypatch.setattr(train, "native_dtype", unpinned)
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ from shards import TokenWindows
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--block_size=16", "--vocab_size=64", "--n_layer=2", "--n_head=2", "--n_embd=16", "--dropout=0.0",
-        "--learning_rate=1e-2", "--log_interval=1", "--device=cpu", "--compile=False"]  # fmt: skip
+        "--learning_rate=1e-2", "--log_interval=1", "--device=cpu", "--compile=False", "--dtype=float32"]  # fmt: skip
 TIMING_KEYS = {"tokens_per_s", "mfu"}
 
 
@@ -95,6 +95,23 @@ def test_resume_is_bitwise_identical(data, tmp_path, capsys):
 def test_gradient_accumulation_matches_one_big_batch(data, reference, tmp_path):
     train.main(args(data, tmp_path, "--batch_size=8", "--micro_batch_size=2", "--max_steps=4", "--eval_interval=2"))
     assert_same_training(tmp_path, reference)
+
+
+def test_gradient_accumulation_matches_one_big_batch_under_bf16_autocast(data, tmp_path):
+    """The same in bf16 (native or emulated, whatever the CPU). bf16 matmuls keep 8 bits of mantissa,
+    so the two summation orders move the weights apart by ~1e-3 after 4 steps, where a real difference
+    is ~lr = 1e-2. The key biases are left out: their true gradient is 0 and Adam turns bf16 rounding
+    noise into steps of ~lr (as test_fidelity says of fp32's much smaller noise)."""
+    bf16 = ["--batch_size=8", "--max_steps=4", "--eval_interval=2", "--dtype=bfloat16"]
+    train.main(args(data, tmp_path / "one", *bf16))
+    train.main(args(data, tmp_path / "accumulated", *bf16, "--micro_batch_size=2"))
+    assert losses(tmp_path / "accumulated") == pytest.approx(losses(tmp_path / "one"), rel=1e-3)
+    ours, theirs = (weights(latest_checkpoint(tmp_path / name / "run")) for name in ("accumulated", "one"))
+    for name in theirs:
+        if name.endswith("c_attn.bias"):
+            n_embd = len(theirs[name]) // 3  # (queries, keys, values)
+            ours[name], theirs[name] = (torch.cat([t[:n_embd], t[2 * n_embd :]]) for t in (ours[name], theirs[name]))
+        assert torch.allclose(ours[name], theirs[name], rtol=0, atol=3e-3), name
 
 
 @pytest.mark.parametrize("max_steps,warmup_ratio", [(1, 0.05), (10, 0.0), (103, 0.05), (40, 0.5)])
@@ -300,6 +317,7 @@ def test_batches_are_read_ahead_while_a_step_runs(data, monkeypatch):
     assert all(torch.equal(tokens, e) for tokens, e in zip(feed, expected[1:], strict=True))
 
 
+@pytest.mark.machine_dtype
 @pytest.mark.parametrize("capabilities, expected", [({"avx2": True, "avx512_bf16": False}, "float32"), ({"avx512_bf16": True}, "bfloat16"), ({"amx_bf16": True}, "bfloat16")])
 def test_default_dtype_is_bf16_only_where_the_cpu_runs_it_natively(capabilities, expected, monkeypatch):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
