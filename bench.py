@@ -111,7 +111,9 @@ def write_austen_corpus(directory: Path, copies: int) -> Path:
 def run_measured(code: str, *args) -> dict:
     """Runs `python -c code args`, sampling the RSS of it and all its children; returns its JSON + peak_rss_mb."""
     with tempfile.TemporaryFile("w+") as stderr:
-        process = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        process = subprocess.Popen(
+            [sys.executable, "-c", code, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True
+        )
         root, peak = psutil.Process(process.pid), 0
         while process.poll() is None:
             try:
@@ -140,13 +142,21 @@ def bench_prepare(cfg):
             peak_rss_mb = {name: max(r["peak_rss_mb"] for r in results) for name, results in runs.items()}
             for name, result in best.items():
                 # CPU time (all threads) is the figure a busy machine disturbs least
-                print(f"prepare, {label}: {name} {result['tokens']:,} tokens in {result['seconds']:.2f} s (best of {rounds}), "
-                      f"{result['tokens'] / result['cpu_seconds'] / 1e6:.2f}M tokens per CPU second, "
-                      f"peak RSS of all its processes {peak_rss_mb[name]:.0f} MB")
-            rows.append({"what": f"prepare tokens/s, {label}", "unit": "M tok/s",
-                         "ours": best["ours"]["tokens"] / best["ours"]["seconds"] / 1e6,
-                         "reference": best["recipe"]["tokens"] / best["recipe"]["seconds"] / 1e6,
-                         "ours_peak_rss_mb": peak_rss_mb["ours"], "reference_peak_rss_mb": peak_rss_mb["recipe"]})
+                print(
+                    f"prepare, {label}: {name} {result['tokens']:,} tokens in {result['seconds']:.2f} s (best of {rounds}), "
+                    f"{result['tokens'] / result['cpu_seconds'] / 1e6:.2f}M tokens per CPU second, "
+                    f"peak RSS of all its processes {peak_rss_mb[name]:.0f} MB"
+                )
+            rows.append(
+                {
+                    "what": f"prepare tokens/s, {label}",
+                    "unit": "M tok/s",
+                    "ours": best["ours"]["tokens"] / best["ours"]["seconds"] / 1e6,
+                    "reference": best["recipe"]["tokens"] / best["recipe"]["seconds"] / 1e6,
+                    "ours_peak_rss_mb": peak_rss_mb["ours"],
+                    "reference_peak_rss_mb": peak_rss_mb["recipe"],
+                }
+            )
     return rows
 
 
@@ -185,7 +195,12 @@ def recipe_arguments(out_dir, batch_size: int, steps: int, learning_rate: float,
 
 
 def prepare_austen(data_dir: Path) -> Path:
-    subprocess.run([sys.executable, "prepare.py", "--dataset=austen", f"--out_dir={data_dir}"], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "prepare.py", "--dataset=austen", f"--out_dir={data_dir}"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     return data_dir
 
 
@@ -251,16 +266,40 @@ def bench_train(cfg):
         for round_ in range(rounds):
             for i, (name, variant) in enumerate(variants.items()):
                 run_name = f"bench{round_}_{i}"
-                overrides = {**shape, **variant, "block_size": block_size, "max_steps": steps, "log_interval": warmup_steps, "eval_interval": 10**9,
-                             "eval_windows": 1, "checkpoint_interval": 10**9, "data_dir": data_dir, "out_dir": tmp, "run_name": run_name, "device": cfg.device}
+                overrides = {
+                    **shape,
+                    **variant,
+                    "block_size": block_size,
+                    "max_steps": steps,
+                    "log_interval": warmup_steps,
+                    "eval_interval": 10**9,
+                    "eval_windows": 1,
+                    "checkpoint_interval": 10**9,
+                    "data_dir": data_dir,
+                    "out_dir": tmp,
+                    "run_name": run_name,
+                    "device": cfg.device,
+                }
                 stdout = run_train_py(overrides)
                 timed = timed_logs(Path(tmp) / run_name)
                 tokens_per_s = sum(r["tokens_per_s"] for r in timed) / len(timed)
                 if tokens_per_s > ours[name]["tokens_per_s"]:
                     micro = re.search(r"x (\d+) sequences", stdout).group(1)
                     ours[name] = {"tokens_per_s": tokens_per_s, "mfu": timed[-1]["mfu"], "micro_batch_size": int(micro)}
-            run = {**shape, "block_size": block_size, "batch_size": batch_size, "steps": steps, "warmup_steps": warmup_steps, "learning_rate": 2.5e-4,
-                   "dropout": 0.1, "seed": 0, "data_dir": str(data_dir), "out_dir": str(Path(tmp) / "hf"), "gpu": gpu, "save_model": False}
+            run = {
+                **shape,
+                "block_size": block_size,
+                "batch_size": batch_size,
+                "steps": steps,
+                "warmup_steps": warmup_steps,
+                "learning_rate": 2.5e-4,
+                "dropout": 0.1,
+                "seed": 0,
+                "data_dir": str(data_dir),
+                "out_dir": str(Path(tmp) / "hf"),
+                "gpu": gpu,
+                "save_model": False,
+            }
             reference = max(reference, run_measured(RECIPE_TRAIN, json.dumps(run))["tokens_per_s"])
     rows = []
     for name, result in ours.items():
@@ -271,6 +310,7 @@ def bench_train(cfg):
 
 
 SECTIONS["train"] = bench_train
+
 
 # fidelity: does train.py learn what the recipe learns? Each side trains from seeds of its own (initial
 # weights, window order, dropout) with the same data, hyperparameters and steps; one evaluation then
@@ -294,7 +334,13 @@ def bench_fidelity(cfg):
     # CPU: the measurement that filed the comparison (4 x 128, 128 tokens, batch 8, lr 1e-3); --full: the recipe's model.
     shape = dict(n_layer=12, n_head=12, n_embd=768) if cfg.full else dict(n_layer=4, n_head=4, n_embd=128)
     block_size, learning_rate = (1024, 2.5e-4) if cfg.full else (128, 1e-3)
-    both = {**shape, "block_size": block_size, "batch_size": 8, "learning_rate": learning_rate, "dropout": 0.1}  # what the two sides share
+    both = {
+        **shape,
+        "block_size": block_size,
+        "batch_size": 8,
+        "learning_rate": learning_rate,
+        "dropout": 0.1,
+    }  # what the two sides share
     warmup_steps = max(1, cfg.fidelity_steps // 10)  # untimed
     losses, seconds_per_step = {"ours": [], "recipe": []}, {"ours": [], "recipe": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -363,14 +409,23 @@ def bench_generate(cfg):
     # No eos: every run makes all GENERATE_NEW_TOKENS tokens.
     hf = GPT2LMHeadModel(GPT2Config(**shape, bos_token_id=None, eos_token_id=None)).to(cfg.device).eval()
     ours = {}
-    for name, dtype in [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp32 compiled", torch.float32), ("bf16 compiled", torch.bfloat16)]:
+    for name, dtype in [
+        ("fp32", torch.float32),
+        ("bf16", torch.bfloat16),
+        ("fp32 compiled", torch.float32),
+        ("bf16 compiled", torch.bfloat16),
+    ]:
         ours[name] = GPT(config_from_hf(hf.config.to_dict()))
         ours[name].load_hf_state_dict(hf.state_dict())
         ours[name].to(cfg.device, dtype).eval()
         if name.endswith("compiled"):
             ours[name].compile_decode_step()
     idx = torch.tensor([tokenizer.encode("I was telling her that")], device=cfg.device)
-    runs = {"HF fp32": lambda: hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=GENERATE_NEW_TOKENS, **RECIPE_SAMPLING)}
+    runs = {
+        "HF fp32": lambda: hf.generate(
+            idx, attention_mask=torch.ones_like(idx), max_new_tokens=GENERATE_NEW_TOKENS, **RECIPE_SAMPLING
+        )
+    }
     for name, model in ours.items():
         runs[name] = lambda model=model: model.generate(idx, GENERATE_NEW_TOKENS, **RECIPE_SAMPLING)
     # The machine's limit: one token's bare matrix-vector products, every linear layer of every block
@@ -389,7 +444,10 @@ def bench_generate(cfg):
         seconds = best_seconds(runs, repeats=4, sync=torch.cuda.synchronize if cuda else lambda: None)
     tokens_per_s = {name: (1 if name.startswith("matvec") else GENERATE_NEW_TOKENS) / s for name, s in seconds.items()}
     reference = tokens_per_s.pop("HF fp32")
-    return [{"what": f"generate {size}, {name}", "unit": "tok/s", "ours": rate, "reference": reference} for name, rate in tokens_per_s.items()]
+    return [
+        {"what": f"generate {size}, {name}", "unit": "tok/s", "ours": rate, "reference": reference}
+        for name, rate in tokens_per_s.items()
+    ]
 
 
 SECTIONS["generate"] = bench_generate
@@ -402,7 +460,9 @@ def main(argv):
     if unknown:
         raise configurator.UserError(f"unknown section(s) {unknown}; choose from {','.join(SECTIONS)}")
     if "fidelity" in names and (cfg.fidelity_seeds < 2 or cfg.fidelity_steps < 10):
-        raise configurator.UserError(f"fidelity_seeds={cfg.fidelity_seeds}, fidelity_steps={cfg.fidelity_steps}: a spread needs >= 2 seeds per side, a timing >= 10 steps")
+        raise configurator.UserError(
+            f"fidelity_seeds={cfg.fidelity_seeds}, fidelity_steps={cfg.fidelity_steps}: a spread needs >= 2 seeds per side, a timing >= 10 steps"
+        )
     rows = []
     print(f"machine: {machine_name(cfg.device)}; torch {torch.__version__}")
     print(f"{'what':<80} {'unit':<10} {'ours':>12} {'reference':>12} {'ratio':>7}")
@@ -410,7 +470,9 @@ def main(argv):
         for row in SECTIONS[name](cfg):
             row["ratio"] = row["ours"] / row["reference"]
             rows.append(row)
-            print(f"{row['what']:<80} {row['unit']:<10} {row['ours']:>12.5g} {row['reference']:>12.5g} {row['ratio']:>6.3f}x")
+            print(
+                f"{row['what']:<80} {row['unit']:<10} {row['ours']:>12.5g} {row['reference']:>12.5g} {row['ratio']:>6.3f}x"
+            )
     with open(cfg.json_path, "w") as f:
         json.dump({"machine": machine_name(cfg.device), "config": asdict(cfg), "rows": rows}, f, indent=2)
     print(f"wrote {cfg.json_path}")

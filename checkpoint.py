@@ -28,7 +28,11 @@ CHECKPOINT_PATTERN = re.compile(r"ckpt_(\d+)")
 
 def checkpoints(run_dir) -> dict[int, Path]:
     """The complete checkpoint directories of a run by step (ckpt_*.tmp are unfinished)."""
-    return {int(m.group(1)): p for p in Path(run_dir).glob("ckpt_*") if (m := CHECKPOINT_PATTERN.fullmatch(p.name)) and p.is_dir()}
+    return {
+        int(m.group(1)): p
+        for p in Path(run_dir).glob("ckpt_*")
+        if (m := CHECKPOINT_PATTERN.fullmatch(p.name)) and p.is_dir()
+    }
 
 
 def latest_checkpoint(run_dir) -> Path | None:
@@ -48,12 +52,16 @@ def find_resume_checkpoint(cfg, run_dir: Path, data_order: dict | None) -> Path 
     resume = cfg.resume or ("auto" if cfg.init_from == "resume" else "")
     if resume == "":
         if existing and not cfg.eval_only:
-            raise UserError(f"{run_dir} already has checkpoints (newest {existing[max(existing)].name}); continue it with --resume=auto or pick another --run_name")
+            raise UserError(
+                f"{run_dir} already has checkpoints (newest {existing[max(existing)].name}); continue it with --resume=auto or pick another --run_name"
+            )
         return None
     if resume == "auto":
         if not existing:
             if cfg.init_from == "resume":
-                raise UserError(f"init_from='resume' but {run_dir} has no checkpoint; check --out_dir/--run_name, or use --resume=auto to start the run when none exists")
+                raise UserError(
+                    f"init_from='resume' but {run_dir} has no checkpoint; check --out_dir/--run_name, or use --resume=auto to start the run when none exists"
+                )
             return None
         checkpoint = existing[max(existing)]
     else:
@@ -63,9 +71,13 @@ def find_resume_checkpoint(cfg, run_dir: Path, data_order: dict | None) -> Path 
     saved = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
     newer = [path.name for s, path in sorted(existing.items()) if s > saved["step"]]
     if newer and not cfg.eval_only:
-        raise UserError(f"{run_dir} has checkpoints newer than {checkpoint} ({newer[-1]}); resume into another --run_name so they stay apart")
+        raise UserError(
+            f"{run_dir} has checkpoints newer than {checkpoint} ({newer[-1]}); resume into another --run_name so they stay apart"
+        )
     if data_order is not None and saved["data_order"] != data_order:
-        raise UserError(f"{checkpoint} was trained with {saved['data_order']}, this run has {data_order}; resume with the same seed, batch_size and data, or start a new run")
+        raise UserError(
+            f"{checkpoint} was trained with {saved['data_order']}, this run has {data_order}; resume with the same seed, batch_size and data, or start a new run"
+        )
     return checkpoint
 
 
@@ -81,7 +93,11 @@ def restore_rng(rng_by_rank: list[dict], job: Job, device: str, seed: int, step:
     on_gpu = device.startswith("cuda")
     if len(rng_by_rank) != job.world_size:  # dropout streams are per rank
         torch.manual_seed(fresh)  # the CPU's and every GPU's
-        return f"saved by {len(rng_by_rank)} processes, this run has {job.world_size}: same data order, new dropout randomness" if rng_by_rank else None
+        return (
+            f"saved by {len(rng_by_rank)} processes, this run has {job.world_size}: same data order, new dropout randomness"
+            if rng_by_rank
+            else None
+        )
     saved = rng_by_rank[job.rank]
     torch.set_rng_state(saved["cpu"])
     if on_gpu and saved["cuda"] is None:
@@ -130,7 +146,11 @@ def write_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: 
         previous = latest_checkpoint(run_dir)
         raise UserError(
             f"could not write {final} ({str(e).strip().splitlines()[0]}); free space in {run_dir} (or fix the disk), then --resume=auto "
-            + (f"continues from {previous.name}, which is intact" if previous else "starts the run again (no earlier checkpoint)")
+            + (
+                f"continues from {previous.name}, which is intact"
+                if previous
+                else "starts the run again (no earlier checkpoint)"
+            )
         ) from e
     shutil.rmtree(final, ignore_errors=True)  # only when a run redoes a step it already saved
     os.rename(tmp, final)

@@ -48,12 +48,17 @@ class StopSignals:
     def __init__(self, announce: bool):
         self.signum = 0
         self.announce = announce
-        self.previous = {s: signal.signal(s, self._remember) for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
+        self.previous = {
+            s: signal.signal(s, self._remember) for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN
+        }
 
     def _remember(self, signum, frame):
         if not self.signum and self.announce:
             # os.write, not print: a handler may run while the main thread is inside print
-            os.write(2, f"{Path(sys.argv[0]).name}: got {signal.Signals(signum).name}; stopping after this step with a checkpoint\n".encode())
+            os.write(
+                2,
+                f"{Path(sys.argv[0]).name}: got {signal.Signals(signum).name}; stopping after this step with a checkpoint\n".encode(),
+            )
         self.signum = self.signum or signum
 
     def restore(self):
@@ -162,7 +167,9 @@ class FailureWatcher:
     def __init__(self, rank: int):
         self.rank = rank
         self.key = f"train.py/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/failed"
-        self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timedelta(seconds=30))
+        self.store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timedelta(seconds=30)
+        )
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._watch, name="failure-watcher", daemon=True)
         self.thread.start()
@@ -174,7 +181,9 @@ class FailureWatcher:
             except Exception:  # the store's host is gone (its node failed); the store raises several types
                 failure = "the job's store stopped answering (the node that ran the rendezvous is gone?)"
             if failure and not self.stopped.is_set():
-                print(f"{Path(sys.argv[0]).name}: error: rank {self.rank} stops: {failure}", file=sys.stderr, flush=True)
+                print(
+                    f"{Path(sys.argv[0]).name}: error: rank {self.rank} stops: {failure}", file=sys.stderr, flush=True
+                )
                 sys.stdout.flush()
                 os._exit(1)
 

@@ -23,7 +23,12 @@ CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 # An HF checkpoint's weights, looked for in this order: one file or an index of shards, safetensors
 # before pickles; and the files to fetch from the Hub for each format, safetensors first.
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 HUB_WEIGHT_PATTERNS = (WEIGHT_FILES[:2] + ("model-*.safetensors",), WEIGHT_FILES[2:] + ("pytorch_model-*.bin",))
 
 
@@ -81,7 +86,10 @@ def _chunked_cross_entropy(x, weight, targets, chunk_rows: int, grad_x=None, gra
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     counted = targets != IGNORE_INDEX
     # On a GPU an asynchronous check (a device-side assert, as F.cross_entropy's): no host read.
-    torch._assert_async(((targets >= 0) & (targets < weight.shape[0]) | ~counted).all(), f"cross-entropy targets must be in [0, {weight.shape[0]}) or {IGNORE_INDEX} (ignored)")
+    torch._assert_async(
+        ((targets >= 0) & (targets < weight.shape[0]) | ~counted).all(),
+        f"cross-entropy targets must be in [0, {weight.shape[0]}) or {IGNORE_INDEX} (ignored)",
+    )
     n_counted = counted.sum()
     loss = torch.zeros((), dtype=torch.float32, device=x.device)
     weight = weight.to(dtype)  # cast once, not once per chunk
@@ -173,7 +181,9 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.kv_cache: KVCache | None = None  # set by GPT.setup_kv_cache for generation
 
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x: (B, T, C). Decoding with the KV cache: input_pos (T,) are x's cache positions, mask (T, max_len)
         or (B, 1, T, max_len) says which cached positions each query sees; otherwise attention is causal within x."""
         B, T, C = x.shape
@@ -209,7 +219,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), input_pos, mask)
         return x + self.mlp(self.ln_2(x))
 
@@ -248,8 +260,13 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # the tied embedding counts once
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, input_pos: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ):
         """idx, targets: (B, T) token ids; targets are idx shifted left by one, IGNORE_INDEX to skip.
         input_pos: (T,) positions of idx when decoding with the KV caches of setup_kv_cache; then only
         the last position's logits are computed (generation needs no others): (B, 1, vocab_size).
@@ -262,22 +279,30 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         if T > self.config.block_size:
-            raise UserError(f"sequence of {T} tokens is longer than the context ({self.config.block_size}); crop it to block_size")
+            raise UserError(
+                f"sequence of {T} tokens is longer than the context ({self.config.block_size}); crop it to block_size"
+            )
         if input_pos is None:  # the whole sequence at once, causal attention within it
             pos, mask = torch.arange(T, device=idx.device), None
         else:
             cache = self.transformer.h[0].attn.kv_cache
             if cache is None:
-                raise ValueError("input_pos is for decoding with KV caches; call setup_kv_cache(batch_size, max_len) first")
+                raise ValueError(
+                    "input_pos is for decoding with KV caches; call setup_kv_cache(batch_size, max_len) first"
+                )
             # Each query sees the cached positions up to its own: (T, max_len), broadcast over batch and heads.
             slots = torch.arange(cache.k.size(2), device=idx.device)
             visible, pos = slots <= input_pos[:, None], input_pos
             if attention_mask is not None:
                 pos = (attention_mask.cumsum(1)[:, input_pos] - 1).clamp(min=0)  # (B, T); padding's own is unused
                 # No query sees padding, but a padding query sees itself: an all -inf row is NaN on some SDPA backends.
-                visible = (visible & (attention_mask[:, None, :].bool() | (slots == input_pos[:, None])))[:, None]  # (B, 1, T, max_len)
+                visible = (visible & (attention_mask[:, None, :].bool() | (slots == input_pos[:, None])))[
+                    :, None
+                ]  # (B, 1, T, max_len)
             # Additive (0 / -inf) in the cache's dtype: SDPA on CPU runs it faster than a boolean mask (2x in bf16).
-            mask = torch.zeros(visible.shape, dtype=cache.k.dtype, device=idx.device).masked_fill_(~visible, float("-inf"))
+            mask = torch.zeros(visible.shape, dtype=cache.k.dtype, device=idx.device).masked_fill_(
+                ~visible, float("-inf")
+            )
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x, input_pos, mask)
@@ -288,7 +313,9 @@ class GPT(nn.Module):
             return self.lm_head(x), None
         return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
 
-    def configure_optimizers(self, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8, fused: bool | None = None):
+    def configure_optimizers(
+        self, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8, fused: bool | None = None
+    ):
         """AdamW grouped as the HF Trainer does: no weight decay on biases and LayerNorm weights."""
         decay, no_decay = {}, {}  # keyed by id: the tied embedding is one parameter
         for module in self.modules():
@@ -313,10 +340,16 @@ class GPT(nn.Module):
         the buffers it writes, then runs again without recompiling.
         """
         if max_len > self.config.block_size:
-            raise ValueError(f"a KV cache of {max_len} positions is longer than the context ({self.config.block_size}); use max_len <= block_size")
+            raise ValueError(
+                f"a KV cache of {max_len} positions is longer than the context ({self.config.block_size}); use max_len <= block_size"
+            )
         dtype, device = dtype or self.lm_head.weight.dtype, torch.device(device or self.lm_head.weight.device)
         cache = self.transformer.h[0].attn.kv_cache
-        if cache is not None and (cache.k.size(0), cache.k.dtype, cache.k.device) == (batch_size, dtype, device) and cache.k.size(2) >= max_len:
+        if (
+            cache is not None
+            and (cache.k.size(0), cache.k.dtype, cache.k.device) == (batch_size, dtype, device)
+            and cache.k.size(2) >= max_len
+        ):
             return
         head_dim = self.config.n_embd // self.config.n_head
         for block in self.transformer.h:
@@ -327,7 +360,9 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.attn.kv_cache = None
 
-    def decode_step(self, token: torch.Tensor, input_pos: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def decode_step(
+        self, token: torch.Tensor, input_pos: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """One token per sequence (B, 1) at position input_pos (1,) -> next-token logits (B, vocab_size), float32.
 
         attention_mask: (B, max_len), as for forward. Its shapes stay the same from token to token (the KV
@@ -385,24 +420,34 @@ class GPT(nn.Module):
                 "shorten the prompt or generate fewer tokens"
             )
         if do_sample and not temperature > 0:
-            raise UserError(f"temperature={temperature} must be > 0 when sampling; for greedy decoding use do_sample=False")
+            raise UserError(
+                f"temperature={temperature} must be > 0 when sampling; for greedy decoding use do_sample=False"
+            )
         if attention_mask is not None and not attention_mask[:, -1].all():
-            raise UserError("attention_mask has padding at the end of a prompt; pad prompts on the left, as for HF generate")
+            raise UserError(
+                "attention_mask has padding at the end of a prompt; pad prompts on the left, as for HF generate"
+            )
         device = idx.device.type
-        self.setup_kv_cache(B, T + max_new_tokens, dtype=torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+        self.setup_kv_cache(
+            B, T + max_new_tokens, dtype=torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        )
         if attention_mask is not None:  # over the whole cache: what comes after the prompts is tokens
             cache_len = self.transformer.h[0].attn.kv_cache.k.size(2)
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, cache_len - T)], dim=1)
         was_training = self.training
         self.eval()
         try:
-            logits, _ = self(idx, input_pos=torch.arange(T, device=idx.device), attention_mask=attention_mask)  # prefill: (B, 1, vocab_size)
+            logits, _ = self(
+                idx, input_pos=torch.arange(T, device=idx.device), attention_mask=attention_mask
+            )  # prefill: (B, 1, vocab_size)
             logits = logits[:, -1].float()
             input_pos = torch.tensor([T], device=idx.device)
             unfinished = torch.ones(B, dtype=torch.bool, device=idx.device)
             tokens = [idx]
             for step in range(max_new_tokens):
-                next_token = sample_next_token(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
+                next_token = (
+                    sample_next_token(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
+                )
                 if eos_token_id is not None:
                     next_token = next_token.masked_fill(~unfinished, eos_token_id)
                     unfinished &= next_token != eos_token_id
@@ -446,7 +491,9 @@ class GPT(nn.Module):
             directory = _download(str(path_or_name))
         config_path = directory / "config.json"
         if not config_path.is_file():
-            raise UserError(f"{config_path} not found; expected an HF GPT-2 checkpoint directory (config.json and its weights)")
+            raise UserError(
+                f"{config_path} not found; expected an HF GPT-2 checkpoint directory (config.json and its weights)"
+            )
         config = config_from_hf(json.loads(config_path.read_text()))
         if dropout is not None:
             config.dropout = dropout
@@ -469,16 +516,22 @@ class GPT(nn.Module):
             if name.endswith(CONV1D_SUFFIXES):
                 tensor = tensor.t()
             if tensor.shape != ours[name].shape:
-                raise UserError(f"checkpoint tensor '{name}' has shape {tuple(tensor.shape)}, the config expects {tuple(ours[name].shape)}")
+                raise UserError(
+                    f"checkpoint tensor '{name}' has shape {tuple(tensor.shape)}, the config expects {tuple(ours[name].shape)}"
+                )
             loaded[name] = tensor
         loaded.setdefault("lm_head.weight", loaded.get("transformer.wte.weight"))
         missing = [n for n in ours if n not in loaded or loaded[n] is None]
         if missing:
-            raise UserError(f"checkpoint is missing {len(missing)} tensors, e.g. '{missing[0]}'; it is incomplete or not GPT-2")
+            raise UserError(
+                f"checkpoint is missing {len(missing)} tensors, e.g. '{missing[0]}'; it is incomplete or not GPT-2"
+            )
         self.load_state_dict(loaded)
 
 
-def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, generator=None) -> torch.Tensor:
+def sample_next_token(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, generator=None
+) -> torch.Tensor:
     """Draws one token per row of logits (B, vocab_size) float32, as HF generate(do_sample=True) does.
 
     HF's warpers in HF's order, each only where it changes something: temperature (!= 1), top-k
@@ -535,7 +588,9 @@ def hf_config(config: GPTConfig) -> dict:
 def config_from_hf(hf: dict) -> GPTConfig:
     """Reads an HF GPT-2 config.json; refuses variants this model does not implement."""
     if hf.get("model_type") != "gpt2":
-        raise UserError(f"config.json has model_type {hf.get('model_type')!r}; only HF GPT-2 checkpoints (model_type 'gpt2') load")
+        raise UserError(
+            f"config.json has model_type {hf.get('model_type')!r}; only HF GPT-2 checkpoints (model_type 'gpt2') load"
+        )
     unsupported = {
         "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
         "scale_attn_weights": (True,),
@@ -549,7 +604,9 @@ def config_from_hf(hf: dict) -> GPTConfig:
         raise UserError(f"config.json sets n_inner={hf['n_inner']}; this model uses 4 * n_embd = {4 * hf['n_embd']}")
     dropouts = {hf.get(k, 0.1) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
     if len(dropouts) > 1:
-        raise UserError(f"config.json has different dropouts {sorted(dropouts)}; this model uses one rate for all three")
+        raise UserError(
+            f"config.json has different dropouts {sorted(dropouts)}; this model uses one rate for all three"
+        )
     return GPTConfig(
         block_size=hf["n_positions"],
         vocab_size=hf["vocab_size"],
@@ -575,7 +632,11 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
         path = directory / name
         if not path.is_file():
             raise UserError(f"{path} not found, though {found} lists it; download or copy the checkpoint again")
-        state.update(load_file(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True))
+        state.update(
+            load_file(path)
+            if path.suffix == ".safetensors"
+            else torch.load(path, map_location="cpu", weights_only=True)
+        )
     return state
 
 

@@ -1,6 +1,6 @@
 """Loss curves of a training run: train and val loss against tokens seen, as a PNG.
 
-    python plot.py out/austen        # writes out/austen/loss.png (train.py does this at the end)
+python plot.py out/austen        # writes out/austen/loss.png (train.py does this at the end)
 """
 
 import io
@@ -35,8 +35,11 @@ def plot_run(run_dir) -> Path:
         if points:
             tokens, losses = zip(*points)
             ax.plot(tokens, losses, style, label=label)
-    ax.set(xlabel="tokens seen", ylabel="loss (nats per token)", title=f"{run_dir.name}: final val loss "
-           + (f"{curves['val'][-1][1]:.3f}" if curves["val"] else "-"))
+    ax.set(
+        xlabel="tokens seen",
+        ylabel="loss (nats per token)",
+        title=f"{run_dir.name}: final val loss " + (f"{curves['val'][-1][1]:.3f}" if curves["val"] else "-"),
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     png = io.BytesIO()

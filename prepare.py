@@ -141,7 +141,9 @@ def check_hub(repo: str, revision: str | None) -> None:
     except HfHubHTTPError as e:  # the Hub answered: no such dataset or revision, gated, ...
         raise UserError(f"--dataset={repo}: {str(e).splitlines()[0]}") from None
     except Exception as e:  # no answer; the transport's exception types vary across huggingface_hub versions
-        raise UserError(f"cannot reach the Hugging Face Hub for {repo} ({type(e).__name__}: {e}); {OFFLINE_HINT}") from None
+        raise UserError(
+            f"cannot reach the Hugging Face Hub for {repo} ({type(e).__name__}: {e}); {OFFLINE_HINT}"
+        ) from None
 
 
 def dataset_documents(path: str, source: str, text_column: str, sentences: bool, hub: bool, **load_args):
@@ -158,11 +160,18 @@ def dataset_documents(path: str, source: str, text_column: str, sentences: bool,
     except ConnectionError as e:
         raise UserError(f"cannot reach the Hugging Face Hub for {path} ({e}); {OFFLINE_HINT}") from None
     except RuntimeError as e:  # a loading script, which datasets no longer runs
-        raise UserError(f"--dataset={path}: {e}; its Parquet export may work: --revision={BOOKCORPUS_REVISION}") from None
+        raise UserError(
+            f"--dataset={path}: {e}; its Parquet export may work: --revision={BOOKCORPUS_REVISION}"
+        ) from None
     if dataset.column_names and text_column not in dataset.column_names:
-        raise UserError(f"{source} has no column '{text_column}' (it has {', '.join(dataset.column_names)}); pass --text_column=NAME")
+        raise UserError(
+            f"{source} has no column '{text_column}' (it has {', '.join(dataset.column_names)}); pass --text_column=NAME"
+        )
     # Arrow batches: datasets' default Python formatting goes row by row, 10x slower
-    batches = (table[text_column].to_pylist() for table in dataset.select_columns([text_column]).with_format("arrow").iter(batch_size=1000))
+    batches = (
+        table[text_column].to_pylist()
+        for table in dataset.select_columns([text_column]).with_format("arrow").iter(batch_size=1000)
+    )
     if sentences:
         yield joined_rows(batches)
     else:
@@ -193,15 +202,31 @@ def open_source(cfg: PrepareConfig, replaced: collections.Counter):
         name = Path(re.split(r"[*?\[]", cfg.input)[0]).resolve().name.split(".")[0] if cfg.input else "austen"
         if files[0].suffix in ROW_FORMATS:
             source = f"{cfg.input} column {cfg.text_column}"
-            return name, source, dataset_documents(ROW_FORMATS[files[0].suffix], source, cfg.text_column, sentences=False,
-                                                   hub=False, data_files=[str(f) for f in files], split="train")
+            return (
+                name,
+                source,
+                dataset_documents(
+                    ROW_FORMATS[files[0].suffix],
+                    source,
+                    cfg.text_column,
+                    sentences=False,
+                    hub=False,
+                    data_files=[str(f) for f in files],
+                    split="train",
+                ),
+            )
         return name, cfg.input or AUSTEN_GLOB, (read_text_file(f, replaced) for f in files)
     bookcorpus = cfg.dataset == "bookcorpus"
     repo = BOOKCORPUS if bookcorpus else cfg.dataset
     revision = cfg.revision or (BOOKCORPUS_REVISION if bookcorpus else None)
     source = f"hf://datasets/{repo}@{revision or 'main'} split {cfg.split} column {cfg.text_column}"
-    return repo.split("/")[-1], source, dataset_documents(repo, source, cfg.text_column, sentences=bookcorpus,
-                                                          hub=True, revision=revision, split=cfg.split)
+    return (
+        repo.split("/")[-1],
+        source,
+        dataset_documents(
+            repo, source, cfg.text_column, sentences=bookcorpus, hub=True, revision=revision, split=cfg.split
+        ),
+    )
 
 
 def safe_cut(text: str, start: int, end: int) -> int:
@@ -265,7 +290,9 @@ def sized_blocks(documents, block_chars: int):
     if chars == 0:
         raise UserError("the input has no text; check the files (or --text_column)")
     if chars < MIN_CHARS:
-        raise UserError(f"the input has {chars:,} characters, too little to hold out validation text; prepare at least {MIN_CHARS:,}")
+        raise UserError(
+            f"the input has {chars:,} characters, too little to hold out validation text; prepare at least {MIN_CHARS:,}"
+        )
     small = -(-chars // MIN_BLOCKS)
     return cut_blocks(documents_of(head), small), small
 
@@ -356,7 +383,9 @@ class SplitWriter:
                     self.close_shard(end=[index, offset])
                     completed = True
         except OSError as e:
-            raise UserError(f"writing {self.next_path()} failed: {e.strerror or e}; free disk space and rerun, finished shards are reused") from None
+            raise UserError(
+                f"writing {self.next_path()} failed: {e.strerror or e}; free disk space and rerun, finished shards are reused"
+            ) from None
         return completed
 
     def next_path(self) -> Path:
@@ -364,7 +393,9 @@ class SplitWriter:
 
     def close_shard(self, end):
         self.shard.close()
-        self.shards.append({"file": self.shard.path.name, "tokens": self.shard.tokens, "documents": self.documents, "end": end})
+        self.shards.append(
+            {"file": self.shard.path.name, "tokens": self.shard.tokens, "documents": self.documents, "end": end}
+        )
         self.shard = None
 
     def abort(self):
@@ -376,7 +407,9 @@ def check_settings(path: Path, settings: dict) -> dict:
     saved = json.loads(path.read_text())
     changed = [key for key in settings if saved.get(key) != settings[key]]
     if changed:
-        raise UserError(f"{path.parent} holds shards prepared with other settings ({', '.join(changed)}); pass --force to rebuild, or another --out_dir")
+        raise UserError(
+            f"{path.parent} holds shards prepared with other settings ({', '.join(changed)}); pass --force to rebuild, or another --out_dir"
+        )
     return saved
 
 
@@ -393,13 +426,24 @@ def main(argv):
         raise UserError("need 0 <= --val_fraction < 1 and --shard_tokens, --block_chars, --workers >= 1")
     max_id = get_tokenizer().max_token_value
     if max_id > np.iinfo(np.uint16).max:
-        raise UserError(f"the tokenizer has ids up to {max_id}, but shards store uint16 (at most 65535); use a GPT-2-sized vocabulary")
+        raise UserError(
+            f"the tokenizer has ids up to {max_id}, but shards store uint16 (at most 65535); use a GPT-2-sized vocabulary"
+        )
     replaced = collections.Counter()
     name, source, documents = open_source(cfg, replaced)
     out_dir = Path(cfg.out_dir or ROOT / "data" / name)
-    settings = {"format_version": FORMAT_VERSION, "tokenizer": "gpt2", "tokenizer_sha256": RANKS_SHA256, "vocab_size": VOCAB_SIZE,
-                "eot_id": EOT_ID, "source": source, "seed": cfg.seed, "val_fraction": cfg.val_fraction,
-                "block_chars": cfg.block_chars, "shard_tokens": cfg.shard_tokens}
+    settings = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": "gpt2",
+        "tokenizer_sha256": RANKS_SHA256,
+        "vocab_size": VOCAB_SIZE,
+        "eot_id": EOT_ID,
+        "source": source,
+        "seed": cfg.seed,
+        "val_fraction": cfg.val_fraction,
+        "block_chars": cfg.block_chars,
+        "shard_tokens": cfg.shard_tokens,
+    }
     meta_path, progress_path = out_dir / "meta.json", out_dir / "progress.json"
     if cfg.force and out_dir.is_dir():
         for path in out_dir.iterdir():
@@ -412,8 +456,12 @@ def main(argv):
     completed = {split: [] for split in SPLITS}
     if progress_path.exists():
         saved = check_settings(progress_path, settings)["splits"]
-        completed = {split: list(itertools.takewhile(lambda shard: intact(out_dir / shard["file"], shard["tokens"]), saved[split]))
-                     for split in SPLITS}
+        completed = {
+            split: list(
+                itertools.takewhile(lambda shard: intact(out_dir / shard["file"], shard["tokens"]), saved[split])
+            )
+            for split in SPLITS
+        }
         print(f"resuming after {len(completed['train'])} train and {len(completed['val'])} val shards")
     for path in out_dir.glob("*.tmp"):  # left by a killed run
         path.unlink()
@@ -442,14 +490,23 @@ def main(argv):
     splits = {}
     for split, writer in writers.items():
         shards = [{key: shard[key] for key in ("file", "tokens", "documents")} for shard in writer.shards]
-        splits[split] = {"tokens": sum(s["tokens"] for s in shards), "documents": sum(s["documents"] for s in shards), "shards": shards}
+        splits[split] = {
+            "tokens": sum(s["tokens"] for s in shards),
+            "documents": sum(s["documents"] for s in shards),
+            "shards": shards,
+        }
     meta = {**settings, "replaced_undecodable": sum(replaced.values()), "splits": splits}
     atomic_write_bytes(meta_path, [json.dumps(meta, indent=1).encode()])
     progress_path.unlink(missing_ok=True)
     if replaced:
-        print(f"warning: replaced {sum(replaced.values()):,} undecodable byte sequences with U+FFFD in {', '.join(replaced)}", file=sys.stderr)
-    print(f"{out_dir}: {splits['train']['tokens']:,} train and {splits['val']['tokens']:,} val tokens "
-          f"({tokenized / seconds / 1e6:.1f}M tokens/s)")
+        print(
+            f"warning: replaced {sum(replaced.values()):,} undecodable byte sequences with U+FFFD in {', '.join(replaced)}",
+            file=sys.stderr,
+        )
+    print(
+        f"{out_dir}: {splits['train']['tokens']:,} train and {splits['val']['tokens']:,} val tokens "
+        f"({tokenized / seconds / 1e6:.1f}M tokens/s)"
+    )
 
 
 if __name__ == "__main__":

@@ -34,10 +34,14 @@ TRAIN_HINT = "train one with `python prepare.py --dataset=austen && python train
 
 @dataclass
 class SampleConfig:
-    ckpt: str | None = None  # a run directory (its newest checkpoint), a checkpoint, any HF GPT-2 directory or Hub name (gpt2); None: newest run under out/
+    ckpt: str | None = (
+        None  # a run directory (its newest checkpoint), a checkpoint, any HF GPT-2 directory or Hub name (gpt2); None: newest run under out/
+    )
     init: str = "checkpoint"  # or "random": an untrained GPT-2 124M
     start: str = "I was telling her that"  # the prompt, or FILE:path to read it from a file
-    prompts: str | None = None  # a file of prompts, one per line (blank lines skipped), continued in one batch; replaces start
+    prompts: str | None = (
+        None  # a file of prompts, one per line (blank lines skipped), continued in one batch; replaces start
+    )
     num_samples: int = 1
     max_new_tokens: int = 100
     temperature: float = 1.0
@@ -97,18 +101,29 @@ def stream(model: GPT, prompt: str, prompt_ids: list[int], cfg: SampleConfig, sa
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     print(prompt, end="", flush=True)
     idx = torch.tensor([prompt_ids], device=cfg.device)  # (1, T)
-    out = model.generate(idx, cfg.max_new_tokens, **sampling, callback=lambda token: print(utf8.decode(token_bytes(token.item())), end="", flush=True))
+    out = model.generate(
+        idx,
+        cfg.max_new_tokens,
+        **sampling,
+        callback=lambda token: print(utf8.decode(token_bytes(token.item())), end="", flush=True),
+    )
     print(utf8.decode(b"", final=True))
     return out.shape[1] - idx.shape[1]
 
 
-def continue_batch(model: GPT, prompts: list[str], prompt_ids: list[list[int]], cfg: SampleConfig, sampling: dict) -> int:
+def continue_batch(
+    model: GPT, prompts: list[str], prompt_ids: list[list[int]], cfg: SampleConfig, sampling: dict
+) -> int:
     """Continues all prompts in one batch, left-padded and masked as HF batches them, then prints
     each; returns the number of new tokens in all."""
     longest = max(map(len, prompt_ids))
     padding = [longest - len(ids) for ids in prompt_ids]
-    idx = torch.tensor([[tokenizer.EOT_ID] * pad + ids for pad, ids in zip(padding, prompt_ids)], device=cfg.device)  # (B, longest)
-    attention_mask = torch.tensor([[0] * pad + [1] * len(ids) for pad, ids in zip(padding, prompt_ids)], device=cfg.device)
+    idx = torch.tensor(
+        [[tokenizer.EOT_ID] * pad + ids for pad, ids in zip(padding, prompt_ids)], device=cfg.device
+    )  # (B, longest)
+    attention_mask = torch.tensor(
+        [[0] * pad + [1] * len(ids) for pad, ids in zip(padding, prompt_ids)], device=cfg.device
+    )
     out = model.generate(idx, cfg.max_new_tokens, **sampling, attention_mask=attention_mask)
     for i, (prompt, new) in enumerate(zip(prompts, out[:, longest:].tolist())):
         if tokenizer.EOT_ID in new:  # a finished sequence goes on with <|endoftext|>: print the first
@@ -136,9 +151,17 @@ def main(argv):
             f"exceed the context of {context} tokens; shorten the prompt or lower --max_new_tokens"
         )
     if cfg.compile:
-        torch._inductor.config.freezing = True  # weights become prepacked constants: faster on CPU (see compile_decode_step)
+        torch._inductor.config.freezing = (
+            True  # weights become prepacked constants: faster on CPU (see compile_decode_step)
+        )
         model.compile_decode_step()
-    sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, do_sample=cfg.do_sample, eos_token_id=tokenizer.EOT_ID)
+    sampling = dict(
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        do_sample=cfg.do_sample,
+        eos_token_id=tokenizer.EOT_ID,
+    )
     torch.manual_seed(cfg.seed)  # again, whatever loading drew: the same tokens as HF generate after manual_seed(seed)
     for sample in range(cfg.num_samples):
         if sample:

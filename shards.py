@@ -69,7 +69,9 @@ class ShardWriter:
     def write(self, tokens: np.ndarray) -> None:
         tokens = np.asarray(tokens)
         if tokens.size and int(tokens.max()) > np.iinfo(TOKEN_DTYPE).max:
-            raise ValueError(f"token id {int(tokens.max())} does not fit in uint16; shards hold GPT-2-sized vocabularies")
+            raise ValueError(
+                f"token id {int(tokens.max())} does not fit in uint16; shards hold GPT-2-sized vocabularies"
+            )
         self.file.write(tokens.astype("<u2", copy=False).tobytes())
         self.tokens += tokens.size
 
@@ -111,7 +113,9 @@ def read_shard(path: Path) -> np.memmap:
         raise UserError(f"{path}: not a token shard (magic {header[0]}, version {header[1]}); rerun prepare.py")
     expected = HEADER_BYTES + int(header[2]) * 2
     if size != expected:
-        raise UserError(f"{path}: size {size} bytes but header promises {expected}; the shard is damaged, rerun prepare.py")
+        raise UserError(
+            f"{path}: size {size} bytes but header promises {expected}; the shard is damaged, rerun prepare.py"
+        )
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(int(header[2]),))
 
 
@@ -140,12 +144,16 @@ class TokenWindows:
         for info in shard_infos:
             tokens = read_shard(self.data_dir / info["file"])
             if len(tokens) != info["tokens"]:
-                raise UserError(f"{self.data_dir / info['file']}: {len(tokens)} tokens but meta.json says {info['tokens']}; rerun prepare.py --force")
+                raise UserError(
+                    f"{self.data_dir / info['file']}: {len(tokens)} tokens but meta.json says {info['tokens']}; rerun prepare.py --force"
+                )
             self.shards.append(tokens)
         counts = np.array([max(0, (len(s) - 1) // block_size) for s in self.shards], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(counts)])  # window index where each shard begins
         if self.starts[-1] == 0:
-            raise UserError(f"{self.data_dir}: '{split}' has fewer than block_size + 1 = {block_size + 1} tokens; use a smaller block_size or more data")
+            raise UserError(
+                f"{self.data_dir}: '{split}' has fewer than block_size + 1 = {block_size + 1} tokens; use a smaller block_size or more data"
+            )
 
     def __len__(self) -> int:
         return int(self.starts[-1])

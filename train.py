@@ -101,9 +101,13 @@ class TrainConfig:
     wandb_project: str = "gpt2-bookcorpus"
     # system
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype: str | None = None  # autocast 'bfloat16', or 'float32' (none); None: bfloat16 where the device runs it natively
+    dtype: str | None = (
+        None  # autocast 'bfloat16', or 'float32' (none); None: bfloat16 where the device runs it natively
+    )
     compile: bool = torch.cuda.is_available()
-    dist_timeout_minutes: float = 10.0  # how long a collective waits for a silent rank (failures that are seen end the job at once)
+    dist_timeout_minutes: float = (
+        10.0  # how long a collective waits for a silent rank (failures that are seen end the job at once)
+    )
 
 
 def check_config(cfg: TrainConfig, world_size: int) -> None:
@@ -113,7 +117,10 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
                 "dist_timeout_minutes"]  # fmt: skip
     for key in positive:
         if (value := getattr(cfg, key)) is not None and not value > 0:
-            raise UserError(f"{key}={value}: must be positive" + (" (keep_checkpoints=1 keeps the newest only)" if key == "keep_checkpoints" else ""))
+            raise UserError(
+                f"{key}={value}: must be positive"
+                + (" (keep_checkpoints=1 keeps the newest only)" if key == "keep_checkpoints" else "")
+            )
     for key in ("dropout", "beta1", "beta2"):
         if not 0 <= (value := getattr(cfg, key)) < 1:
             raise UserError(f"{key}={value}: must be in [0, 1)")
@@ -124,9 +131,13 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
     if cfg.dtype not in (None, "bfloat16", "float32"):
         raise UserError(f"dtype={cfg.dtype}: use bfloat16 (autocast) or float32; float16 would need loss scaling")
     if cfg.batch_size % world_size:
-        raise UserError(f"batch_size={cfg.batch_size} does not split over {world_size} processes; use a multiple of {world_size}")
+        raise UserError(
+            f"batch_size={cfg.batch_size} does not split over {world_size} processes; use a multiple of {world_size}"
+        )
     if cfg.micro_batch_size and (cfg.batch_size // world_size) % cfg.micro_batch_size:
-        raise UserError(f"micro_batch_size={cfg.micro_batch_size} does not divide the {cfg.batch_size // world_size} sequences per process (batch_size={cfg.batch_size} over {world_size}); pick a divisor")
+        raise UserError(
+            f"micro_batch_size={cfg.micro_batch_size} does not divide the {cfg.batch_size // world_size} sequences per process (batch_size={cfg.batch_size} over {world_size}); pick a divisor"
+        )
 
 
 def native_dtype(device: str) -> str:
@@ -156,9 +167,13 @@ def build_model(cfg: TrainConfig, source, meta: dict) -> GPT:
 
 def check_model_fits_data(config: GPTConfig, cfg: TrainConfig, meta: dict) -> None:
     if cfg.block_size > config.block_size:
-        raise UserError(f"block_size={cfg.block_size} is longer than the model's context of {config.block_size} positions; lower block_size")
+        raise UserError(
+            f"block_size={cfg.block_size} is longer than the model's context of {config.block_size} positions; lower block_size"
+        )
     if meta["vocab_size"] > config.vocab_size:
-        raise UserError(f"{cfg.data_dir} uses a vocabulary of {meta['vocab_size']} tokens but the model has vocab_size={config.vocab_size}; set vocab_size={meta['vocab_size']}")
+        raise UserError(
+            f"{cfg.data_dir} uses a vocabulary of {meta['vocab_size']} tokens but the model has vocab_size={config.vocab_size}; set vocab_size={meta['vocab_size']}"
+        )
 
 
 def cosine_schedule(optimizer, max_steps: int, warmup_ratio: float) -> LambdaLR:
@@ -191,7 +206,15 @@ def rank_rows(rows: np.ndarray, world_size: int, rank: int, micro_batch_size: in
     return rows.reshape(-1, world_size, micro_batch_size)[:, rank]
 
 
-def batches(windows: TokenWindows, cfg: TrainConfig, job: Job, micro_batch_size: int, steps_per_epoch: int, start_step: int, max_steps: int):
+def batches(
+    windows: TokenWindows,
+    cfg: TrainConfig,
+    job: Job,
+    micro_batch_size: int,
+    steps_per_epoch: int,
+    start_step: int,
+    max_steps: int,
+):
     """Each step's tokens for this rank, (micro-steps, micro_batch_size, block_size + 1) on the device.
 
     A thread reads the next step's windows while the current step runs; on a GPU they come from
@@ -200,7 +223,12 @@ def batches(windows: TokenWindows, cfg: TrainConfig, job: Job, micro_batch_size:
     pin = cfg.device.startswith("cuda")
 
     def read(step: int) -> torch.Tensor:
-        rows = rank_rows(global_batch_rows(cfg.seed, step, steps_per_epoch, len(windows), cfg.batch_size), job.world_size, job.rank, micro_batch_size)
+        rows = rank_rows(
+            global_batch_rows(cfg.seed, step, steps_per_epoch, len(windows), cfg.batch_size),
+            job.world_size,
+            job.rank,
+            micro_batch_size,
+        )
         tokens = torch.from_numpy(windows.batch(rows.ravel())).view(*rows.shape, -1)
         return tokens.pin_memory() if pin else tokens
 
@@ -215,7 +243,14 @@ def batches(windows: TokenWindows, cfg: TrainConfig, job: Job, micro_batch_size:
 
 def largest_micro_batch(per_rank: int, fixed_bytes: float, bytes_per_sequence: float, budget_bytes: float) -> int:
     """The largest divisor of per_rank whose step fits in budget_bytes (1 if none does)."""
-    return max([m for m in range(1, per_rank + 1) if per_rank % m == 0 and fixed_bytes + m * bytes_per_sequence <= budget_bytes], default=1)
+    return max(
+        [
+            m
+            for m in range(1, per_rank + 1)
+            if per_rank % m == 0 and fixed_bytes + m * bytes_per_sequence <= budget_bytes
+        ],
+        default=1,
+    )
 
 
 def choose_micro_batch(cfg: TrainConfig, job: Job, model: GPT, autocast) -> int:
@@ -239,7 +274,9 @@ def choose_micro_batch(cfg: TrainConfig, job: Job, model: GPT, autocast) -> int:
     return job.agree(chosen, dist.ReduceOp.MIN)  # every rank must run as many micro-steps
 
 
-def train_step(model, raw_model: GPT, optimizer, scheduler, tokens: torch.Tensor, autocast, grad_clip: float, job: Job) -> torch.Tensor:
+def train_step(
+    model, raw_model: GPT, optimizer, scheduler, tokens: torch.Tensor, autocast, grad_clip: float, job: Job
+) -> torch.Tensor:
     """One optimizer step over tokens (micro-steps, micro-batch, T + 1). Returns (loss, grad norm,
     skipped) on the device, unread: the host goes on to the next step while the GPU works.
 
@@ -295,10 +332,15 @@ class StepLog:
             self.nonfinite_steps += 1
             self.in_a_row += 1
             if master:
-                print(f"step {s}: non-finite loss {loss} or grad norm {grad_norm}; step skipped ({self.in_a_row} in a row)", flush=True)
+                print(
+                    f"step {s}: non-finite loss {loss} or grad norm {grad_norm}; step skipped ({self.in_a_row} in a row)",
+                    flush=True,
+                )
                 record(s, {"skipped": "non-finite loss", "nonfinite_steps": self.nonfinite_steps})
             if self.in_a_row == NONFINITE_STEPS_BEFORE_STOP:
-                raise UserError(f"loss was non-finite for {self.in_a_row} steps in a row (up to step {s}); the last checkpoint is {latest_checkpoint(run_dir)}; lower learning_rate or check the data")
+                raise UserError(
+                    f"loss was non-finite for {self.in_a_row} steps in a row (up to step {s}); the last checkpoint is {latest_checkpoint(run_dir)}; lower learning_rate or check the data"
+                )
 
     def resume_clock(self) -> None:
         """Training goes on: evaluating and saving took the time since the last read."""
@@ -307,7 +349,12 @@ class StepLog:
     def interval(self, step: int) -> tuple[int, float, float, float]:
         """(steps, training seconds, mean loss, last grad norm) since the last log line, which `step` is now."""
         losses, grad_norms = zip(*self.finite)
-        result = (step - self.logged_step, self.seconds, sum(losses) / len(losses), grad_norms[-1])  # the mean, as the HF Trainer logs
+        result = (
+            step - self.logged_step,
+            self.seconds,
+            sum(losses) / len(losses),
+            grad_norms[-1],
+        )  # the mean, as the HF Trainer logs
         self.finite, self.logged_step, self.seconds = [], step, 0.0
         return result
 
@@ -344,11 +391,15 @@ def start_wandb(cfg: TrainConfig, run_id: str | None):
     import wandb
 
     if os.environ.get("WANDB_MODE") not in ("offline", "disabled") and not wandb.login(prompt=False, verify=False):
-        raise UserError("wandb_log=True but wandb has no API key; run `wandb login`, set WANDB_API_KEY, or log locally with WANDB_MODE=offline")
+        raise UserError(
+            "wandb_log=True but wandb has no API key; run `wandb login`, set WANDB_API_KEY, or log locally with WANDB_MODE=offline"
+        )
     try:
         return wandb.init(project=cfg.wandb_project, name=cfg.run_name, id=run_id, resume="allow", config=asdict(cfg))
     except Exception as e:  # wandb raises many types (network, auth, server)
-        raise UserError(f"wandb could not start a run ({type(e).__name__}: {e}); log locally with WANDB_MODE=offline and `wandb sync` later") from None
+        raise UserError(
+            f"wandb could not start a run ({type(e).__name__}: {e}); log locally with WANDB_MODE=offline and `wandb sync` later"
+        ) from None
 
 
 def open_run(cfg: TrainConfig, run_dir: Path, start_step: int, wandb_run_id: str | None):
@@ -384,7 +435,11 @@ def train(cfg: TrainConfig, job: Job) -> None:
         torch.backends.cuda.matmul.fp32_precision = "tf32"  # fp32 matmuls outside autocast
         torch.backends.cudnn.conv.fp32_precision = "tf32"
     # bf16 matmuls, fp32 weights and optimizer.
-    autocast = torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext()
+    autocast = (
+        torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16)
+        if cfg.dtype == "bfloat16"
+        else nullcontext()
+    )
     run_dir = Path(cfg.out_dir) / cfg.run_name
 
     val_windows = TokenWindows(cfg.data_dir, "val", cfg.block_size)
@@ -396,22 +451,32 @@ def train(cfg: TrainConfig, job: Job) -> None:
         train_windows = TokenWindows(cfg.data_dir, "train", cfg.block_size)
         steps_per_epoch = len(train_windows) // cfg.batch_size
         if steps_per_epoch == 0:
-            raise UserError(f"{cfg.data_dir}: the train split has {len(train_windows)} windows of {cfg.block_size + 1} tokens, fewer than one batch of {cfg.batch_size}; lower batch_size or block_size")
+            raise UserError(
+                f"{cfg.data_dir}: the train split has {len(train_windows)} windows of {cfg.block_size + 1} tokens, fewer than one batch of {cfg.batch_size}; lower batch_size or block_size"
+            )
         max_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
         # What fixes the order of the batches: resuming with other values would skip or repeat data.
         data_order = {"seed": cfg.seed, "global_batch": cfg.batch_size, "train_windows": len(train_windows)}
     resume_from = job.on_rank0(lambda: find_resume_checkpoint(cfg, run_dir, data_order), share=True)
     source = resume_from or (None if cfg.init_from == "scratch" else cfg.init_from)
     if cfg.eval_only and source is None:
-        raise UserError("eval_only needs weights: --resume=auto (this run's newest checkpoint), --resume=CKPT_DIR or --init_from=HF_DIR")
+        raise UserError(
+            "eval_only needs weights: --resume=auto (this run's newest checkpoint), --resume=CKPT_DIR or --init_from=HF_DIR"
+        )
 
     raw_model = build_model(cfg, source, val_windows.meta).to(cfg.device)
     # A loaded model keeps its shape: record it so the saved config tells the truth.
-    cfg = dataclasses.replace(cfg, **{key: getattr(raw_model.config, key) for key in ("vocab_size", "n_layer", "n_head", "n_embd")})
+    cfg = dataclasses.replace(
+        cfg, **{key: getattr(raw_model.config, key) for key in ("vocab_size", "n_layer", "n_head", "n_embd")}
+    )
     micro_batch_size = choose_micro_batch(cfg, job, raw_model, autocast)
     # DDP first, then compile: dynamo splits the graph at DDP's gradient buckets, so their
     # all-reduces overlap the backward pass.
-    model = DDP(raw_model, device_ids=[torch.cuda.current_device()] if on_gpu else None) if job.world_size > 1 else raw_model
+    model = (
+        DDP(raw_model, device_ids=[torch.cuda.current_device()] if on_gpu else None)
+        if job.world_size > 1
+        else raw_model
+    )
     if cfg.compile:
         model = torch.compile(model)
     if master:
@@ -421,11 +486,16 @@ def train(cfg: TrainConfig, job: Job) -> None:
     if cfg.eval_only:
         val_loss = evaluate(raw_model, val_windows, val_rows, micro_batch_size, cfg.device, autocast, job)
         if master:
-            print(f"val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f} ({len(val_rows)} windows of {cfg.block_size} tokens)", flush=True)
+            print(
+                f"val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f} ({len(val_rows)} windows of {cfg.block_size} tokens)",
+                flush=True,
+            )
         return
 
     # fused: its found_inf lets train_step skip a non-finite step on the device
-    optimizer = raw_model.configure_optimizers(cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, fused=True)
+    optimizer = raw_model.configure_optimizers(
+        cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, fused=True
+    )
     scheduler = cosine_schedule(optimizer, max_steps, cfg.warmup_ratio)
     state = {"nonfinite_steps": 0, "wandb_run_id": None}
     start_step, rng_by_rank = 0, []
@@ -462,8 +532,15 @@ def train(cfg: TrainConfig, job: Job) -> None:
 
     # nanoGPT's estimate: 6 flops per parameter per token (forward + backward) plus attention;
     # position embeddings are lookups, not matmuls.
-    flops_per_token = 6 * (raw_model.num_params() - raw_model.transformer.wpe.weight.numel()) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
-    peak_flops = next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in torch.cuda.get_device_name()), None) if on_gpu else None
+    flops_per_token = (
+        6 * (raw_model.num_params() - raw_model.transformer.wpe.weight.numel())
+        + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    )
+    peak_flops = (
+        next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in torch.cuda.get_device_name()), None)
+        if on_gpu
+        else None
+    )
 
     def report(step: int, lr: float, steps_timed: int, seconds: float, train_loss: float, grad_norm: float) -> None:
         tokens_per_s = steps_timed * cfg.batch_size * cfg.block_size / seconds
@@ -472,7 +549,17 @@ def train(cfg: TrainConfig, job: Job) -> None:
         if master:
             print(f"step {step}/{max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
                   f"{tokens_per_s:,.0f} tok/s | MFU {f'{mfu:.1%}' if mfu else '-'} | ETA {eta}", flush=True)  # fmt: skip
-            record(step, {"loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu, "nonfinite_steps": steps.nonfinite_steps})
+            record(
+                step,
+                {
+                    "loss": train_loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": tokens_per_s,
+                    "mfu": mfu,
+                    "nonfinite_steps": steps.nonfinite_steps,
+                },
+            )
 
     steps = StepLog(start_step, state["nonfinite_steps"])
     job.catch_stop_signals()
@@ -480,7 +567,9 @@ def train(cfg: TrainConfig, job: Job) -> None:
         feed = batches(train_windows, cfg, job, micro_batch_size, steps_per_epoch, start_step, max_steps)
         for step, tokens in enumerate(feed, start=start_step + 1):  # step: the number of steps done once this one is
             lr = scheduler.get_last_lr()[0]
-            steps.unread.append(train_step(model, raw_model, optimizer, scheduler, tokens, autocast, cfg.grad_clip, job))
+            steps.unread.append(
+                train_step(model, raw_model, optimizer, scheduler, tokens, autocast, cfg.grad_clip, job)
+            )
             last_step = step == max_steps
             stop_signal = job.stop_signal() if not last_step else 0  # the last step ends the run anyway
             log = step % cfg.log_interval == 0 or last_step
@@ -497,7 +586,12 @@ def train(cfg: TrainConfig, job: Job) -> None:
                     print(f"step {step}: val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}", flush=True)
                     record(step, {"val_loss": val_loss, "val_perplexity": math.exp(val_loss)})
             if save:
-                trainer_state = {"nonfinite_steps": steps.nonfinite_steps, "wandb_run_id": state["wandb_run_id"], "scheduler": scheduler.state_dict(), "data_order": data_order}
+                trainer_state = {
+                    "nonfinite_steps": steps.nonfinite_steps,
+                    "wandb_run_id": state["wandb_run_id"],
+                    "scheduler": scheduler.state_dict(),
+                    "data_order": data_order,
+                }
                 path = save_checkpoint(job, run_dir, step, raw_model, optimizer, trainer_state, cfg)
                 if master:
                     print(f"step {step}: saved {path}", flush=True)

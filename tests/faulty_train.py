@@ -1,6 +1,6 @@
 """train.py with faults injected, named in $FAULT (comma-separated), for the multi-process tests (test_jobs.py).
 
-    FAULT=slow_batches,slow_checkpoints python -m torch.distributed.run --nproc_per_node=2 tests/faulty_train.py --key=value ...
+FAULT=slow_batches,slow_checkpoints python -m torch.distributed.run --nproc_per_node=2 tests/faulty_train.py --key=value ...
 """
 
 import os
@@ -103,7 +103,17 @@ def rank1_fails_while_rank0_hangs():
     train.evaluate = evaluate
 
 
-FAULTS = {fault.__name__: fault for fault in (slow_batches, slow_checkpoints, disk_full_at_second_checkpoint, stale_listing, nan_loss_on_rank1_at_step_3, rank1_fails_while_rank0_hangs)}
+FAULTS = {
+    fault.__name__: fault
+    for fault in (
+        slow_batches,
+        slow_checkpoints,
+        disk_full_at_second_checkpoint,
+        stale_listing,
+        nan_loss_on_rank1_at_step_3,
+        rank1_fails_while_rank0_hangs,
+    )
+}
 
 if __name__ == "__main__":
     for name in os.environ["FAULT"].split(","):

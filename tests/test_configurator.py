@@ -73,12 +73,15 @@ def test_run_prints_user_errors_as_one_line_and_keeps_other_tracebacks(monkeypat
         def main(argv):
             assert argv == ["--x=1"]
             raise error
+
         return main
 
     with pytest.raises(SystemExit) as exit_info:
         configurator.run(main_raising(UserError("--x=1: expected a path; pass --x=FILE")))
     assert exit_info.value.code == "script.py: error: --x=1: expected a path; pass --x=FILE"
-    assert issubclass(ConfigError, UserError) and issubclass(UserError, ValueError)  # callers catching ValueError still do
+    assert issubclass(ConfigError, UserError) and issubclass(
+        UserError, ValueError
+    )  # callers catching ValueError still do
     with pytest.raises(SystemExit) as exit_info:
         configurator.run(main_raising(KeyboardInterrupt()))
     assert exit_info.value.code == 130
@@ -90,7 +93,9 @@ def test_run_prints_user_errors_as_one_line_and_keeps_other_tracebacks(monkeypat
 def run_prepare(code: str) -> subprocess.CompletedProcess:
     """prepare.py's command line (configurator.run(prepare.main)), after `code` ran in the same process."""
     script = f"import sys, configurator, prepare\n{code}\nsys.argv[0] = 'prepare.py'\nconfigurator.run(prepare.main)"
-    return subprocess.run([sys.executable, "-c", script, "--input=no/such/dir"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", script, "--input=no/such/dir"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_a_user_mistake_is_one_line_on_stderr_and_a_bug_keeps_its_traceback():

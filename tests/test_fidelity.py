@@ -42,7 +42,9 @@ def window_order(num_windows: int) -> np.ndarray:
     is the permutation seeded by (seed, e), cut to whole batches."""
     steps_per_epoch = num_windows // BATCH
     epochs = math.ceil(STEPS / steps_per_epoch)
-    order = np.concatenate([np.random.default_rng([SEED, e]).permutation(num_windows)[: steps_per_epoch * BATCH] for e in range(epochs)])
+    order = np.concatenate(
+        [np.random.default_rng([SEED, e]).permutation(num_windows)[: steps_per_epoch * BATCH] for e in range(epochs)]
+    )
     return order[: STEPS * BATCH]
 
 
@@ -109,9 +111,18 @@ def weight_decay_on_every_parameter(self, lr, weight_decay, *args, **kwargs):
     return optimizer
 
 
-COSINE, GLOBAL_BATCH_ROWS, CONFIGURE_OPTIMIZERS, CLIP = train.cosine_schedule, train.global_batch_rows, GPT.configure_optimizers, torch.nn.utils.clip_grad_norm_
+COSINE, GLOBAL_BATCH_ROWS, CONFIGURE_OPTIMIZERS, CLIP = (
+    train.cosine_schedule,
+    train.global_batch_rows,
+    GPT.configure_optimizers,
+    torch.nn.utils.clip_grad_norm_,
+)
 DRIFTS = {
-    "warmup steps rounded down": (train, "cosine_schedule", lambda opt, steps, ratio: COSINE(opt, steps, math.floor(steps * ratio) / steps)),
+    "warmup steps rounded down": (
+        train,
+        "cosine_schedule",
+        lambda opt, steps, ratio: COSINE(opt, steps, math.floor(steps * ratio) / steps),
+    ),
     "weight decay on biases and LayerNorm too": (GPT, "configure_optimizers", weight_decay_on_every_parameter),
     "no gradient clipping": (torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: CLIP(params, math.inf)),
     "every epoch in the first epoch's order": (train, "global_batch_rows", every_epoch_in_the_first_epochs_order),

@@ -59,7 +59,12 @@ def test_cached_logits_equal_full_recompute(small_pair):
 
 @pytest.mark.parametrize(
     "sampling",
-    [RECIPE, dict(do_sample=False), dict(do_sample=True, temperature=0.7, top_p=0.9), dict(do_sample=True, temperature=1.3, top_k=5)],
+    [
+        RECIPE,
+        dict(do_sample=False),
+        dict(do_sample=True, temperature=0.7, top_p=0.9),
+        dict(do_sample=True, temperature=1.3, top_k=5),
+    ],
     ids=["recipe", "greedy", "temperature-top_p", "temperature-top_k"],
 )
 def test_tokens_equal_hf_generate_small(small_pair, sampling):
@@ -158,7 +163,15 @@ def test_right_padding_is_refused(small_pair):
 
 @pytest.mark.parametrize(
     "top_k, top_p, temperature",
-    [(10, 0.95, 1.0), (3, 0.5, 1.0), (None, 0.9, 0.8), (50, 0.99, 1.5), (1000, 0.9, 1.0), (7, None, 1.0), (10, 0.0, 1.0)],
+    [
+        (10, 0.95, 1.0),
+        (3, 0.5, 1.0),
+        (None, 0.9, 0.8),
+        (50, 0.99, 1.5),
+        (1000, 0.9, 1.0),
+        (7, None, 1.0),
+        (10, 0.0, 1.0),
+    ],
 )
 def test_sampling_equals_hf_warpers(top_k, top_p, temperature):
     """Our candidate-only top-p against HF's whole-vocabulary sort, on many random distributions."""
@@ -218,4 +231,3 @@ def test_compiled_decode_step_gives_the_same_tokens():
     with torch._inductor.config.patch(freezing=True):
         assert torch.equal(our_generate(ours, idx, 30, seed=2, **RECIPE), ref)
     assert torch.equal(our_generate(ours, idx, 30, seed=2, **RECIPE), ref)
-

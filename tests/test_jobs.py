@@ -23,7 +23,13 @@ ROOT = Path(__file__).resolve().parent.parent
 FAULTY_TRAIN = ROOT / "tests" / "faulty_train.py"
 # Every collective gives up after 30 s: a test that would otherwise hang fails instead.
 JOB = ["--run_name=run", "--log_interval=1", "--dist_timeout_minutes=0.5"]
-STOP_TEST_STEPS = ["--max_steps=40", "--checkpoint_interval=1000", "--eval_interval=1000", "--eval_windows=2", "--dropout=0.1"]
+STOP_TEST_STEPS = [
+    "--max_steps=40",
+    "--checkpoint_interval=1000",
+    "--eval_interval=1000",
+    "--eval_windows=2",
+    "--dropout=0.1",
+]
 
 
 def free_port() -> int:
@@ -38,7 +44,9 @@ def torchrun(data, out, *extra, fault=None, nproc=2, launcher=("--standalone",),
     command = [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc_per_node={nproc}", str(script),
                f"--data_dir={data}", f"--out_dir={out}", *model, *JOB, *extra]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FAULT": fault or ""}
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def finish(job: subprocess.Popen, timeout=120) -> tuple[int, str, str]:
@@ -118,7 +126,9 @@ def send(processes, signum):
         process.send_signal(signum)
 
 
-@pytest.mark.parametrize("how", ["SIGTERM twice to the workers", "SIGTERM to every process", "SIGINT to the process group"])
+@pytest.mark.parametrize(
+    "how", ["SIGTERM twice to the workers", "SIGTERM to every process", "SIGINT to the process group"]
+)
 def test_a_stop_saves_the_stop_step_and_resumes_bit_for_bit(data, uninterrupted, tmp_path, how):
     # Batches take 50 ms and rank 0's checkpoint 3 s, so the signals land mid-run and the second copy
     # mid-save: a rank that left early, or a handler spent by the first copy, loses the save.
@@ -156,19 +166,39 @@ def test_sigterm_to_every_process_saves_gpt2_124m(data, tmp_path):
     returncode, stdout, stderr = finish(job, timeout=300)
     assert returncode != 0, stderr[-3000:]
     checkpoint = assert_complete_stop_checkpoint(tmp_path, stop_step(stdout, signal.SIGTERM))
-    assert len(load_file(checkpoint / "model.safetensors")) == 148  # every tensor of GPT-2 small (HF names, lm_head tied)
+    assert (
+        len(load_file(checkpoint / "model.safetensors")) == 148
+    )  # every tensor of GPT-2 small (HF names, lm_head tied)
 
 
 def test_a_failed_checkpoint_write_ends_the_job_and_the_previous_one_resumes(data, tmp_path, capsys):
     started = time.time()
-    job = torchrun(data, tmp_path, "--batch_size=4", "--max_steps=8", "--checkpoint_interval=2", fault="disk_full_at_second_checkpoint")
+    job = torchrun(
+        data,
+        tmp_path,
+        "--batch_size=4",
+        "--max_steps=8",
+        "--checkpoint_interval=2",
+        fault="disk_full_at_second_checkpoint",
+    )
     returncode, stdout, stderr = finish(job)
     assert returncode != 0 and time.time() - started < 60  # not the process-group timeout
     assert "train.py: error: could not write" in stderr and "ckpt_0000002, which is intact" in stderr, stderr[-3000:]
     assert "rank 1 stops: rank 0 failed" in stderr
     run = tmp_path / "run"
     assert [p.name for p in run.iterdir() if p.name.startswith("ckpt")] == ["ckpt_0000002"]  # nothing half-written
-    train.main([f"--data_dir={data}", f"--out_dir={tmp_path}", *TINY, *JOB, "--batch_size=4", "--max_steps=8", "--checkpoint_interval=2", "--resume=auto"])
+    train.main(
+        [
+            f"--data_dir={data}",
+            f"--out_dir={tmp_path}",
+            *TINY,
+            *JOB,
+            "--batch_size=4",
+            "--max_steps=8",
+            "--checkpoint_interval=2",
+            "--resume=auto",
+        ]
+    )
     assert "resumed from" in capsys.readouterr().out and latest_checkpoint(run).name == "ckpt_0000008"
 
 
@@ -197,12 +227,29 @@ def two_nodes(data, out, *extra, fault=None):
 def test_two_nodes_train_as_one_process_with_the_same_global_batch(make_token_data, tmp_path, tmp_path_factory):
     small = make_token_data()  # test_train's data and reference run: 1 process, batch 8, 4 steps
     reference = tmp_path_factory.mktemp("reference")
-    train.main([f"--data_dir={small}", f"--out_dir={reference}", "--run_name=run", *TINY, "--batch_size=8", "--max_steps=4", "--eval_interval=2"])
+    train.main(
+        [
+            f"--data_dir={small}",
+            f"--out_dir={reference}",
+            "--run_name=run",
+            *TINY,
+            "--batch_size=8",
+            "--max_steps=4",
+            "--eval_interval=2",
+        ]
+    )
     # 2 nodes x 1 process x 2 micro-steps x 2 sequences: the same 8 sequences per step
-    results = [finish(node) for node in two_nodes(small, tmp_path, "--batch_size=8", "--micro_batch_size=2", "--max_steps=4", "--eval_interval=2")]
+    results = [
+        finish(node)
+        for node in two_nodes(
+            small, tmp_path, "--batch_size=8", "--micro_batch_size=2", "--max_steps=4", "--eval_interval=2"
+        )
+    ]
     assert all(returncode == 0 for returncode, _, _ in results), results
     stdout = "".join(out for _, out, _ in results)
-    assert "= 2 processes x 2 micro-steps x 2 sequences" in stdout and stdout.count("sequences of 16 tokens") == 1  # rank 0 alone prints
+    assert (
+        "= 2 processes x 2 micro-steps x 2 sequences" in stdout and stdout.count("sequences of 16 tokens") == 1
+    )  # rank 0 alone prints
     assert_same_training(tmp_path, reference)
     # Val loss is averaged over both ranks' halves of the val split.
     val = lambda out: [m["val_loss"] for m in metrics(out) if "val_loss" in m]  # noqa: E731
@@ -211,7 +258,17 @@ def test_two_nodes_train_as_one_process_with_the_same_global_batch(make_token_da
 
 def test_a_failure_on_one_node_ends_the_other_within_seconds(data, tmp_path):
     started = time.time()
-    results = [finish(node) for node in two_nodes(data, tmp_path, "--batch_size=4", "--max_steps=8", "--eval_interval=2", fault="rank1_fails_while_rank0_hangs")]
+    results = [
+        finish(node)
+        for node in two_nodes(
+            data,
+            tmp_path,
+            "--batch_size=4",
+            "--max_steps=8",
+            "--eval_interval=2",
+            fault="rank1_fails_while_rank0_hangs",
+        )
+    ]
     assert time.time() - started < 90  # rank 0 would otherwise wait out its 600 s
     assert all(returncode != 0 for returncode, _, _ in results)
     stderr = "".join(err for _, _, err in results)
@@ -223,7 +280,7 @@ FAKE_SLURM = {
     # srun: drops its own options and runs the step in a session of its own, as slurmstepd would
     # (torchrun, with faulty_train.py's slow batches in place of train.py, so a signal lands mid-run)
     "srun": 'while [[ $1 == --* ]]; do shift; done; shift; echo $$ > "$FAKE_SLURM/step.pid"\n'
-            'exec setsid "$PYTHON" -m torch.distributed.run "${@/#train.py/$FAULTY_TRAIN}"',
+    'exec setsid "$PYTHON" -m torch.distributed.run "${@/#train.py/$FAULTY_TRAIN}"',
     # scancel --signal=TERM JOB: the signal to every process of the step
     "scancel": 'kill -TERM -- -"$(cat "$FAKE_SLURM/step.pid")"',
     "scontrol": 'case $1 in show) echo localhost ;; requeue) echo "$2" >> "$FAKE_SLURM/requeued" ;; esac',
@@ -238,19 +295,32 @@ def test_slurm_script_saves_before_the_time_limit_requeues_and_resumes(make_toke
         (fake / name).write_text(f"#!/bin/bash\n{body}\n")
         (fake / name).chmod(0o755)
     out = tmp_path / "out"
-    train_args = [f"--data_dir={make_token_data(train_tokens=20_000)}", f"--out_dir={out}", *TINY, *JOB, "--batch_size=4", *STOP_TEST_STEPS]
+    train_args = [
+        f"--data_dir={make_token_data(train_tokens=20_000)}",
+        f"--out_dir={out}",
+        *TINY,
+        *JOB,
+        "--batch_size=4",
+        *STOP_TEST_STEPS,
+    ]
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "FAKE_SLURM": str(fake), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
            "FAULTY_TRAIN": str(FAULTY_TRAIN), "FAULT": "slow_batches",
            "SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "localhost",
            "NPROC_PER_NODE": "2", "TRAIN_ARGS": " ".join(map(str, train_args)), "RDZV_PORT": str(free_port())}  # fmt: skip
-    script = subprocess.Popen(["bash", "slurm.sbatch"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    script = subprocess.Popen(
+        ["bash", "slurm.sbatch"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     wait_for_step(out, 3, script)
     script.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 sends five minutes before the limit
     returncode, stdout, stderr = finish(script)
     assert "time limit near" in stdout and (fake / "requeued").read_text() == "7\n", stdout[-2000:] + stderr[-3000:]
     assert_complete_stop_checkpoint(out, stop_step(stdout, signal.SIGTERM))
 
-    returncode, stdout, stderr = finish(subprocess.Popen(["bash", "slurm.sbatch"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    returncode, stdout, stderr = finish(
+        subprocess.Popen(
+            ["bash", "slurm.sbatch"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    )
     assert returncode == 0 and "resumed from" in stdout, stderr[-3000:]
     assert (fake / "requeued").read_text() == "7\n"  # a finished run is not requeued
     assert latest_checkpoint(out / "run").name == "ckpt_0000040"

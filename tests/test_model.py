@@ -118,7 +118,10 @@ def test_from_pretrained_reads_every_hf_layout(tmp_path):
     for folder, shard_size in [("bin", "5GB"), ("bin-shards", "100KB")]:
         save_torch_state_dict(hf.state_dict(), tmp_path / folder, max_shard_size=shard_size, safe_serialization=False)
     # pytorch_model.bin from a torch.compile'd model, and GPT2Model keys without 'transformer.'
-    for folder, rename in [("compiled", lambda n: "_orig_mod." + n), ("bare", lambda n: n.removeprefix("transformer."))]:
+    for folder, rename in [
+        ("compiled", lambda n: "_orig_mod." + n),
+        ("bare", lambda n: n.removeprefix("transformer.")),
+    ]:
         torch.save({rename(n): t for n, t in hf.state_dict().items()}, tmp_path / folder / "pytorch_model.bin")
     assert len(list((tmp_path / "safetensors-shards").glob("model-*.safetensors"))) > 1
     assert len(list((tmp_path / "bin-shards").glob("pytorch_model-*.bin"))) > 1
@@ -155,7 +158,10 @@ def test_hub_models_fetch_config_and_one_format_of_weights(tmp_path, monkeypatch
     idx = tokens(101, 1, 10)
     with torch.no_grad():
         ref = hf.eval()(idx).logits
-    for repo, fetched in [("both", {"config.json", "model.safetensors"}), ("bin-shards", {p.name for p in (hub / "bin-shards").iterdir()})]:
+    for repo, fetched in [
+        ("both", {"config.json", "model.safetensors"}),
+        ("bin-shards", {p.name for p in (hub / "bin-shards").iterdir()}),
+    ]:
         model = GPT.from_pretrained(repo)
         assert {p.name for p in (tmp_path / "cache" / repo).iterdir()} == fetched
         with torch.no_grad():
@@ -239,7 +245,9 @@ def plain_cross_entropy(x, weight, targets):
     return torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, weight).float(), targets, ignore_index=-100)
 
 
-@pytest.mark.parametrize("case", ["chunks", "ignored targets", "fewer rows than a chunk", "bf16 autocast", "accumulation", "compiled"])
+@pytest.mark.parametrize(
+    "case", ["chunks", "ignored targets", "fewer rows than a chunk", "bf16 autocast", "accumulation", "compiled"]
+)
 def test_fused_loss_matches_cross_entropy(case):
     from model import linear_cross_entropy
 
@@ -249,11 +257,17 @@ def test_fused_loss_matches_cross_entropy(case):
     targets = torch.randint(0, 1000, (rows,))
     if case == "ignored targets":
         targets[::3] = -100
-    fused = torch.compile(linear_cross_entropy, backend="aot_eager", fullgraph=True) if case == "compiled" else linear_cross_entropy
+    fused = (
+        torch.compile(linear_cross_entropy, backend="aot_eager", fullgraph=True)
+        if case == "compiled"
+        else linear_cross_entropy
+    )
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if case == "bf16 autocast" else contextlib.nullcontext()
     micro_steps = 2 if case == "accumulation" else 1
     with autocast:
-        (loss, gx, gw), (ref_loss, ref_gx, ref_gw) = (loss_and_grads(fn, x, weight, targets, micro_steps) for fn in (fused, plain_cross_entropy))
+        (loss, gx, gw), (ref_loss, ref_gx, ref_gw) = (
+            loss_and_grads(fn, x, weight, targets, micro_steps) for fn in (fused, plain_cross_entropy)
+        )
     tolerance = 0.02 if case == "bf16 autocast" else 1e-5  # bf16 logits in both; summed in another order
     assert abs(loss.item() - ref_loss.item()) < tolerance * ref_loss.item()
     assert (gx - ref_gx).abs().max() < tolerance * ref_gx.abs().max()

@@ -40,8 +40,13 @@ def test_quickstart_runs_without_linux_only_calls(tmp_path):
     emma = gzip.open(ROOT / "assets/austen/emma.txt.gz").read().decode()
     for i in range(3):
         (corpus / f"{i}.txt").write_text(emma[i * 20_000 : (i + 1) * 20_000], encoding="utf-8")
-    result = subprocess.run([sys.executable, "-c", QUICKSTART_WITHOUT_LINUX, str(corpus), str(tmp_path / "data"), str(tmp_path / "out")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", QUICKSTART_WITHOUT_LINUX, str(corpus), str(tmp_path / "data"), str(tmp_path / "out")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "train and" in result.stdout and "saved" in result.stdout and "tokens/s]" in result.stderr
     assert (tmp_path / "out" / "run" / "loss.png").is_file()

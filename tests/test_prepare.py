@@ -79,8 +79,14 @@ def run(*args: str) -> None:
 
 
 def run_cli(*args: str, env=None, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "prepare.py"), *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=60, **kwargs)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "prepare.py"), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+        **kwargs,
+    )
 
 
 def write_text_files(directory: Path, documents: list[str]) -> Path:
@@ -94,7 +100,9 @@ def shard_bytes(out_dir: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out_dir.iterdir())}
 
 
-SMALL_DOCS = [f"Document {i}: the {'quick ' * (i % 7)}brown fox {i * 7919} jumps. <|endoftext|> stays text." for i in range(120)]
+SMALL_DOCS = [
+    f"Document {i}: the {'quick ' * (i % 7)}brown fox {i * 7919} jumps. <|endoftext|> stays text." for i in range(120)
+]
 
 
 def test_austen_round_trip_is_lossless_and_tokenized_as_whole_documents(tmp_path):
@@ -112,8 +120,20 @@ def test_austen_round_trip_is_lossless_and_tokenized_as_whole_documents(tmp_path
 def test_split_is_deterministic_disjoint_and_independent_of_workers(tmp_path):
     corpus = write_text_files(tmp_path / "docs", SMALL_DOCS)
     outputs = {}
-    for name, args in {"a": ["--workers=1"], "b": ["--workers=3"], "seed": ["--seed=7"], "none": ["--val_fraction=0"]}.items():
-        run(f"--input={corpus}", f"--out_dir={tmp_path / name}", "--val_fraction=0.3", "--shard_tokens=1000", "--block_chars=150", *args)
+    for name, args in {
+        "a": ["--workers=1"],
+        "b": ["--workers=3"],
+        "seed": ["--seed=7"],
+        "none": ["--val_fraction=0"],
+    }.items():
+        run(
+            f"--input={corpus}",
+            f"--out_dir={tmp_path / name}",
+            "--val_fraction=0.3",
+            "--shard_tokens=1000",
+            "--block_chars=150",
+            *args,
+        )
         outputs[name] = shard_bytes(tmp_path / name)
     assert outputs["a"] == outputs["b"]
     used = reassemble(SMALL_DOCS, tmp_path / "a")
@@ -173,7 +193,9 @@ def test_rerun_after_a_kill_reuses_shards_and_is_byte_identical(tmp_path):
     killed = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, str(ROOT / "prepare.py"), *args, f"--out_dir={killed}"])
     progress = killed / "progress.json"
-    while process.poll() is None and not (progress.exists() and len(json.loads(progress.read_text())["splits"]["train"]) >= 3):
+    while process.poll() is None and not (
+        progress.exists() and len(json.loads(progress.read_text())["splits"]["train"]) >= 3
+    ):
         time.sleep(0.005)
     process.kill()  # SIGKILL; TerminateProcess on Windows
     process.wait()
@@ -230,13 +252,21 @@ def test_row_files_and_hub_code_path_on_local_data(tmp_path, monkeypatch):
     rows = tmp_path / "rows"
     rows.mkdir()
     pq.write_table(pa.table({"id": list(range(len(SMALL_DOCS))), "body": SMALL_DOCS}), rows / "part.parquet")
-    run(f"--input={rows / 'part.parquet'}", "--text_column=body", f"--out_dir={tmp_path / 'parquet'}", "--val_fraction=0.3", "--block_chars=150")
+    run(
+        f"--input={rows / 'part.parquet'}",
+        "--text_column=body",
+        f"--out_dir={tmp_path / 'parquet'}",
+        "--val_fraction=0.3",
+        "--block_chars=150",
+    )
     assert reassemble(SMALL_DOCS, tmp_path / "parquet")["val"]
     with pytest.raises(ValueError, match="no column 'text'.*--text_column"):
         run(f"--input={rows / 'part.parquet'}", f"--out_dir={tmp_path / 'bad'}")
 
     # BookCorpus (the default): rows are sentences of one running text, joined with a space
-    sentences = [f"he walked onto the porch{i % 3 * '!'}." if i % 2 else f"i've seen {i} of them ," for i in range(3000)]
+    sentences = [
+        f"he walked onto the porch{i % 3 * '!'}." if i % 2 else f"i've seen {i} of them ," for i in range(3000)
+    ]
     pq.write_table(pa.table({"text": sentences}), rows / "part.parquet")
     monkeypatch.setattr("huggingface_hub.HfApi.dataset_info", lambda *args, **kwargs: None)  # the Hub "answers"
     monkeypatch.setattr(prepare, "BOOKCORPUS", str(rows))
@@ -250,7 +280,9 @@ def test_row_files_and_hub_code_path_on_local_data(tmp_path, monkeypatch):
 def test_undecodable_bytes_are_replaced_counted_and_warned(tmp_path):
     corpus = tmp_path / "latin1"
     corpus.mkdir()
-    (corpus / "a.txt").write_bytes("Caf\u00e9 cr\u00e8me, d\u00e9j\u00e0 vu.".encode("latin-1") + " a real \ufffd".encode())
+    (corpus / "a.txt").write_bytes(
+        "Caf\u00e9 cr\u00e8me, d\u00e9j\u00e0 vu.".encode("latin-1") + " a real \ufffd".encode()
+    )
     # a valid U+FFFD (and a check mark) cut in two by the reader's 1 MiB reads: not undecodable
     filler = "y " * ((prepare.READ_BYTES - 2) // 2) + "y"
     (corpus / "b.txt.gz").write_bytes(gzip.compress(f"{filler}\ufffd{filler}\u2713 end".encode()))
@@ -259,15 +291,21 @@ def test_undecodable_bytes_are_replaced_counted_and_warned(tmp_path):
     assert "replaced 4 undecodable byte sequences with U+FFFD in " in result.stderr and "a.txt" in result.stderr
     assert "b.txt.gz" not in result.stderr
     assert json.loads((tmp_path / "out" / "meta.json").read_text())["replaced_undecodable"] == 4
-    reassemble(["Caf\ufffd cr\ufffdme, d\ufffdj\ufffd vu. a real \ufffd", f"{filler}\ufffd{filler}\u2713 end"], tmp_path / "out")
+    reassemble(
+        ["Caf\ufffd cr\ufffdme, d\ufffdj\ufffd vu. a real \ufffd", f"{filler}\ufffd{filler}\u2713 end"],
+        tmp_path / "out",
+    )
 
 
-@pytest.mark.parametrize("make_input, message", [
-    (lambda d: d / "missing", "no such file or directory"),
-    (lambda d: d, "no .txt, .txt.gz, .jsonl or .parquet files"),
-    (lambda d: write_text_files(d / "empty", ["", ""]), "has no text"),
-    (lambda d: write_text_files(d / "tiny", ["one short document"]), "too little to hold out"),
-])
+@pytest.mark.parametrize(
+    "make_input, message",
+    [
+        (lambda d: d / "missing", "no such file or directory"),
+        (lambda d: d, "no .txt, .txt.gz, .jsonl or .parquet files"),
+        (lambda d: write_text_files(d / "empty", ["", ""]), "has no text"),
+        (lambda d: write_text_files(d / "tiny", ["one short document"]), "too little to hold out"),
+    ],
+)
 def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, make_input, message):
     out = tmp_path / "out"
     result = run_cli(f"--input={make_input(tmp_path)}", f"--out_dir={out}")
@@ -278,8 +316,12 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path, make_input, 
 
 def test_tokenizer_with_ids_above_uint16_is_refused(tmp_path, monkeypatch):
     gpt2 = get_tokenizer()
-    wide = tiktoken.Encoding(name="wide", pat_str=gpt2._pat_str, mergeable_ranks=gpt2._mergeable_ranks,
-                             special_tokens={"<|endoftext|>": 70000})
+    wide = tiktoken.Encoding(
+        name="wide",
+        pat_str=gpt2._pat_str,
+        mergeable_ranks=gpt2._mergeable_ranks,
+        special_tokens={"<|endoftext|>": 70000},
+    )
     monkeypatch.setattr(prepare, "get_tokenizer", lambda: wide)
     with pytest.raises(ValueError, match="ids up to 70000.*uint16"):
         run("--dataset=austen", f"--out_dir={tmp_path / 'out'}")

@@ -26,8 +26,18 @@ def test_quickstart_end_to_end(tmp_path):
     assert (meta["splits"]["train"]["tokens"], meta["splits"]["val"]["tokens"]) == (956_271, 37_064)
 
     # config/austen.py itself, made tiny: 1 layer, 8 steps
-    tiny = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=4", "--max_steps=8",
-            "--eval_interval=4", "--eval_windows=16", "--log_interval=2", "--checkpoint_interval=4"]
+    tiny = [
+        "--n_layer=1",
+        "--n_head=2",
+        "--n_embd=32",
+        "--block_size=64",
+        "--batch_size=4",
+        "--max_steps=8",
+        "--eval_interval=4",
+        "--eval_windows=16",
+        "--log_interval=2",
+        "--checkpoint_interval=4",
+    ]
     train = run("train.py", "config/austen.py", f"--data_dir={data_dir}", f"--out_dir={out_dir}", *tiny)
     run_dir = out_dir / "austen"
     assert sorted(p.name for p in run_dir.glob("ckpt_*")) == ["ckpt_0000004", "ckpt_0000008"]
@@ -38,7 +48,9 @@ def test_quickstart_end_to_end(tmp_path):
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     sample = run("sample.py", f"--ckpt={run_dir}", "--start=I was telling her that", "--max_new_tokens=20", "--seed=1")
-    assert sample.stdout.startswith("I was telling her that") and len(sample.stdout) > len("I was telling her that") + 10
+    assert (
+        sample.stdout.startswith("I was telling her that") and len(sample.stdout) > len("I was telling her that") + 10
+    )
 
     (run_dir / "loss.png").unlink()
     assert "loss.png" in run("plot.py", str(run_dir)).stdout
@@ -49,8 +61,10 @@ def test_quickstart_end_to_end(tmp_path):
 def test_quickstart_config_trains_on_a_gpu_when_one_is_visible(gpu_visible, expected):
     """config/austen.py leaves device, compile and dtype to TrainConfig: the GPU, compiled, if torch sees
     one; else the CPU; bf16 where the device has it natively (train.native_dtype)."""
-    code = (f"import torch\ntorch.cuda.is_available = lambda: {gpu_visible}\nimport configurator, train\n"
-            "cfg = configurator.parse_config(train.TrainConfig, ['config/austen.py'])\nprint(cfg.device, cfg.compile, cfg.dtype)")
+    code = (
+        f"import torch\ntorch.cuda.is_available = lambda: {gpu_visible}\nimport configurator, train\n"
+        "cfg = configurator.parse_config(train.TrainConfig, ['config/austen.py'])\nprint(cfg.device, cfg.compile, cfg.dtype)"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == expected

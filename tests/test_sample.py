@@ -27,8 +27,14 @@ def run_dir(tmp_path_factory):
 
 
 def run_sample(*args, cwd=ROOT, env=None):
-    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_streams_the_continuation_of_the_newest_checkpoint(run_dir):
@@ -64,7 +70,9 @@ def test_several_prompts_continue_in_one_batch_as_hf_generate_does(run_dir, tmp_
     from transformers import GPT2LMHeadModel
 
     prompts = ["I was telling her that", "Yes", "It is a truth universally acknowledged, that a single man"]
-    (tmp_path / "prompts.txt").write_text(f"{prompts[0]}\n{prompts[1]}\n\n{prompts[2]}\n", encoding="utf-8")  # blank lines skipped
+    (tmp_path / "prompts.txt").write_text(
+        f"{prompts[0]}\n{prompts[1]}\n\n{prompts[2]}\n", encoding="utf-8"
+    )  # blank lines skipped
     sample.main([f"--ckpt={run_dir}", f"--prompts={tmp_path / 'prompts.txt'}", "--max_new_tokens=12", "--seed=7"])
     # HF generate on the same batch: left-padded to the longest prompt, padding masked out
     ids = [tokenizer.encode(prompt) for prompt in prompts]
@@ -93,7 +101,11 @@ def test_recipe_defaults():
         (["--start=" + "word " * 120], "exceed the context of 128 tokens"),
         (["--dtype=float8"], "--dtype=float8: expected one of float32, bfloat16, float16"),
         (["--init=pretrained"], "--init=pretrained: expected checkpoint or random"),
-        pytest.param(["--device=cuda"], "sees no CUDA GPU", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
+        pytest.param(
+            ["--device=cuda"],
+            "sees no CUDA GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible"),
+        ),
     ],
 )
 def test_bad_arguments_are_clear_errors(run_dir, args, message):
@@ -113,4 +125,6 @@ def test_a_hub_name_offline_is_a_one_line_error(tmp_path, env):
     """--ckpt takes what train.py's --init_from does; offline that is said in one line."""
     result = run_sample("--ckpt=gpt2", env={"HF_HOME": str(tmp_path), **env})
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.splitlines()[-1].startswith("sample.py: error: 'gpt2' is not a local directory and could not be fetched from the Hugging Face Hub")
+    assert result.stderr.splitlines()[-1].startswith(
+        "sample.py: error: 'gpt2' is not a local directory and could not be fetched from the Hugging Face Hub"
+    )

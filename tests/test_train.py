@@ -70,7 +70,14 @@ def assert_same_training(out, ref, rtol=1e-5, atol=1e-5):
 
 def test_resume_is_bitwise_identical(data, tmp_path, capsys):
     # dropout on: a resumed run must also continue every RNG stream exactly.
-    extra = ["--dropout=0.1", "--batch_size=4", "--micro_batch_size=2", "--max_steps=6", "--checkpoint_interval=3", "--eval_interval=3"]
+    extra = [
+        "--dropout=0.1",
+        "--batch_size=4",
+        "--micro_batch_size=2",
+        "--max_steps=6",
+        "--checkpoint_interval=3",
+        "--eval_interval=3",
+    ]
     train.main(args(data, tmp_path, *extra))
     run = tmp_path / "run"
     uninterrupted = metrics(tmp_path)
@@ -180,13 +187,19 @@ def test_config_errors_come_before_the_model_is_built(data, tmp_path, monkeypatc
 
 
 def test_unknown_key_is_one_line_with_a_suggestion():
-    result = subprocess.run([sys.executable, "train.py", "--lerning_rate=1"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "train.py", "--lerning_rate=1"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode != 0
     assert result.stderr.strip() == "train.py: error: unknown config key 'lerning_rate'; did you mean 'learning_rate'?"
 
 
 def test_sigterm_saves_a_checkpoint_that_resumes(data, tmp_path):
-    command = [sys.executable, "train.py", *args(data, tmp_path, "--max_steps=100000", "--checkpoint_interval=100000", "--eval_interval=100000")]
+    command = [
+        sys.executable,
+        "train.py",
+        *args(data, tmp_path, "--max_steps=100000", "--checkpoint_interval=100000", "--eval_interval=100000"),
+    ]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics_path = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 60
@@ -199,7 +212,11 @@ def test_sigterm_saves_a_checkpoint_that_resumes(data, tmp_path):
     stopped_at = int(CHECKPOINT_PATTERN.fullmatch(latest_checkpoint(tmp_path / "run").name).group(1))
     assert stopped_at >= 3 and metrics(tmp_path)[-1]["step"] == stopped_at
     train.main(args(data, tmp_path, "--resume=auto", f"--max_steps={stopped_at + 2}"))
-    assert [m["step"] for m in metrics(tmp_path)[-3:]] == [stopped_at + 1, stopped_at + 2, stopped_at + 2]  # 2 steps, final eval
+    assert [m["step"] for m in metrics(tmp_path)[-3:]] == [
+        stopped_at + 1,
+        stopped_at + 2,
+        stopped_at + 2,
+    ]  # 2 steps, final eval
     assert latest_checkpoint(tmp_path / "run").name == f"ckpt_{stopped_at + 2:07d}"
 
 
@@ -246,14 +263,19 @@ def test_a_nonfinite_loss_skips_the_step(data, tmp_path, monkeypatch):
     assert [m["step"] for m in records if "loss" in m] == [4, 5] and records[-2]["nonfinite_steps"] == 1
     checkpoint = latest_checkpoint(tmp_path / "run")
     assert all(torch.isfinite(t).all() for t in weights(checkpoint).values())
-    steps = {int(state["step"]) for state in torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"].values()}
+    steps = {
+        int(state["step"]) for state in torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"].values()
+    }
     assert steps == {4}  # AdamW took 4 of the 5 steps: the bias correction did not count the skipped one
 
 
 def test_nonfinite_losses_in_a_row_stop_the_run(data, tmp_path, monkeypatch):
     poison_training_losses(monkeypatch, set(range(3, 100)))
     monkeypatch.setattr(sys, "argv", ["train.py", *args(data, tmp_path, "--max_steps=50", "--checkpoint_interval=2")])
-    with pytest.raises(SystemExit, match="^train.py: error: loss was non-finite for 5 steps in a row .* the last checkpoint is .*ckpt_0000006"):
+    with pytest.raises(
+        SystemExit,
+        match="^train.py: error: loss was non-finite for 5 steps in a row .* the last checkpoint is .*ckpt_0000006",
+    ):
         configurator.run(train.main)
     run = tmp_path / "run"
     assert latest_checkpoint(run).name == "ckpt_0000006"  # steps 3..7 skipped, no save at 7
@@ -272,15 +294,21 @@ def test_global_batches_do_not_depend_on_the_split(batch_size, steps_per_epoch):
                 shares = [train.rank_rows(rows, world_size, rank, micro) for rank in range(world_size)]
                 assert all(share.shape == (batch_size // world_size // micro, micro) for share in shares)
                 assert sorted(np.concatenate(shares, axis=None)) == sorted(rows)
-    first_epoch = np.concatenate([train.global_batch_rows(42, s, steps_per_epoch, windows, batch_size) for s in range(steps_per_epoch)])
+    first_epoch = np.concatenate(
+        [train.global_batch_rows(42, s, steps_per_epoch, windows, batch_size) for s in range(steps_per_epoch)]
+    )
     assert len(set(first_epoch)) == len(first_epoch)  # an epoch visits each window at most once
 
 
 def test_the_automatic_micro_batch_is_the_largest_divisor_that_fits():
     assert train.largest_micro_batch(64, fixed_bytes=10, bytes_per_sequence=1, budget_bytes=1000) == 64
-    assert train.largest_micro_batch(64, fixed_bytes=10, bytes_per_sequence=1, budget_bytes=50) == 32  # 40 fits, is no divisor
+    assert (
+        train.largest_micro_batch(64, fixed_bytes=10, bytes_per_sequence=1, budget_bytes=50) == 32
+    )  # 40 fits, is no divisor
     assert train.largest_micro_batch(8, fixed_bytes=10, bytes_per_sequence=4, budget_bytes=25) == 2
-    assert train.largest_micro_batch(8, fixed_bytes=100, bytes_per_sequence=4, budget_bytes=25) == 1  # nothing fits: try 1
+    assert (
+        train.largest_micro_batch(8, fixed_bytes=100, bytes_per_sequence=4, budget_bytes=25) == 1
+    )  # nothing fits: try 1
 
 
 def test_training_steps_read_nothing_back_from_the_device(data, tmp_path, monkeypatch):
@@ -289,7 +317,11 @@ def test_training_steps_read_nothing_back_from_the_device(data, tmp_path, monkey
     reads, step = [], train.train_step
     for method in ("item", "tolist", "__bool__", "__float__", "__int__"):
         original = getattr(torch.Tensor, method)
-        monkeypatch.setattr(torch.Tensor, method, lambda self, *a, _original=original, _name=method: reads.append(_name) or _original(self, *a))
+        monkeypatch.setattr(
+            torch.Tensor,
+            method,
+            lambda self, *a, _original=original, _name=method: reads.append(_name) or _original(self, *a),
+        )
 
     def counted_step(*args, **kwargs):
         before = len(reads)
@@ -298,7 +330,9 @@ def test_training_steps_read_nothing_back_from_the_device(data, tmp_path, monkey
         return result
 
     monkeypatch.setattr(train, "train_step", counted_step)
-    train.main(args(data, tmp_path, "--max_steps=6", "--log_interval=3", "--eval_interval=1000", "--checkpoint_interval=1000"))
+    train.main(
+        args(data, tmp_path, "--max_steps=6", "--log_interval=3", "--eval_interval=1000", "--checkpoint_interval=1000")
+    )
     assert [m["step"] for m in metrics(tmp_path) if "loss" in m] == [3, 6]
     assert reads.count("tolist") == 2  # one read of the steps per log line
 
@@ -310,15 +344,32 @@ def test_batches_are_read_ahead_while_a_step_runs(data, monkeypatch):
     expected = [torch.from_numpy(windows.batch(r)).view(2, 2, 17) for r in rows]  # one process, micro-batches of 2
     requested = queue.Queue()
     batch = TokenWindows.batch
-    monkeypatch.setattr(TokenWindows, "batch", lambda self, indices: requested.put(list(indices)) or batch(self, indices))
-    feed = train.batches(windows, cfg, train.Job("cpu", timedelta(minutes=1)), micro_batch_size=2, steps_per_epoch=10, start_step=3, max_steps=6)
+    monkeypatch.setattr(
+        TokenWindows, "batch", lambda self, indices: requested.put(list(indices)) or batch(self, indices)
+    )
+    feed = train.batches(
+        windows,
+        cfg,
+        train.Job("cpu", timedelta(minutes=1)),
+        micro_batch_size=2,
+        steps_per_epoch=10,
+        start_step=3,
+        max_steps=6,
+    )
     assert torch.equal(next(feed), expected[0])
     assert [requested.get(timeout=30) for _ in range(2)] == rows[:2]  # step 4 is read before the consumer asks for it
     assert all(torch.equal(tokens, e) for tokens, e in zip(feed, expected[1:], strict=True))
 
 
 @pytest.mark.machine_dtype
-@pytest.mark.parametrize("capabilities, expected", [({"avx2": True, "avx512_bf16": False}, "float32"), ({"avx512_bf16": True}, "bfloat16"), ({"amx_bf16": True}, "bfloat16")])
+@pytest.mark.parametrize(
+    "capabilities, expected",
+    [
+        ({"avx2": True, "avx512_bf16": False}, "float32"),
+        ({"avx512_bf16": True}, "bfloat16"),
+        ({"amx_bf16": True}, "bfloat16"),
+    ],
+)
 def test_default_dtype_is_bf16_only_where_the_cpu_runs_it_natively(capabilities, expected, monkeypatch):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
     assert train.native_dtype("cpu") == expected
