@@ -27,6 +27,7 @@ import torch
 
 import configurator
 from checkpoint import latest_checkpoint
+from common import UserError
 from model import GPT
 from shards import TokenWindows
 
@@ -458,9 +459,9 @@ def main(argv):
     names = cfg.sections.split(",")
     unknown = [n for n in names if n not in SECTIONS]
     if unknown:
-        raise configurator.UserError(f"unknown section(s) {unknown}; choose from {','.join(SECTIONS)}")
+        raise UserError(f"unknown section(s) {unknown}; choose from {','.join(SECTIONS)}")
     if "fidelity" in names and (cfg.fidelity_seeds < 2 or cfg.fidelity_steps < 10):
-        raise configurator.UserError(
+        raise UserError(
             f"fidelity_seeds={cfg.fidelity_seeds}, fidelity_steps={cfg.fidelity_steps}: a spread needs >= 2 seeds per side, a timing >= 10 steps"
         )
     rows = []

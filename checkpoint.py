@@ -10,7 +10,6 @@ Everything is loaded with weights_only=True.
 """
 
 import json
-import os
 import re
 import shutil
 from dataclasses import asdict
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from configurator import UserError
+from common import UserError, publish, temp_path
 from distributed import Job
 
 CHECKPOINT_PATTERN = re.compile(r"ckpt_(\d+)")
@@ -118,20 +117,10 @@ def save_checkpoint(job: Job, run_dir: Path, step: int, model, optimizer, traine
     return job.on_rank0(lambda: write_checkpoint(run_dir, step, model, optimizer, state, cfg), share=True)
 
 
-def fsync(path: Path) -> None:
-    if os.name == "nt" and path.is_dir():
-        return  # Windows cannot open a directory; NTFS journals the rename itself
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: dict, cfg) -> Path:
     """Writes ckpt_<step> under a temp name, renamed once complete; keeps the newest cfg.keep_checkpoints."""
     final = run_dir / f"ckpt_{step:07d}"
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = temp_path(final)
     for unfinished in run_dir.glob("ckpt_*.tmp"):  # left by a process killed mid-write
         shutil.rmtree(unfinished)
     try:
@@ -139,8 +128,8 @@ def write_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: 
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(trainer_state, tmp / "trainer_state.pt")
         (tmp / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-        for path in [*tmp.iterdir(), tmp]:  # on disk before the rename makes the checkpoint visible
-            fsync(path)
+        shutil.rmtree(final, ignore_errors=True)  # only when a run redoes a step it already saved
+        publish(tmp, final)
     except (OSError, RuntimeError, SafetensorError) as e:  # a full or failing disk; each writer has its own error type
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir)
@@ -152,9 +141,6 @@ def write_checkpoint(run_dir: Path, step: int, model, optimizer, trainer_state: 
                 else "starts the run again (no earlier checkpoint)"
             )
         ) from e
-    shutil.rmtree(final, ignore_errors=True)  # only when a run redoes a step it already saved
-    os.rename(tmp, final)
-    fsync(run_dir)
     for _, old in sorted(checkpoints(run_dir).items())[: -cfg.keep_checkpoints]:
         shutil.rmtree(old)
     return final

@@ -18,11 +18,9 @@ import types
 import typing
 from pathlib import Path
 
+from common import UserError
+
 TRUE_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-
-
-class UserError(ValueError):
-    """A mistake or an environment problem the user fixes; the message says how. One line from run()."""
 
 
 class ConfigError(UserError):

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from configurator import UserError
+from common import UserError
 
 # SIGHUP: a closed terminal, which torchrun also passes on to its workers.
 STOP_SIGNALS = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])

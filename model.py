@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configurator import UserError
+from common import UserError
 
 IGNORE_INDEX = -100  # targets equal to this add nothing to the loss, as in HF
 # Our Linear layers that are Conv1D in HF: their weights are stored transposed there.

@@ -8,8 +8,7 @@ import json
 from pathlib import Path
 
 import configurator
-from configurator import UserError
-from shards import atomic_write_bytes
+from common import UserError, atomic_write_bytes
 
 
 def plot_run(run_dir) -> Path:
@@ -46,7 +45,7 @@ def plot_run(run_dir) -> Path:
     fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
     out_path = run_dir / "loss.png"
-    atomic_write_bytes(out_path, [png.getvalue()])  # a reader never sees half a PNG
+    atomic_write_bytes(out_path, png.getvalue())  # a reader never sees half a PNG
     return out_path
 
 

@@ -58,8 +58,8 @@ import numpy as np
 from tqdm import tqdm
 
 import configurator
-from configurator import UserError
-from shards import ShardWriter, atomic_write_bytes, read_shard
+from common import UserError, atomic_write_bytes
+from shards import ShardWriter, read_shard
 from tokenizer import EOT_ID, RANKS_SHA256, VOCAB_SIZE, get_tokenizer
 
 ROOT = Path(__file__).parent
@@ -475,7 +475,7 @@ def main(argv):
             for unit, tokens in tokenize(todo, cfg.workers):
                 if writers[unit.split].add(unit.index, tokens):
                     progress = {**settings, "splits": {split: w.shards for split, w in writers.items()}}
-                    atomic_write_bytes(progress_path, [json.dumps(progress, indent=1).encode()])
+                    atomic_write_bytes(progress_path, json.dumps(progress, indent=1).encode())
                 bar.update(len(tokens))
                 tokenized += len(tokens)
         for writer in writers.values():
@@ -496,7 +496,7 @@ def main(argv):
             "shards": shards,
         }
     meta = {**settings, "replaced_undecodable": sum(replaced.values()), "splits": splits}
-    atomic_write_bytes(meta_path, [json.dumps(meta, indent=1).encode()])
+    atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode())
     progress_path.unlink(missing_ok=True)
     if replaced:
         print(

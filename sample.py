@@ -25,7 +25,7 @@ import torch
 import configurator
 import tokenizer
 from checkpoint import latest_checkpoint
-from configurator import UserError
+from common import UserError
 from model import GPT, GPTConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

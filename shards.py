@@ -8,49 +8,17 @@ count; the reader checks every shard against its header, its file size and meta.
 """
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-from configurator import UserError
+from common import UserError, publish, temp_path
 
 MAGIC = 20240520
 VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.uint16
-
-
-def _temp_path(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")
-
-
-def _publish(f, path: Path) -> None:
-    """Makes a finished temp file durable, then gives it its final name in one atomic step."""
-    f.flush()
-    os.fsync(f.fileno())
-    f.close()
-    os.replace(f.name, path)
-
-
-def _discard(f) -> None:
-    """Closes and deletes an unfinished temp file."""
-    f.close()
-    Path(f.name).unlink(missing_ok=True)
-
-
-def atomic_write_bytes(path: Path, chunks) -> None:
-    """Writes chunks (bytes-like) to path via a temp name + fsync + rename: never half a file."""
-    path = Path(path)
-    f = open(_temp_path(path), "wb")
-    try:
-        for chunk in chunks:
-            f.write(chunk)
-        _publish(f, path)
-    except BaseException:
-        _discard(f)
-        raise
 
 
 class ShardWriter:
@@ -63,7 +31,8 @@ class ShardWriter:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.tokens = 0
-        self.file = open(_temp_path(self.path), "wb")
+        self.temp = temp_path(self.path)
+        self.file = open(self.temp, "wb")
         self.file.write(bytes(HEADER_BYTES))  # the token count is known at close()
 
     def write(self, tokens: np.ndarray) -> None:
@@ -80,10 +49,12 @@ class ShardWriter:
         header[:3] = (MAGIC, VERSION, self.tokens)
         self.file.seek(0)
         self.file.write(header.tobytes())
-        _publish(self.file, self.path)
+        self.file.close()
+        publish(self.temp, self.path)
 
     def abort(self) -> None:
-        _discard(self.file)
+        self.file.close()
+        self.temp.unlink(missing_ok=True)
 
     def __enter__(self):
         return self

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import tiktoken
 
-from configurator import UserError
+from common import UserError
 
 RANKS_PATH = Path(__file__).parent / "assets" / "gpt2.tiktoken"
 RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"

@@ -47,11 +47,11 @@ from torch.optim.lr_scheduler import LambdaLR
 
 import configurator
 from checkpoint import find_resume_checkpoint, latest_checkpoint, restore_rng, save_checkpoint
-from configurator import UserError
+from common import UserError, atomic_write_bytes
 from distributed import Job
 from model import GPT, GPTConfig
 from plot import plot_run
-from shards import TokenWindows, atomic_write_bytes
+from shards import TokenWindows
 
 NONFINITE_STEPS_BEFORE_STOP = 5  # skipped steps in a row that end the run
 # Dense bf16 peak FLOP/s of one GPU, for MFU; the first key found in the device name wins.
@@ -384,7 +384,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     if path.exists():
         lines = path.read_text().splitlines(keepends=True)
         kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
-        atomic_write_bytes(path, ["".join(kept).encode()])
+        atomic_write_bytes(path, "".join(kept).encode())
 
 
 def start_wandb(cfg: TrainConfig, run_id: str | None):
@@ -405,7 +405,7 @@ def start_wandb(cfg: TrainConfig, run_id: str | None):
 def open_run(cfg: TrainConfig, run_dir: Path, start_step: int, wandb_run_id: str | None):
     """Rank 0: the run directory, its config and metrics as of start_step, and wandb (None if off)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(run_dir / "train_config.json", [(json.dumps(asdict(cfg), indent=2) + "\n").encode()])
+    atomic_write_bytes(run_dir / "train_config.json", (json.dumps(asdict(cfg), indent=2) + "\n").encode())
     truncate_metrics(run_dir / "metrics.jsonl", start_step)
     return start_wandb(cfg, wandb_run_id) if cfg.wandb_log else None
 

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 import configurator
-from configurator import ConfigError, UserError, parse_config
+from common import UserError
+from configurator import ConfigError, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,7 +17,7 @@ import bench
 import train
 from bench import RecipeWindows, recipe_arguments
 from checkpoint import latest_checkpoint
-from configurator import UserError
+from common import UserError
 from model import GPT, GPTConfig, hf_config
 from shards import TokenWindows
 

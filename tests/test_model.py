@@ -11,7 +11,7 @@ import torch
 from huggingface_hub import save_torch_state_dict
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from configurator import UserError
+from common import UserError
 from model import CONV1D_SUFFIXES, GPT, GPTConfig, config_from_hf, hf_config
 
 # Deliberately odd shapes: 3 heads of width 16, 37 positions, a vocabulary of 101; one head; many.
