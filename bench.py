@@ -34,12 +34,12 @@ from shards import TokenWindows
 
 @dataclass
 class BenchConfig:
-    sections: str = "prepare,train,generate"  # fidelity (long) on request
+    sections: str = "prepare,train,generate"  # comma-separated: prepare, train, generate, fidelity (long)
     full: bool = False  # the 124M config (slow on CPU) instead of small defaults
     fidelity_seeds: int = 5  # runs of each side in the fidelity section
-    fidelity_steps: int = 200
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    json_path: str = "bench.json"
+    fidelity_steps: int = 200  # optimizer steps of each fidelity run
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where both sides run
+    json_path: str = "bench.json"  # the rows are also written here
 
 
 def machine_name(device: str) -> str:

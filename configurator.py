@@ -1,19 +1,30 @@
 """Command-line configuration shared by every script: `[config.py] [--key=value ...]`.
 
-Defaults are the fields of a dataclass. An optional Python file (first argument) assigns some of
-them as plain variables, then `--key=value` overrides are parsed against each field's type, so
+Defaults are the fields of a dataclass. An optional config file (first argument) sets some of them:
+a Python file as plain variables, or a JSON object such as the train_config.json a run records (so a
+run can be re-run from it). Then `--key=value` overrides are parsed against each field's type, so
 `--lr=1` is a float, `--compile=False` a bool and `--start="a=b"` a string. Unlike nanoGPT's
 configurator nothing on the command line is exec'd, and an unknown key or a bad value is a
 one-line error that names the closest valid key.
 
-UserError is the one exception for what the user can fix (a bad value, a missing file, the Hub out
-of reach, a full disk); its message names the problem and the fix. run() prints it as one line and
-lets everything else through with its traceback: a ValueError from a bug stays debuggable.
+`--help` (or `-h`) lists every key with its type, default and meaning, read from the dataclass's
+source: a field's trailing comment is its meaning, a comment on a line of its own heads the fields
+below it. The help cannot drift from the keys.
+
+run() prints a common.UserError as one line and lets everything else through with its traceback:
+a ValueError from a bug stays debuggable.
 """
 
+import ast
+import dataclasses
 import difflib
+import inspect
+import io
+import json
 import runpy
 import sys
+import tokenize
+import traceback
 import types
 import typing
 from pathlib import Path
@@ -71,18 +82,82 @@ def check_type(key: str, value, kind: type, optional: bool):
     raise ConfigError(f"config key '{key}' = {value!r}: expected {kind.__name__}")
 
 
+def field_help(cls) -> list[tuple[str | None, str, str, str]]:
+    """(section heading or None, key, type, meaning) for each field of the dataclass cls, in order,
+    from the comments in its source."""
+    source = inspect.getsource(cls)
+    comments = {}  # line number -> (comment, whether code precedes it on its line)
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = (token.string.lstrip("#").strip(), bool(token.line[: token.start[1]].strip()))
+    rows, heading, next_line = [], None, 1
+    for node in ast.parse(source).body[0].body:
+        if not isinstance(node, ast.AnnAssign):
+            continue
+        for line in range(next_line, node.lineno):  # own-line comments above this field: a new section
+            if line in comments and not comments[line][1]:
+                heading = comments[line][0]
+        meaning = next(
+            (text for line, (text, trailing) in comments.items() if trailing and line == node.end_lineno), ""
+        )
+        rows.append((heading, node.target.id, ast.unparse(node.annotation), meaning))
+        heading, next_line = None, node.end_lineno + 1
+    return rows
+
+
+def print_help(cls) -> None:
+    """The script's summary and examples (the first two paragraphs of its module docstring), then the keys."""
+    script_doc = inspect.getdoc(sys.modules[cls.__module__]) or ""
+    print(f"usage: python {Path(sys.argv[0]).name} [config.py] [--key=value ...]\n")
+    print("\n\n".join(script_doc.split("\n\n")[:2]))
+    print("\nkeys (--key=value; a config.py assigns them as variables):")
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    for heading, key, kind, meaning in field_help(cls):
+        if heading:
+            print(f"\n  {heading}")
+        default = defaults[key] if isinstance(defaults[key], str) and defaults[key] else repr(defaults[key])
+        print(f"  --{key:<22} {kind:<12} {default:<18} {meaning}".rstrip())
+
+
+def read_config_file(path: Path) -> dict:
+    """The keys a config file sets: a .py file's top-level variables (names starting with _ and imported
+    modules left out), or a .json object such as the train_config.json a run records."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; pass an existing file such as config/austen.py")
+    if path.suffix == ".json":
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path} is not valid JSON ({e}); fix it or pass a .py config") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} holds a JSON {type(values).__name__}; it must be an object of keys")
+        return values
+    if path.suffix != ".py":
+        raise ConfigError(f"config file {path}: expected a .py file of assignments or a .json object of keys")
+    try:
+        variables = runpy.run_path(str(path))
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path}, line {e.lineno}: {e.msg}; fix the Python there") from None
+    except Exception as e:  # an undefined name, a failed import, ...: say where in the file
+        line = next(
+            (frame.lineno for frame in reversed(traceback.extract_tb(e.__traceback__)) if frame.filename == str(path)),
+            "?",
+        )
+        raise ConfigError(f"config file {path}, line {line}: {type(e).__name__}: {e}; fix the Python there") from None
+    return {k: v for k, v in variables.items() if not k.startswith("_") and not isinstance(v, types.ModuleType)}
+
+
 def parse_config(cls, argv: list[str]):
-    """Builds `cls` from `[config_file.py] [--key=value | --key value | --flag ...]`."""
+    """Builds `cls` from `[config_file.py] [--key=value | --key value | --flag ...]`; --help or -h
+    prints every key and exits with status 0."""
+    if "--help" in argv or "-h" in argv:
+        print_help(cls)
+        sys.exit(0)
     fields = _field_types(cls)
     values = {}
     args = list(argv)
     if args and not args[0].startswith("--"):
-        path = Path(args.pop(0))
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found; pass an existing file such as config/austen.py")
-        for key, value in runpy.run_path(str(path)).items():
-            if key.startswith("_") or isinstance(value, types.ModuleType):
-                continue
+        for key, value in read_config_file(Path(args.pop(0))).items():
             if key not in fields:
                 raise _unknown_key(key, fields)
             values[key] = check_type(key, value, *fields[key])

@@ -30,9 +30,9 @@ def plot_run(run_dir) -> Path:
     if not any(curves.values()):
         raise UserError(f"{metrics_path} has no losses yet; plot again after the first log step")
     fig, ax = plt.subplots(figsize=(8, 5))
-    for (label, points), style in zip(curves.items(), ("-", "o-")):
+    for (label, points), style in zip(curves.items(), ("-", "o-"), strict=True):
         if points:
-            tokens, losses = zip(*points)
+            tokens, losses = zip(*points, strict=True)
             ax.plot(tokens, losses, style, label=label)
     ax.set(
         xlabel="tokens seen",
@@ -50,6 +50,9 @@ def plot_run(run_dir) -> Path:
 
 
 def main(argv: list[str]) -> None:
+    if argv in (["--help"], ["-h"]):
+        print(f"usage: python plot.py RUN_DIR\n\n{__doc__.strip()}")
+        return
     if len(argv) != 1:
         raise UserError("usage: python plot.py RUN_DIR (e.g. out/austen)")
     print(f"wrote {plot_run(argv[0])}")

@@ -108,3 +108,71 @@ def test_a_user_mistake_is_one_line_on_stderr_and_a_bug_keeps_its_traceback():
     assert bug.returncode == 1
     assert "Traceback (most recent call last)" in bug.stderr and "in broken" in bug.stderr
     assert bug.stderr.rstrip().endswith("ValueError: internal bug")
+
+
+@dataclass
+class Documented:
+    """An example."""
+
+    # where
+    data_dir: str = "data"  # where the shards are
+    steps: int | None = None  # None: one epoch
+    # how
+    lr: float = 0.1  # the learning rate
+
+
+def test_help_lists_each_key_with_its_type_default_and_meaning(capsys):
+    assert configurator.field_help(Documented) == [
+        ("where", "data_dir", "str", "where the shards are"),
+        (None, "steps", "int | None", "None: one epoch"),
+        ("how", "lr", "float", "the learning rate"),
+    ]
+    with pytest.raises(SystemExit) as exit_:
+        parse_config(Documented, ["--steps=3", "-h"])
+    assert exit_.value.code == 0
+    assert "  --lr" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", ["train.py", "prepare.py", "sample.py", "bench.py", "eval.py"])
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_every_script_answers_help_with_every_key_explained(script, flag):
+    result = subprocess.run([sys.executable, script, flag], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr == "", result.stderr[-2000:]
+    assert result.stdout.startswith(f"usage: python {script}")
+    config_class = {"train.py": "TrainConfig", "prepare.py": "PrepareConfig", "sample.py": "SampleConfig",
+                    "bench.py": "BenchConfig", "eval.py": "EvalConfig"}[script]  # fmt: skip
+    module = __import__(script.removesuffix(".py"))
+    for _, key, _, meaning in configurator.field_help(getattr(module, config_class)):
+        assert meaning, f"{script}: --{key} has no one-line meaning (a trailing comment on its field)"
+        assert f"--{key} " in result.stdout
+
+
+def test_plot_answers_help():
+    result = subprocess.run([sys.executable, "plot.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "usage" in result.stdout.lower() and "plot.py" in result.stdout
+
+
+def test_a_json_config_as_runs_record_it(tmp_path):
+    path = tmp_path / "train_config.json"
+    path.write_text('{"learning_rate": 1, "compile": true, "top_k": null, "start": "x"}')
+    assert parse_config(Example, [str(path), "--steps=2"]) == Example(
+        learning_rate=1.0, compile=True, top_k=None, start="x", steps=2
+    )
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("cfg.json", '{"steps": 8', r"cfg.json is not valid JSON"),
+        ("cfg.json", "[1, 2]", r"cfg.json holds a JSON list; it must be an object"),
+        ("cfg.yaml", "steps: 8", r"cfg.yaml: expected a .py file of assignments or a .json object"),
+        ("cfg.py", "steps = 8\nlearning_rate = (\n", r"cfg.py, line 2: .*; fix the Python there"),
+        ("cfg.py", "steps = 8\n\nlearning_rate = false\n", r"cfg.py, line 3: NameError: name 'false' is not defined"),
+        ("cfg.json", '{"steps": "8"}', r"config key 'steps' = '8': expected int"),
+    ],
+)
+def test_config_files_that_cannot_be_read_are_one_line_errors(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        parse_config(Example, [str(path)])
