@@ -10,6 +10,7 @@ the same machine is the number to read. Results are printed as a table and writt
 """
 
 import gzip
+import itertools
 import json
 import platform
 import random
@@ -18,17 +19,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import psutil
-import torch
 
 import configurator
-from checkpoint import latest_checkpoint
 from common import UserError
-from model import GPT
 from shards import TokenWindows
 
 
@@ -38,11 +36,19 @@ class BenchConfig:
     full: bool = False  # the 124M config (slow on CPU) instead of small defaults
     fidelity_seeds: int = 5  # runs of each side in the fidelity section
     fidelity_steps: int = 200  # optimizer steps of each fidelity run
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where both sides run
+    device: str = field(default_factory=lambda: default_device())  # where both sides run: cuda if torch sees a GPU
     json_path: str = "bench.json"  # the rows are also written here
 
 
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def machine_name(device: str) -> str:
+    import torch
+
     if device.startswith("cuda"):
         return torch.cuda.get_device_name()
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
@@ -55,46 +61,51 @@ SECTIONS = {}
 # prepare: prepare.py vs the recipe's pipeline, each in its own process so its memory is its own.
 ROOT = Path(__file__).parent
 
-OURS_PREPARE = """
-import json, sys, time
-import prepare
-prepare.get_tokenizer()  # built before the clock starts, like the recipe's tokenizer
-started, cpu_started = time.perf_counter(), time.process_time()
-prepare.main([f"--input={sys.argv[1]}", f"--out_dir={sys.argv[2]}"])
-seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-meta = json.load(open(f"{sys.argv[2]}/meta.json"))
-tokens = sum(split["tokens"] for split in meta["splits"].values())
-print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "tokens": tokens}))
-"""
+
+def ours_prepare(corpus: str, out_dir: str) -> None:
+    """Child process (run_measured): prepare.py on the corpus; prints its seconds, CPU seconds and tokens."""
+    import prepare
+
+    prepare.get_tokenizer()  # built before the clock starts, like the recipe's tokenizer
+    started, cpu_started = time.perf_counter(), time.process_time()
+    prepare.main([f"--input={corpus}", f"--out_dir={out_dir}"])
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    meta = json.loads((Path(out_dir) / "meta.json").read_text())
+    tokens = sum(split["tokens"] for split in meta["splits"].values())
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "tokens": tokens}))
+
 
 # The recipe: load_dataset("text") (a row per line, like BookCorpus' sentence rows), tokenize with
 # datasets.map and HF's GPT-2 fast tokenizer, concatenate and cut 1024-token chunks.
-RECIPE_PREPARE = """
-import glob, itertools, json, sys, time
-import datasets, pyarrow.compute as pc
-from transformers import PreTrainedTokenizerFast
-from transformers.convert_slow_tokenizer import TikTokenConverter
-from tokenizer import EOT_TOKEN, GPT2_SPLIT_PATTERN, RANKS_PATH, get_tokenizer
+def recipe_prepare(corpus: str, cache_dir: str) -> None:
+    """Child process (run_measured): the recipe's pipeline on the corpus; prints as ours_prepare."""
+    import datasets
+    import pyarrow.compute as pc
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
 
-converter = TikTokenConverter(vocab_file=str(RANKS_PATH), pattern=GPT2_SPLIT_PATTERN, extra_special_tokens=[EOT_TOKEN])
-tokenizer = PreTrainedTokenizerFast(tokenizer_object=converter.converted(), eos_token=EOT_TOKEN)
-files = sorted(glob.glob(f"{sys.argv[1]}/*.txt"))
-sample = open(files[0]).read(100_000)
-assert tokenizer(sample)["input_ids"] == get_tokenizer().encode_ordinary(sample), "not the same tokenizer"
+    from tokenizer import EOT_TOKEN, GPT2_SPLIT_PATTERN, RANKS_PATH, get_tokenizer
 
-def group_texts(batch, block_size=1024):
-    joined = {key: list(itertools.chain(*batch[key])) for key in batch}
-    total = len(joined["input_ids"]) // block_size * block_size
-    return {key: [ids[i : i + block_size] for i in range(0, total, block_size)] for key, ids in joined.items()}
+    converter = TikTokenConverter(
+        vocab_file=str(RANKS_PATH), pattern=GPT2_SPLIT_PATTERN, extra_special_tokens=[EOT_TOKEN]
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=converter.converted(), eos_token=EOT_TOKEN)
+    files = sorted(str(path) for path in Path(corpus).glob("*.txt"))
+    sample = Path(files[0]).read_text(encoding="utf-8")[:100_000]
+    assert tokenizer(sample)["input_ids"] == get_tokenizer().encode_ordinary(sample), "not the same tokenizer"
 
-started, cpu_started = time.perf_counter(), time.process_time()
-rows = datasets.load_dataset("text", data_files=files, split="train", cache_dir=sys.argv[2])
-tokenized = rows.map(lambda batch: tokenizer(batch["text"]), batched=True, remove_columns=["text"])
-tokenized.map(group_texts, batched=True)
-seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-tokens = pc.sum(pc.list_value_length(tokenized.data.column("input_ids"))).as_py()
-print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "tokens": tokens}))
-"""
+    def group_texts(batch, block_size=1024):
+        joined = {key: list(itertools.chain(*batch[key])) for key in batch}
+        total = len(joined["input_ids"]) // block_size * block_size
+        return {key: [ids[i : i + block_size] for i in range(0, total, block_size)] for key, ids in joined.items()}
+
+    started, cpu_started = time.perf_counter(), time.process_time()
+    rows = datasets.load_dataset("text", data_files=files, split="train", cache_dir=cache_dir)
+    tokenized = rows.map(lambda batch: tokenizer(batch["text"]), batched=True, remove_columns=["text"])
+    tokenized.map(group_texts, batched=True)
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    tokens = pc.sum(pc.list_value_length(tokenized.data.column("input_ids"))).as_py()
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "tokens": tokens}))
 
 
 def write_austen_corpus(directory: Path, copies: int) -> Path:
@@ -109,11 +120,18 @@ def write_austen_corpus(directory: Path, copies: int) -> Path:
     return directory
 
 
-def run_measured(code: str, *args) -> dict:
-    """Runs `python -c code args`, sampling the RSS of it and all its children; returns its JSON + peak_rss_mb."""
+def run_measured(child: str, *args) -> dict:
+    """Runs bench.<child>(*args) in a process of its own, sampling the RSS of it and all its children;
+    returns the JSON it prints + peak_rss_mb. bench.py imports torch only inside the functions that need
+    it, so a child carries only what its own function imports."""
+    code = "import sys, bench; getattr(bench, sys.argv[1])(*sys.argv[2:])"
     with tempfile.TemporaryFile("w+") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-c", code, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True
+            [sys.executable, "-c", code, child, *map(str, args)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
         )
         root, peak = psutil.Process(process.pid), 0
         while process.poll() is None:
@@ -137,14 +155,15 @@ def bench_prepare(cfg):
             rounds = 3 if copies == 1 else 1  # a second or two per run: best of interleaved rounds
             runs = {"ours": [], "recipe": []}
             for i in range(rounds):
-                runs["ours"].append(run_measured(OURS_PREPARE, corpus, Path(tmp) / f"ours{copies}_{i}"))
-                runs["recipe"].append(run_measured(RECIPE_PREPARE, corpus, Path(tmp) / f"recipe{copies}_{i}"))
+                runs["ours"].append(run_measured("ours_prepare", corpus, Path(tmp) / f"ours{copies}_{i}"))
+                runs["recipe"].append(run_measured("recipe_prepare", corpus, Path(tmp) / f"recipe{copies}_{i}"))
             best = {name: min(results, key=lambda r: r["seconds"]) for name, results in runs.items()}
             peak_rss_mb = {name: max(r["peak_rss_mb"] for r in results) for name, results in runs.items()}
             for name, result in best.items():
                 # CPU time (all threads) is the figure a busy machine disturbs least
                 print(
-                    f"prepare, {label}: {name} {result['tokens']:,} tokens in {result['seconds']:.2f} s (best of {rounds}), "
+                    f"prepare, {label}: {name} {result['tokens']:,} tokens in {result['seconds']:.2f} s "
+                    f"(best of {rounds}), "
                     f"{result['tokens'] / result['cpu_seconds'] / 1e6:.2f}M tokens per CPU second, "
                     f"peak RSS of all its processes {peak_rss_mb[name]:.0f} MB"
                 )
@@ -165,7 +184,7 @@ SECTIONS["prepare"] = bench_prepare
 
 
 # The recipe's side: GPT2LMHeadModel under the HF Trainer, set up as the blog recipe sets it up.
-class RecipeWindows(torch.utils.data.Dataset):
+class RecipeWindows:
     """train.py's windows as the Trainer's examples, in `order` (default: as stored): the same block_size
     inputs and next-token targets. The targets go in as shift_labels, which GPT2LMHeadModel's loss takes
     as they are; `labels` (unshifted, as the recipe's) would drop each window's last target."""
@@ -177,6 +196,8 @@ class RecipeWindows(torch.utils.data.Dataset):
         return len(self.order)
 
     def __getitem__(self, i):
+        import torch
+
         window = torch.from_numpy(self.windows.batch([self.order[i]])[0])
         return {"input_ids": window[:-1], "labels": window[:-1], "shift_labels": window[1:]}
 
@@ -188,10 +209,23 @@ def recipe_arguments(out_dir, batch_size: int, steps: int, learning_rate: float,
     from transformers import TrainingArguments
 
     recipe = dict(
-        output_dir=str(out_dir), per_device_train_batch_size=batch_size, max_steps=steps, learning_rate=learning_rate, seed=seed,
-        weight_decay=0.01, warmup_steps=0.05, lr_scheduler_type="cosine", max_grad_norm=1.0, bf16=gpu, use_cpu=not gpu,
-        save_strategy="no", eval_strategy="no", report_to=[], dataloader_drop_last=True, remove_unused_columns=False,
-    )  # fmt: skip
+        output_dir=str(out_dir),
+        per_device_train_batch_size=batch_size,
+        max_steps=steps,
+        learning_rate=learning_rate,
+        seed=seed,
+        weight_decay=0.01,
+        warmup_steps=0.05,
+        lr_scheduler_type="cosine",
+        max_grad_norm=1.0,
+        bf16=gpu,
+        use_cpu=not gpu,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        dataloader_drop_last=True,
+        remove_unused_columns=False,
+    )
     return TrainingArguments(**{**recipe, **overrides})
 
 
@@ -222,32 +256,42 @@ def timed_logs(run_dir: Path) -> list[dict]:
 
 # train: train.py (our model + loop) vs GPT2LMHeadModel under the HF Trainer (the recipe's loop), on
 # the same windows with the same batch, AdamW (fused), schedule, clipping and precision (bf16 on GPU).
-RECIPE_TRAIN = """
-import json, sys, time, torch
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback
-from bench import RecipeWindows, recipe_arguments
-from shards import TokenWindows
+def recipe_train(run_json: str) -> None:
+    """Child process (run_measured): GPT2LMHeadModel under the Trainer as the recipe sets it up, with the
+    settings in run_json; prints its tokens/s after the untimed warm-up steps."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback
 
-run = json.loads(sys.argv[1])
+    run = json.loads(run_json)
+    step_seconds = []
 
-class StepTimer(TrainerCallback):
-    seconds = []
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.started = time.perf_counter()
-    def on_step_end(self, args, state, control, **kwargs):
-        self.seconds.append(time.perf_counter() - self.started)
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
 
-torch.manual_seed(run["seed"])
-dropouts = dict.fromkeys(["resid_pdrop", "embd_pdrop", "attn_pdrop"], run["dropout"])
-model = GPT2LMHeadModel(GPT2Config(n_layer=run["n_layer"], n_head=run["n_head"], n_embd=run["n_embd"], n_positions=run["block_size"], **dropouts))
-args = recipe_arguments(run["out_dir"], run["batch_size"], run["steps"], run["learning_rate"], run["seed"], run["gpu"], logging_steps=run["steps"])
-trainer = Trainer(model=model, args=args, train_dataset=RecipeWindows(TokenWindows(run["data_dir"], "train", run["block_size"])), callbacks=[StepTimer()])
-trainer.train()
-if run["save_model"]:
-    trainer.save_model(run["out_dir"])
-timed = StepTimer.seconds[run["warmup_steps"]:]
-print(json.dumps({"tokens_per_s": run["batch_size"] * run["block_size"] * len(timed) / sum(timed)}))
-"""
+        def on_step_end(self, args, state, control, **kwargs):
+            step_seconds.append(time.perf_counter() - self.started)
+
+    torch.manual_seed(run["seed"])
+    dropouts = dict.fromkeys(["resid_pdrop", "embd_pdrop", "attn_pdrop"], run["dropout"])
+    shape = dict(n_layer=run["n_layer"], n_head=run["n_head"], n_embd=run["n_embd"], n_positions=run["block_size"])
+    model = GPT2LMHeadModel(GPT2Config(**shape, **dropouts))
+    args = recipe_arguments(
+        run["out_dir"],
+        run["batch_size"],
+        run["steps"],
+        run["learning_rate"],
+        run["seed"],
+        run["gpu"],
+        logging_steps=run["steps"],
+    )
+    windows = RecipeWindows(TokenWindows(run["data_dir"], "train", run["block_size"]))
+    trainer = Trainer(model=model, args=args, train_dataset=windows, callbacks=[StepTimer()])
+    trainer.train()
+    if run["save_model"]:
+        trainer.save_model(run["out_dir"])
+    timed = step_seconds[run["warmup_steps"] :]
+    print(json.dumps({"tokens_per_s": run["batch_size"] * run["block_size"] * len(timed) / sum(timed)}))
 
 
 def bench_train(cfg):
@@ -301,11 +345,12 @@ def bench_train(cfg):
                 "gpu": gpu,
                 "save_model": False,
             }
-            reference = max(reference, run_measured(RECIPE_TRAIN, json.dumps(run))["tokens_per_s"])
+            reference = max(reference, run_measured("recipe_train", json.dumps(run))["tokens_per_s"])
     rows = []
     for name, result in ours.items():
         mfu = f", MFU {result['mfu']:.1%}" if result["mfu"] else ""
-        what = f"train tok/s, {'124M' if cfg.full else 'small'}, {'bf16' if gpu else 'fp32'}, {name} (micro {result['micro_batch_size']}{mfu})"
+        size, precision = "124M" if cfg.full else "small", "bf16" if gpu else "fp32"
+        what = f"train tok/s, {size}, {precision}, {name} (micro {result['micro_batch_size']}{mfu})"
         rows.append({"what": what, "unit": "tok/s", "ours": result["tokens_per_s"], "reference": reference, **result})
     return rows
 
@@ -317,63 +362,96 @@ SECTIONS["train"] = bench_train
 # weights, window order, dropout) with the same data, hyperparameters and steps; one evaluation then
 # scores every final model on the same val windows. The controlled twin (same weights and order, no
 # dropout, agreeing to float rounding) is tests/test_fidelity.py.
-@torch.no_grad()
 def val_loss(model_dir: Path, windows: TokenWindows, device: str) -> float:
     """Mean next-token loss of the HF GPT-2 directory's model over every window, in fp32."""
+    import torch
+
+    from model import GPT
+
     model = GPT.from_pretrained(str(model_dir)).to(device)
     total = 0.0
-    for start in range(0, len(windows), 32):
-        tokens = torch.from_numpy(windows.batch(range(start, min(start + 32, len(windows))))).to(device)  # (B, T + 1)
-        total += model(tokens[:, :-1], tokens[:, 1:])[1].item() * len(tokens)
+    with torch.no_grad():
+        for start in range(0, len(windows), 32):
+            rows = range(start, min(start + 32, len(windows)))
+            tokens = torch.from_numpy(windows.batch(rows)).to(device)  # (B, T + 1)
+            total += model(tokens[:, :-1], tokens[:, 1:])[1].item() * len(tokens)
     return total / len(windows)
 
 
 def bench_fidelity(cfg):
     from scipy import stats
 
+    from checkpoint import latest_checkpoint
+
     gpu = cfg.device.startswith("cuda")
-    # CPU: the measurement that filed the comparison (4 x 128, 128 tokens, batch 8, lr 1e-3); --full: the recipe's model.
+    # CPU: the measurement that filed the comparison (4 x 128, 128 tokens, batch 8, lr 1e-3);
+    # --full: the recipe's model.
     shape = dict(n_layer=12, n_head=12, n_embd=768) if cfg.full else dict(n_layer=4, n_head=4, n_embd=128)
     block_size, learning_rate = (1024, 2.5e-4) if cfg.full else (128, 1e-3)
-    both = {
-        **shape,
-        "block_size": block_size,
-        "batch_size": 8,
-        "learning_rate": learning_rate,
-        "dropout": 0.1,
-    }  # what the two sides share
+    both = {**shape, "block_size": block_size, "batch_size": 8, "learning_rate": learning_rate, "dropout": 0.1}
     warmup_steps = max(1, cfg.fidelity_steps // 10)  # untimed
+    ours_run = {
+        **both,
+        "micro_batch_size": 8,
+        "max_steps": cfg.fidelity_steps,
+        "dtype": "bfloat16" if gpu else "float32",
+        "log_interval": warmup_steps,
+        "eval_interval": 10**9,
+        "eval_windows": 1,
+        "checkpoint_interval": 10**9,
+        "device": cfg.device,
+    }
+    recipe_run = {**both, "steps": cfg.fidelity_steps, "warmup_steps": warmup_steps, "gpu": gpu, "save_model": True}
     losses, seconds_per_step = {"ours": [], "recipe": []}, {"ours": [], "recipe": []}
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = prepare_austen(Path(tmp) / "data")
         val = TokenWindows(data_dir, "val", block_size)
         for seed in range(cfg.fidelity_seeds):
             run_dir = Path(tmp) / f"ours{seed}"
-            run_train_py({**both, "micro_batch_size": 8, "max_steps": cfg.fidelity_steps, "seed": seed, "dtype": "bfloat16" if gpu else "float32",
-                          "log_interval": warmup_steps, "eval_interval": 10**9, "eval_windows": 1, "checkpoint_interval": 10**9,
-                          "data_dir": data_dir, "out_dir": tmp, "run_name": run_dir.name, "device": cfg.device})  # fmt: skip
+            run_train_py({**ours_run, "seed": seed, "data_dir": data_dir, "out_dir": tmp, "run_name": run_dir.name})
             losses["ours"].append(val_loss(latest_checkpoint(run_dir), val, cfg.device))
             seconds_per_step["ours"].append(8 * block_size / np.mean([r["tokens_per_s"] for r in timed_logs(run_dir)]))
             recipe_dir = Path(tmp) / f"recipe{seed}"
-            recipe = run_measured(RECIPE_TRAIN, json.dumps({**both, "steps": cfg.fidelity_steps, "seed": seed, "warmup_steps": warmup_steps, "data_dir": str(data_dir),
-                                                            "out_dir": str(recipe_dir), "gpu": gpu, "save_model": True}))  # fmt: skip
+            recipe_settings = {**recipe_run, "seed": seed, "data_dir": str(data_dir), "out_dir": str(recipe_dir)}
+            recipe = run_measured("recipe_train", json.dumps(recipe_settings))
             losses["recipe"].append(val_loss(recipe_dir, val, cfg.device))
             seconds_per_step["recipe"].append(8 * block_size / recipe["tokens_per_s"])
-            print(f"fidelity, seed {seed}: val loss ours {losses['ours'][-1]:.4f}, recipe {losses['recipe'][-1]:.4f}; "
-                  f"s/step ours {seconds_per_step['ours'][-1]:.3f}, recipe {seconds_per_step['recipe'][-1]:.3f}", flush=True)  # fmt: skip
+            print(
+                f"fidelity, seed {seed}: val loss ours {losses['ours'][-1]:.4f}, recipe {losses['recipe'][-1]:.4f}; "
+                f"s/step ours {seconds_per_step['ours'][-1]:.3f}, recipe {seconds_per_step['recipe'][-1]:.3f}",
+                flush=True,
+            )
     ours, recipe = np.array(losses["ours"]), np.array(losses["recipe"])
     interval = stats.ttest_ind(ours, recipe, equal_var=False).confidence_interval(0.95)
-    size = f"{'124M' if cfg.full else '4x128'}, {block_size} tokens x 8, {cfg.fidelity_steps} steps, {cfg.fidelity_seeds} seeds"
-    print(f"fidelity ({size}): final val loss ours {ours.mean():.4f} ± {ours.std(ddof=1):.4f}, recipe {recipe.mean():.4f} ± {recipe.std(ddof=1):.4f} "
-          f"(mean ± sd); ours - recipe {ours.mean() - recipe.mean():+.4f}, 95% CI [{interval.low:+.4f}, {interval.high:+.4f}] (Welch)")  # fmt: skip
+    model = "124M" if cfg.full else "4x128"
+    size = f"{model}, {block_size} tokens x 8, {cfg.fidelity_steps} steps, {cfg.fidelity_seeds} seeds"
+    print(
+        f"fidelity ({size}): final val loss ours {ours.mean():.4f} ± {ours.std(ddof=1):.4f}, "
+        f"recipe {recipe.mean():.4f} ± {recipe.std(ddof=1):.4f} (mean ± sd); ours - recipe "
+        f"{ours.mean() - recipe.mean():+.4f}, 95% CI [{interval.low:+.4f}, {interval.high:+.4f}] (Welch)"
+    )
     for name, values in seconds_per_step.items():
         print(f"fidelity: {name} {np.mean(values):.3f} s per step (mean of {len(values)} runs)")
+    steps_per_s = {name: 1 / np.mean(values) for name, values in seconds_per_step.items()}
     return [
-        {"what": f"fidelity val loss, {size} (lower is better)", "unit": "loss", "ours": ours.mean(), "reference": recipe.mean(),
-         "ours_sd": ours.std(ddof=1), "reference_sd": recipe.std(ddof=1), "difference_ci95": [interval.low, interval.high],
-         "ours_runs": ours.tolist(), "reference_runs": recipe.tolist()},
-        {"what": f"fidelity steps/s, {size}", "unit": "steps/s", "ours": 1 / np.mean(seconds_per_step["ours"]), "reference": 1 / np.mean(seconds_per_step["recipe"])},
-    ]  # fmt: skip
+        {
+            "what": f"fidelity val loss, {size} (lower is better)",
+            "unit": "loss",
+            "ours": ours.mean(),
+            "reference": recipe.mean(),
+            "ours_sd": ours.std(ddof=1),
+            "reference_sd": recipe.std(ddof=1),
+            "difference_ci95": [interval.low, interval.high],
+            "ours_runs": ours.tolist(),
+            "reference_runs": recipe.tolist(),
+        },
+        {
+            "what": f"fidelity steps/s, {size}",
+            "unit": "steps/s",
+            "ours": steps_per_s["ours"],
+            "reference": steps_per_s["recipe"],
+        },
+    ]
 
 
 SECTIONS["fidelity"] = bench_fidelity
@@ -399,6 +477,7 @@ def best_seconds(runs: dict, repeats: int, sync) -> dict:
 
 
 def bench_generate(cfg):
+    import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     import tokenizer
@@ -435,10 +514,12 @@ def bench_generate(cfg):
     for name in ("fp32", "bf16"):
         layers = [m for m in ours[name].modules() if isinstance(m, torch.nn.Linear)]
         inputs = [torch.randn(1, m.in_features, dtype=m.weight.dtype, device=cfg.device) for m in layers]
-        runs[f"matvec limit {name}"] = lambda layers=layers, inputs=inputs: [m(x) for m, x in zip(layers, inputs)]
+        runs[f"matvec limit {name}"] = lambda layers=layers, inputs=inputs: [
+            m(x) for m, x in zip(layers, inputs, strict=True)
+        ]
         if name == "fp32":
             runs["matvec limit fp32, F.linear"] = lambda layers=layers, inputs=inputs: [
-                torch.nn.functional.linear(x, m.weight, m.bias) for m, x in zip(layers, inputs)
+                torch.nn.functional.linear(x, m.weight, m.bias) for m, x in zip(layers, inputs, strict=True)
             ]
     # Freezing while the first, untimed round compiles: prepacked weights (see GPT.compile_decode_step).
     with torch.inference_mode(), torch._inductor.config.patch(freezing=True):
@@ -455,6 +536,8 @@ SECTIONS["generate"] = bench_generate
 
 
 def main(argv):
+    import torch
+
     cfg = configurator.parse_config(BenchConfig, argv)
     names = cfg.sections.split(",")
     unknown = [n for n in names if n not in SECTIONS]
@@ -462,7 +545,8 @@ def main(argv):
         raise UserError(f"unknown section(s) {unknown}; choose from {','.join(SECTIONS)}")
     if "fidelity" in names and (cfg.fidelity_seeds < 2 or cfg.fidelity_steps < 10):
         raise UserError(
-            f"fidelity_seeds={cfg.fidelity_seeds}, fidelity_steps={cfg.fidelity_steps}: a spread needs >= 2 seeds per side, a timing >= 10 steps"
+            f"fidelity_seeds={cfg.fidelity_seeds}, fidelity_steps={cfg.fidelity_steps}: "
+            "a spread needs >= 2 seeds per side, a timing >= 10 steps"
         )
     rows = []
     print(f"machine: {machine_name(cfg.device)}; torch {torch.__version__}")
@@ -472,7 +556,8 @@ def main(argv):
             row["ratio"] = row["ours"] / row["reference"]
             rows.append(row)
             print(
-                f"{row['what']:<80} {row['unit']:<10} {row['ours']:>12.5g} {row['reference']:>12.5g} {row['ratio']:>6.3f}x"
+                f"{row['what']:<80} {row['unit']:<10} {row['ours']:>12.5g} {row['reference']:>12.5g} "
+                f"{row['ratio']:>6.3f}x"
             )
     with open(cfg.json_path, "w") as f:
         json.dump({"machine": machine_name(cfg.device), "config": asdict(cfg), "rows": rows}, f, indent=2)

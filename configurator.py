@@ -111,7 +111,9 @@ def print_help(cls) -> None:
     print(f"usage: python {Path(sys.argv[0]).name} [config.py] [--key=value ...]\n")
     print("\n\n".join(script_doc.split("\n\n")[:2]))
     print("\nkeys (--key=value; a config.py assigns them as variables):")
-    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    defaults = {
+        f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default for f in dataclasses.fields(cls)
+    }
     for heading, key, kind, meaning in field_help(cls):
         if heading:
             print(f"\n  {heading}")
