@@ -22,7 +22,9 @@ def plot_run(run_dir) -> Path:
     metrics_path = run_dir / "metrics.jsonl"
     if not metrics_path.is_file():
         raise UserError(f"{metrics_path} not found; pass a run directory written by train.py, e.g. out/austen")
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    # A writer killed mid-line leaves a partial last line (train.py drops it when the run resumes).
+    lines = metrics_path.read_text(encoding="utf-8").splitlines(keepends=True)
+    records = [json.loads(line) for line in lines if line.endswith("\n") and line.strip()]
     curves = {
         "train": [(r["tokens"], r["loss"]) for r in records if "loss" in r],
         "val": [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r],

@@ -63,7 +63,8 @@ def test_quickstart_config_trains_on_a_gpu_when_one_is_visible(gpu_visible, expe
     one; else the CPU; bf16 where the device has it natively (train.native_dtype)."""
     code = (
         f"import torch\ntorch.cuda.is_available = lambda: {gpu_visible}\nimport configurator, train\n"
-        "cfg = configurator.parse_config(train.TrainConfig, ['config/austen.py'])\nprint(cfg.device, cfg.compile, cfg.dtype)"
+        "cfg = configurator.parse_config(train.TrainConfig, ['config/austen.py'])\n"
+        "print(cfg.device, cfg.compile, cfg.dtype)"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
