@@ -176,7 +176,7 @@ def test_checkpoint_loads_in_transformers_with_the_logged_val_loss(data, referen
         ("--resume=/nonexistent", "no trainer_state.pt"),
         ("--eval_only", "eval_only needs weights"),
         ("--dtype=float16", "use bfloat16 .* or float32"),
-        ("--init_from=resume", "init_from='resume' but .* has no checkpoint"),
+        ("--init_from=resume", "init_from=.resume. is not a starting point; use --resume=auto"),
     ],
 )
 def test_config_errors_come_before_the_model_is_built(data, tmp_path, monkeypatch, override, message):
