@@ -103,7 +103,7 @@ class TrainConfig:
     # system
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # 'cuda' (one GPU per process) or 'cpu'
     dtype: str | None = None  # autocast 'bfloat16', or 'float32'; None: bfloat16 where the device runs it natively
-    compile: bool = torch.cuda.is_available()  # torch.compile the model
+    compile: bool = torch.cuda.is_available()  # torch.compile the model (by default where a GPU is visible)
     dist_timeout_minutes: float = 10.0  # how long a collective waits for a silent rank (a seen failure ends the job)
 
 
@@ -415,95 +415,97 @@ class Reporter:
     """
 
     def __init__(self, cfg: TrainConfig, job: Job, run_dir: Path, max_steps: int, state: TrainerState, flops: float):
-        self.cfg, self.job, self.run_dir, self.max_steps = cfg, job, run_dir, max_steps
-        self.flops_per_token, self.peak_flops = flops, peak_bf16_flops(cfg.device)
-        self.tokens_per_step = cfg.batch_size * cfg.block_size
+        self._cfg, self._job, self._run_dir, self._max_steps = cfg, job, run_dir, max_steps
+        self._flops_per_token, self._peak_flops = flops, peak_bf16_flops(cfg.device)
+        self._tokens_per_step = cfg.batch_size * cfg.block_size
         self.nonfinite_steps = state.nonfinite_steps  # skipped steps in the whole run
-        self.in_a_row = 0
-        self.unread = []  # (3,) device tensors of the steps since the last read
-        self.finite = []  # (loss, grad norm) of the finite steps read since the last log line
-        self.logged_step, self.seconds, self.clock_from = state.step, 0.0, time.perf_counter()
+        self._in_a_row = 0
+        self._unread = []  # (3,) device tensors of the steps since the last read
+        self._finite = []  # (loss, grad norm) of the finite steps read since the last log line
+        self._logged_step, self._seconds, self._clock_from = state.step, 0.0, time.perf_counter()
         # Before any step: a failure here (wandb, the run directory) costs nothing yet.
-        self.wandb_run = job.on_rank0(lambda: open_run(cfg, run_dir, state.step, state.wandb_run_id))
-        self.wandb_run_id = self.wandb_run.id if self.wandb_run else None  # what a checkpoint keeps to continue it
+        self._wandb_run = job.on_rank0(lambda: open_run(cfg, run_dir, state.step, state.wandb_run_id))
+        self.wandb_run_id = self._wandb_run.id if self._wandb_run else None  # what a checkpoint keeps to continue it
 
     def __enter__(self) -> "Reporter":
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.wandb_run:
-            self.wandb_run.finish()
+        if self._wandb_run:
+            self._wandb_run.finish()
 
     def should_log(self, step: int) -> bool:
-        return step % self.cfg.log_interval == 0 or step == self.max_steps
+        return step % self._cfg.log_interval == 0 or step == self._max_steps
 
     def should_evaluate(self, step: int) -> bool:
-        return step % self.cfg.eval_interval == 0 or step == self.max_steps
+        return step % self._cfg.eval_interval == 0 or step == self._max_steps
 
     def add_step(self, result: torch.Tensor) -> None:
         """A step's (loss, grad norm, skipped) as train_step returns it, unread."""
-        self.unread.append(result)
+        self._unread.append(result)
 
     @contextmanager
     def read_back(self, step: int):
         """Reads the steps up to `step` (waiting for the device, which ends their training time), records
         each skipped one and raises after too many in a row; the block's time (logging, evaluating,
         saving) is not training time."""
-        rows = torch.stack(self.unread).tolist() if self.unread else []
-        self.unread = []
-        self.seconds += time.perf_counter() - self.clock_from
+        rows = torch.stack(self._unread).tolist() if self._unread else []
+        self._unread = []
+        self._seconds += time.perf_counter() - self._clock_from
         for s, (loss, grad_norm, skipped) in enumerate(rows, start=step - len(rows) + 1):
             if skipped:
                 self._skipped(s, loss, grad_norm)
             else:
-                self.in_a_row = 0
-                self.finite.append((loss, grad_norm))
+                self._in_a_row = 0
+                self._finite.append((loss, grad_norm))
         yield
-        self.clock_from = time.perf_counter()
+        self._clock_from = time.perf_counter()
 
     def _skipped(self, step: int, loss: float, grad_norm: float) -> None:
         self.nonfinite_steps += 1
-        self.in_a_row += 1
-        if self.job.rank == 0:
-            skipped = f"step skipped ({self.in_a_row} in a row)"
+        self._in_a_row += 1
+        if self._job.rank == 0:
+            skipped = f"step skipped ({self._in_a_row} in a row)"
             print(f"step {step}: non-finite loss {loss} or grad norm {grad_norm}; {skipped}", flush=True)
             self._record(step, {"skipped": "non-finite loss", "nonfinite_steps": self.nonfinite_steps})
-        if self.in_a_row == NONFINITE_STEPS_BEFORE_STOP:
+        if self._in_a_row == NONFINITE_STEPS_BEFORE_STOP:
             raise UserError(
-                f"loss was non-finite for {self.in_a_row} steps in a row (up to step {step}); the last checkpoint is "
-                f"{latest_checkpoint(self.run_dir)}; lower learning_rate or check the data"
+                f"loss was non-finite for {self._in_a_row} steps in a row (up to step {step}); the last checkpoint is "
+                f"{latest_checkpoint(self._run_dir)}; lower learning_rate or check the data"
             )
 
     def log(self, step: int, lr: float) -> None:
         """The log line and record of the steps read since the last one; none while all of them were skipped."""
-        if not self.finite:
+        if not self._finite:
             return
-        losses, grad_norms = zip(*self.finite, strict=True)
-        steps, seconds = step - self.logged_step, self.seconds
-        self.finite, self.logged_step, self.seconds = [], step, 0.0
+        losses, grad_norms = zip(*self._finite, strict=True)
+        steps, seconds = step - self._logged_step, self._seconds
+        self._finite, self._logged_step, self._seconds = [], step, 0.0
         loss, grad_norm = sum(losses) / len(losses), grad_norms[-1]
-        tokens_per_s = steps * self.tokens_per_step / seconds
-        mfu = self.flops_per_token * tokens_per_s / self.job.world_size / self.peak_flops if self.peak_flops else None
-        eta = timedelta(seconds=round((self.max_steps - step) * seconds / steps))
-        self.job.announce(
-            f"step {step}/{self.max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
+        tokens_per_s = steps * self._tokens_per_step / seconds
+        mfu = (
+            self._flops_per_token * tokens_per_s / self._job.world_size / self._peak_flops if self._peak_flops else None
+        )
+        eta = timedelta(seconds=round((self._max_steps - step) * seconds / steps))
+        self._job.announce(
+            f"step {step}/{self._max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
             f"{tokens_per_s:,.0f} tok/s | MFU {f'{mfu:.1%}' if mfu else '-'} | ETA {eta}"
         )
-        if self.job.rank == 0:
+        if self._job.rank == 0:
             metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu}
             self._record(step, {**metrics, "nonfinite_steps": self.nonfinite_steps})
 
     def log_eval(self, step: int, val_loss: float) -> None:
-        self.job.announce(f"step {step}: val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}")
-        if self.job.rank == 0:
+        self._job.announce(f"step {step}: val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}")
+        if self._job.rank == 0:
             self._record(step, {"val_loss": val_loss, "val_perplexity": math.exp(val_loss)})
 
     def _record(self, step: int, metrics: dict) -> None:
-        metrics = {"step": step, "tokens": step * self.tokens_per_step, **metrics}
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
+        metrics = {"step": step, "tokens": step * self._tokens_per_step, **metrics}
+        with open(self._run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        if self.wandb_run:
-            self.wandb_run.log(metrics, step=step)
+        if self._wandb_run:
+            self._wandb_run.log(metrics, step=step)
 
 
 def flops_per_token(model: GPT, cfg: TrainConfig) -> float:
