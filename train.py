@@ -73,7 +73,7 @@ class TrainConfig:
     eval_only: bool = False  # evaluate the resumed / init_from model on the val split and exit
     seed: int = 42  # initial weights, data order, dropout and the eval sample
     # model (a loaded model keeps its own shape; block_size may then be shorter than its context)
-    block_size: int = 1024  # tokens per training window (the context trained)
+    block_size: int = 1024  # tokens per training window (and a new model's context)
     vocab_size: int = 50257  # token embeddings and output classes
     n_layer: int = 12  # transformer blocks
     n_head: int = 12  # attention heads per block
@@ -168,8 +168,8 @@ class RunData:
     val: TokenWindows
     val_rows: np.ndarray  # the val windows each evaluation takes
     train: TokenWindows | None = None  # None: only evaluating
-    steps_per_epoch: int = 0
-    max_steps: int = 0
+    steps_per_epoch: int = 0  # whole global batches in the train split
+    max_steps: int = 0  # the step the run ends after
     order: dict | None = None  # what fixes the order of the batches: resuming with others would skip or repeat data
 
 
