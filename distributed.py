@@ -55,10 +55,8 @@ class StopSignals:
     def _remember(self, signum, frame):
         if not self.signum and self.announce:
             # os.write, not print: a handler may run while the main thread is inside print
-            os.write(
-                2,
-                f"{Path(sys.argv[0]).name}: got {signal.Signals(signum).name}; stopping after this step with a checkpoint\n".encode(),
-            )
+            message = f"got {signal.Signals(signum).name}; stopping after this step with a checkpoint"
+            os.write(2, f"{Path(sys.argv[0]).name}: {message}\n".encode())
         self.signum = self.signum or signum
 
     def restore(self):
@@ -89,6 +87,11 @@ class Job:
                 dist.init_process_group("gloo", timeout=timeout)
             self.watcher = FailureWatcher(self.rank)
         self.stop_signals = None
+
+    def announce(self, text: str) -> None:
+        """Prints text once for the job (on rank 0), flushed at once so that it keeps its place among stderr's lines."""
+        if self.rank == 0:
+            print(text, flush=True)
 
     def catch_stop_signals(self) -> None:
         """From now on a stop signal stops the job after a step (before, it ends the process as usual:
@@ -166,7 +169,8 @@ class FailureWatcher:
 
     def __init__(self, rank: int):
         self.rank = rank
-        self.key = f"train.py/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/failed"
+        attempt = f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        self.key = f"train.py/{attempt}/failed"
         self.store = dist.TCPStore(
             os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timedelta(seconds=30)
         )

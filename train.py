@@ -32,9 +32,10 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -46,7 +47,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.lr_scheduler import LambdaLR
 
 import configurator
-from checkpoint import find_resume_checkpoint, latest_checkpoint, restore_rng, save_checkpoint
+from checkpoint import Checkpoint, Checkpointer, TrainerState, find_resume_checkpoint, latest_checkpoint
 from common import UserError, atomic_write_bytes
 from distributed import Job
 from model import GPT, GPTConfig
@@ -64,57 +65,54 @@ class TrainConfig:
     """Every key train.py reads. Defaults are the recipe's (config/bookcorpus.py spells it out)."""
 
     # where
-    data_dir: str = "data/bookcorpus"
-    out_dir: str = "out"
+    data_dir: str = "data/bookcorpus"  # the token shards and meta.json that prepare.py wrote
+    out_dir: str = "out"  # where runs live
     run_name: str = "gpt2"  # the run lives in out_dir/run_name; also its wandb name
-    init_from: str = "scratch"  # 'scratch', an HF GPT-2 directory / Hub name to finetune, or 'resume' (nanoGPT's: this run's newest checkpoint, which must exist)
+    init_from: str = "scratch"  # 'scratch' (new weights), or an HF GPT-2 directory / Hub name to finetune
     resume: str = ""  # '' a new run; 'auto' this run's newest checkpoint, or a new run if none; or a ckpt_* dir
     eval_only: bool = False  # evaluate the resumed / init_from model on the val split and exit
-    seed: int = 42
+    seed: int = 42  # initial weights, data order, dropout and the eval sample
     # model (a loaded model keeps its own shape; block_size may then be shorter than its context)
-    block_size: int = 1024
-    vocab_size: int = 50257
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.1
+    block_size: int = 1024  # tokens per training window (and a new model's context)
+    vocab_size: int = 50257  # token embeddings and output classes
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads per block
+    n_embd: int = 768  # model width
+    dropout: float = 0.1  # on embeddings, attention weights and residual branches, in training
     # batch
     batch_size: int = 64  # sequences per optimizer step, over all processes (the global batch)
     micro_batch_size: int | None = None  # sequences per process per forward/backward; None: the largest that fits
-    epochs: int = 1
+    epochs: int = 1  # passes over the train split, when max_steps is None
     max_steps: int | None = None  # None: epochs x steps per epoch
     # AdamW and schedule, as the HF Trainer: linear warmup then cosine to 0
-    learning_rate: float = 2.5e-4
+    learning_rate: float = 2.5e-4  # the peak, reached at the end of the warmup
     weight_decay: float = 0.01  # not on biases and LayerNorm weights
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.999  # AdamW's second-moment decay
+    eps: float = 1e-8  # AdamW's denominator term
     warmup_ratio: float = 0.05  # warmup steps = ceil(warmup_ratio x max_steps), as transformers
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # the largest gradient norm; larger ones are scaled down to it
     # eval, logging, checkpoints
-    eval_interval: int = 500
+    eval_interval: int = 500  # steps between evaluations on the val split (and at the last step)
     eval_windows: int | None = None  # val windows per eval (a fixed sample); None: the whole split
-    log_interval: int = 10
-    checkpoint_interval: int = 5000
-    keep_checkpoints: int = 10
-    wandb_log: bool = False
-    wandb_project: str = "gpt2-bookcorpus"
+    log_interval: int = 10  # steps between log lines and metrics.jsonl records (and at the last step)
+    checkpoint_interval: int = 5000  # steps between checkpoints (and at the last step and at a stop)
+    keep_checkpoints: int = 10  # how many of the newest checkpoints to keep
+    wandb_log: bool = False  # also log to Weights & Biases
+    wandb_project: str = "gpt2-bookcorpus"  # the wandb project of the run
     # system
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype: str | None = (
-        None  # autocast 'bfloat16', or 'float32' (none); None: bfloat16 where the device runs it natively
-    )
-    compile: bool = torch.cuda.is_available()
-    dist_timeout_minutes: float = (
-        10.0  # how long a collective waits for a silent rank (failures that are seen end the job at once)
-    )
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # 'cuda' (one GPU per process) or 'cpu'
+    dtype: str | None = None  # autocast 'bfloat16', or 'float32'; None: bfloat16 where the device runs it natively
+    compile: bool = torch.cuda.is_available()  # torch.compile the model (by default where a GPU is visible)
+    dist_timeout_minutes: float = 10.0  # how long a collective waits for a silent rank (a seen failure ends the job)
 
 
 def check_config(cfg: TrainConfig, world_size: int) -> None:
     """Refuses values that could only fail later (or silently do nothing), before anything is built."""
-    positive = ["block_size", "vocab_size", "n_layer", "n_head", "n_embd", "batch_size", "micro_batch_size", "epochs", "max_steps",
-                "learning_rate", "grad_clip", "eval_interval", "eval_windows", "log_interval", "checkpoint_interval", "keep_checkpoints",
-                "dist_timeout_minutes"]  # fmt: skip
+    positive = (
+        "block_size vocab_size n_layer n_head n_embd batch_size micro_batch_size epochs max_steps learning_rate "
+        "grad_clip eval_interval eval_windows log_interval checkpoint_interval keep_checkpoints dist_timeout_minutes"
+    ).split()
     for key in positive:
         if (value := getattr(cfg, key)) is not None and not value > 0:
             raise UserError(
@@ -126,6 +124,8 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
             raise UserError(f"{key}={value}: must be in [0, 1)")
     if not 0 <= cfg.warmup_ratio <= 1:
         raise UserError(f"warmup_ratio={cfg.warmup_ratio}: must be in [0, 1] (a fraction of the steps)")
+    if cfg.init_from == "resume":
+        raise UserError("init_from='resume' is not a starting point; use --resume=auto (this run's newest checkpoint)")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={cfg.device} but no GPU is visible; use --device=cpu")
     if cfg.dtype not in (None, "bfloat16", "float32"):
@@ -136,7 +136,8 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
         )
     if cfg.micro_batch_size and (cfg.batch_size // world_size) % cfg.micro_batch_size:
         raise UserError(
-            f"micro_batch_size={cfg.micro_batch_size} does not divide the {cfg.batch_size // world_size} sequences per process (batch_size={cfg.batch_size} over {world_size}); pick a divisor"
+            f"micro_batch_size={cfg.micro_batch_size} does not divide the {cfg.batch_size // world_size} sequences "
+            f"per process (batch_size={cfg.batch_size} over {world_size}); pick a divisor"
         )
 
 
@@ -148,6 +149,57 @@ def native_dtype(device: str) -> str:
     else:
         native = any(torch.cpu.get_capabilities().get(flag) for flag in ("avx512_bf16", "amx_bf16"))
     return "bfloat16" if native else "float32"
+
+
+def set_precision(cfg: TrainConfig):
+    """The autocast context of the steps: bf16 matmuls with fp32 weights and optimizer, or none (fp32).
+    On a GPU, fp32 matmuls outside autocast use TF32."""
+    if cfg.device.startswith("cuda"):
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    if cfg.dtype == "bfloat16":
+        return torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@dataclass
+class RunData:
+    """The windows a run reads and the steps they make."""
+
+    val: TokenWindows
+    val_rows: np.ndarray  # the val windows each evaluation takes
+    train: TokenWindows | None = None  # None: only evaluating
+    steps_per_epoch: int = 0  # whole global batches in the train split
+    max_steps: int = 0  # the step the run ends after
+    order: dict | None = None  # what fixes the order of the batches: resuming with others would skip or repeat data
+
+
+def load_data(cfg: TrainConfig) -> RunData:
+    val = TokenWindows(cfg.data_dir, "val", cfg.block_size)
+    val_rows = np.arange(len(val))
+    if cfg.eval_windows is not None and cfg.eval_windows < len(val_rows):
+        val_rows = np.sort(np.random.default_rng(cfg.seed).choice(len(val_rows), cfg.eval_windows, replace=False))
+    if cfg.eval_only:
+        return RunData(val, val_rows)
+    train = TokenWindows(cfg.data_dir, "train", cfg.block_size)
+    steps_per_epoch = len(train) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(
+            f"{cfg.data_dir}: the train split has {len(train)} windows of {cfg.block_size + 1} tokens, "
+            f"fewer than one batch of {cfg.batch_size}; lower batch_size or block_size"
+        )
+    order = {"seed": cfg.seed, "global_batch": cfg.batch_size, "train_windows": len(train)}
+    return RunData(val, val_rows, train, steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch, order)
+
+
+def model_source(cfg: TrainConfig, resume_from: Checkpoint | None) -> Path | str | None:
+    """Where the weights come from: the checkpoint resumed, init_from's HF GPT-2, or None for new ones."""
+    source = resume_from.path if resume_from else (None if cfg.init_from == "scratch" else cfg.init_from)
+    if cfg.eval_only and source is None:
+        raise UserError(
+            "eval_only needs weights: --resume=auto (this run's newest checkpoint), --resume=CKPT_DIR "
+            "or --init_from=HF_DIR"
+        )
+    return source
 
 
 def build_model(cfg: TrainConfig, source, meta: dict) -> GPT:
@@ -168,12 +220,38 @@ def build_model(cfg: TrainConfig, source, meta: dict) -> GPT:
 def check_model_fits_data(config: GPTConfig, cfg: TrainConfig, meta: dict) -> None:
     if cfg.block_size > config.block_size:
         raise UserError(
-            f"block_size={cfg.block_size} is longer than the model's context of {config.block_size} positions; lower block_size"
+            f"block_size={cfg.block_size} is longer than the model's context of {config.block_size} positions; "
+            "lower block_size"
         )
     if meta["vocab_size"] > config.vocab_size:
         raise UserError(
-            f"{cfg.data_dir} uses a vocabulary of {meta['vocab_size']} tokens but the model has vocab_size={config.vocab_size}; set vocab_size={meta['vocab_size']}"
+            f"{cfg.data_dir} uses a vocabulary of {meta['vocab_size']} tokens but the model has "
+            f"vocab_size={config.vocab_size}; set vocab_size={meta['vocab_size']}"
         )
+
+
+def with_model_shape(cfg: TrainConfig, model: GPT) -> TrainConfig:
+    """cfg with a loaded model's own shape, so that the config a run saves tells the truth."""
+    return dataclasses.replace(
+        cfg, **{key: getattr(model.config, key) for key in ("vocab_size", "n_layer", "n_head", "n_embd")}
+    )
+
+
+def distribute(model: GPT, cfg: TrainConfig, job: Job):
+    """The model the steps run: under DDP with several processes, compiled if cfg says so. DDP first, then
+    compile: dynamo splits the graph at DDP's gradient buckets, so their all-reduces overlap the backward."""
+    if job.world_size > 1:
+        model = DDP(model, device_ids=[torch.cuda.current_device()] if cfg.device.startswith("cuda") else None)
+    return torch.compile(model) if cfg.compile else model
+
+
+def describe_batches(cfg: TrainConfig, job: Job, micro_batch_size: int, data: RunData, start_step: int) -> str:
+    micro_steps = cfg.batch_size // job.world_size // micro_batch_size
+    return (
+        f"batch {cfg.batch_size} sequences of {cfg.block_size} tokens = {job.world_size} processes x {micro_steps} "
+        f"micro-steps x {micro_batch_size} sequences ({'set' if cfg.micro_batch_size else 'the largest that fits'}); "
+        f"{data.steps_per_epoch:,} steps per epoch; steps {start_step} -> {data.max_steps}"
+    )
 
 
 def cosine_schedule(optimizer, max_steps: int, warmup_ratio: float) -> LambdaLR:
@@ -306,59 +384,6 @@ def train_step(
     return torch.stack([loss, grad_norm, skipped])
 
 
-class StepLog:
-    """The steps since the last log line: their (loss, grad norm, skipped), kept on the device and read
-    back only at the steps that log, evaluate or checkpoint, and the training time they took. Skipped
-    steps are reported as they are read; too many in a row stop the run."""
-
-    def __init__(self, start_step: int, nonfinite_steps: int):
-        self.nonfinite_steps = nonfinite_steps  # skipped steps in the whole run
-        self.in_a_row = 0
-        self.unread = []  # (3,) device tensors of the steps since the last read
-        self.finite = []  # (loss, grad norm) of the finite steps read since the last log line
-        self.logged_step, self.seconds, self.clock_from = start_step, 0.0, time.perf_counter()
-
-    def read(self, step: int, record, master: bool, run_dir: Path) -> None:
-        """Reads the steps up to `step` (waiting for the device, which ends their training time);
-        records each skipped one; raises after too many in a row."""
-        rows = torch.stack(self.unread).tolist() if self.unread else []
-        self.unread = []
-        self.seconds += time.perf_counter() - self.clock_from
-        for s, (loss, grad_norm, skipped) in enumerate(rows, start=step - len(rows) + 1):
-            if not skipped:
-                self.in_a_row = 0
-                self.finite.append((loss, grad_norm))
-                continue
-            self.nonfinite_steps += 1
-            self.in_a_row += 1
-            if master:
-                print(
-                    f"step {s}: non-finite loss {loss} or grad norm {grad_norm}; step skipped ({self.in_a_row} in a row)",
-                    flush=True,
-                )
-                record(s, {"skipped": "non-finite loss", "nonfinite_steps": self.nonfinite_steps})
-            if self.in_a_row == NONFINITE_STEPS_BEFORE_STOP:
-                raise UserError(
-                    f"loss was non-finite for {self.in_a_row} steps in a row (up to step {s}); the last checkpoint is {latest_checkpoint(run_dir)}; lower learning_rate or check the data"
-                )
-
-    def resume_clock(self) -> None:
-        """Training goes on: evaluating and saving took the time since the last read."""
-        self.clock_from = time.perf_counter()
-
-    def interval(self, step: int) -> tuple[int, float, float, float]:
-        """(steps, training seconds, mean loss, last grad norm) since the last log line, which `step` is now."""
-        losses, grad_norms = zip(*self.finite)
-        result = (
-            step - self.logged_step,
-            self.seconds,
-            sum(losses) / len(losses),
-            grad_norms[-1],
-        )  # the mean, as the HF Trainer logs
-        self.finite, self.logged_step, self.seconds = [], step, 0.0
-        return result
-
-
 @torch.no_grad()
 def evaluate(model, windows: TokenWindows, rows: np.ndarray, batch_size: int, device: str, autocast, job: Job) -> float:
     """Mean loss over windows[rows], split across ranks; every rank returns the same value.
@@ -379,6 +404,124 @@ def evaluate(model, windows: TokenWindows, rows: np.ndarray, batch_size: int, de
     return loss_sum.item() / len(rows)
 
 
+class Reporter:
+    """What the steps report, and when: the console line, metrics.jsonl and wandb of the log steps
+    (mean loss, as the HF Trainer logs, grad norm, tokens/s, MFU, ETA) and of the evaluations, and
+    the steps skipped for a non-finite loss or gradient (too many in a row stop the run).
+
+    The steps' (loss, grad norm, skipped) stay on the device and are read back only in `read_back`, at
+    the steps that log, evaluate or checkpoint. Rank 0 prints and records; every rank reads, so every
+    rank stops alike. Used as a context manager: its wandb run finishes on the way out.
+    """
+
+    def __init__(self, cfg: TrainConfig, job: Job, run_dir: Path, max_steps: int, state: TrainerState, flops: float):
+        self._cfg, self._job, self._run_dir, self._max_steps = cfg, job, run_dir, max_steps
+        self._flops_per_token, self._peak_flops = flops, peak_bf16_flops(cfg.device)
+        self._tokens_per_step = cfg.batch_size * cfg.block_size
+        self.nonfinite_steps = state.nonfinite_steps  # skipped steps in the whole run
+        self._in_a_row = 0
+        self._unread = []  # (3,) device tensors of the steps since the last read
+        self._finite = []  # (loss, grad norm) of the finite steps read since the last log line
+        self._logged_step, self._seconds, self._clock_from = state.step, 0.0, time.perf_counter()
+        # Before any step: a failure here (wandb, the run directory) costs nothing yet.
+        self._wandb_run = job.on_rank0(lambda: open_run(cfg, run_dir, state.step, state.wandb_run_id))
+        self.wandb_run_id = self._wandb_run.id if self._wandb_run else None  # what a checkpoint keeps to continue it
+
+    def __enter__(self) -> "Reporter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._wandb_run:
+            self._wandb_run.finish()
+
+    def should_log(self, step: int) -> bool:
+        return step % self._cfg.log_interval == 0 or step == self._max_steps
+
+    def should_evaluate(self, step: int) -> bool:
+        return step % self._cfg.eval_interval == 0 or step == self._max_steps
+
+    def add_step(self, result: torch.Tensor) -> None:
+        """A step's (loss, grad norm, skipped) as train_step returns it, unread."""
+        self._unread.append(result)
+
+    @contextmanager
+    def read_back(self, step: int):
+        """Reads the steps up to `step` (waiting for the device, which ends their training time), records
+        each skipped one and raises after too many in a row; the block's time (logging, evaluating,
+        saving) is not training time."""
+        rows = torch.stack(self._unread).tolist() if self._unread else []
+        self._unread = []
+        self._seconds += time.perf_counter() - self._clock_from
+        for s, (loss, grad_norm, skipped) in enumerate(rows, start=step - len(rows) + 1):
+            if skipped:
+                self._skipped(s, loss, grad_norm)
+            else:
+                self._in_a_row = 0
+                self._finite.append((loss, grad_norm))
+        yield
+        self._clock_from = time.perf_counter()
+
+    def _skipped(self, step: int, loss: float, grad_norm: float) -> None:
+        self.nonfinite_steps += 1
+        self._in_a_row += 1
+        if self._job.rank == 0:
+            skipped = f"step skipped ({self._in_a_row} in a row)"
+            print(f"step {step}: non-finite loss {loss} or grad norm {grad_norm}; {skipped}", flush=True)
+            self._record(step, {"skipped": "non-finite loss", "nonfinite_steps": self.nonfinite_steps})
+        if self._in_a_row == NONFINITE_STEPS_BEFORE_STOP:
+            raise UserError(
+                f"loss was non-finite for {self._in_a_row} steps in a row (up to step {step}); the last checkpoint is "
+                f"{latest_checkpoint(self._run_dir)}; lower learning_rate or check the data"
+            )
+
+    def log(self, step: int, lr: float) -> None:
+        """The log line and record of the steps read since the last one; none while all of them were skipped."""
+        if not self._finite:
+            return
+        losses, grad_norms = zip(*self._finite, strict=True)
+        steps, seconds = step - self._logged_step, self._seconds
+        self._finite, self._logged_step, self._seconds = [], step, 0.0
+        loss, grad_norm = sum(losses) / len(losses), grad_norms[-1]
+        tokens_per_s = steps * self._tokens_per_step / seconds
+        mfu = (
+            self._flops_per_token * tokens_per_s / self._job.world_size / self._peak_flops if self._peak_flops else None
+        )
+        eta = timedelta(seconds=round((self._max_steps - step) * seconds / steps))
+        self._job.announce(
+            f"step {step}/{self._max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
+            f"{tokens_per_s:,.0f} tok/s | MFU {f'{mfu:.1%}' if mfu else '-'} | ETA {eta}"
+        )
+        if self._job.rank == 0:
+            metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu}
+            self._record(step, {**metrics, "nonfinite_steps": self.nonfinite_steps})
+
+    def log_eval(self, step: int, val_loss: float) -> None:
+        self._job.announce(f"step {step}: val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}")
+        if self._job.rank == 0:
+            self._record(step, {"val_loss": val_loss, "val_perplexity": math.exp(val_loss)})
+
+    def _record(self, step: int, metrics: dict) -> None:
+        metrics = {"step": step, "tokens": step * self._tokens_per_step, **metrics}
+        with open(self._run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self._wandb_run:
+            self._wandb_run.log(metrics, step=step)
+
+
+def flops_per_token(model: GPT, cfg: TrainConfig) -> float:
+    """nanoGPT's estimate: 6 flops per parameter per token (forward + backward) plus attention;
+    position embeddings are lookups, not matmuls."""
+    matmul_params = model.num_params() - model.transformer.wpe.weight.numel()
+    return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
+def peak_bf16_flops(device: str) -> float | None:
+    """The dense bf16 peak of the GPU (PEAK_BF16_FLOPS), None on a CPU or an unlisted GPU."""
+    if not device.startswith("cuda"):
+        return None
+    return next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in torch.cuda.get_device_name()), None)
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """Drops the records after `step`: they come from an attempt that died before its next checkpoint."""
     if path.exists():
@@ -392,13 +535,15 @@ def start_wandb(cfg: TrainConfig, run_id: str | None):
 
     if os.environ.get("WANDB_MODE") not in ("offline", "disabled") and not wandb.login(prompt=False, verify=False):
         raise UserError(
-            "wandb_log=True but wandb has no API key; run `wandb login`, set WANDB_API_KEY, or log locally with WANDB_MODE=offline"
+            "wandb_log=True but wandb has no API key; run `wandb login`, set WANDB_API_KEY, "
+            "or log locally with WANDB_MODE=offline"
         )
     try:
         return wandb.init(project=cfg.wandb_project, name=cfg.run_name, id=run_id, resume="allow", config=asdict(cfg))
     except Exception as e:  # wandb raises many types (network, auth, server)
         raise UserError(
-            f"wandb could not start a run ({type(e).__name__}: {e}); log locally with WANDB_MODE=offline and `wandb sync` later"
+            f"wandb could not start a run ({type(e).__name__}: {e}); "
+            "log locally with WANDB_MODE=offline and `wandb sync` later"
         ) from None
 
 
@@ -411,202 +556,86 @@ def open_run(cfg: TrainConfig, run_dir: Path, start_step: int, wandb_run_id: str
 
 
 def main(argv: list[str]) -> None:
+    """Runs this process's part of the job; a stop signal ends it, after its checkpoint, with exit status
+    128 + the signal."""
     cfg = configurator.parse_config(TrainConfig, argv)
     check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     job = Job(cfg.device, timedelta(minutes=cfg.dist_timeout_minutes))
-    clean = stopped = False
+    clean, stop_signal = False, 0
     try:
-        train(dataclasses.replace(cfg, device=job.device, dtype=cfg.dtype or native_dtype(job.device)), job)
+        stop_signal = train(
+            dataclasses.replace(cfg, device=job.device, dtype=cfg.dtype or native_dtype(job.device)), job
+        )
         clean = True
-    except SystemExit:  # a stop signal: every rank stops after the same step, its checkpoint complete
-        clean = stopped = True
-        raise
     except BaseException as e:
         job.fail(e)
         raise
     finally:
-        job.close(clean, stopped)
+        job.close(clean, stopped=stop_signal > 0)  # every rank stopped after the same step, its checkpoint complete
+    if stop_signal:
+        sys.exit(128 + stop_signal)
 
 
-def train(cfg: TrainConfig, job: Job) -> None:
-    master = job.rank == 0
-    on_gpu = cfg.device.startswith("cuda")
-    if on_gpu:
-        torch.backends.cuda.matmul.fp32_precision = "tf32"  # fp32 matmuls outside autocast
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
-    # bf16 matmuls, fp32 weights and optimizer.
-    autocast = (
-        torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16)
-        if cfg.dtype == "bfloat16"
-        else nullcontext()
-    )
+def train(cfg: TrainConfig, job: Job) -> int:
+    """Trains as cfg says (or, with eval_only, evaluates). Returns the stop signal that ended the run
+    early, once its step is saved; 0 if none did."""
+    autocast = set_precision(cfg)
     run_dir = Path(cfg.out_dir) / cfg.run_name
-
-    val_windows = TokenWindows(cfg.data_dir, "val", cfg.block_size)
-    val_rows = np.arange(len(val_windows))
-    if cfg.eval_windows is not None and cfg.eval_windows < len(val_rows):
-        val_rows = np.sort(np.random.default_rng(cfg.seed).choice(len(val_rows), cfg.eval_windows, replace=False))
-    data_order = None
-    if not cfg.eval_only:
-        train_windows = TokenWindows(cfg.data_dir, "train", cfg.block_size)
-        steps_per_epoch = len(train_windows) // cfg.batch_size
-        if steps_per_epoch == 0:
-            raise UserError(
-                f"{cfg.data_dir}: the train split has {len(train_windows)} windows of {cfg.block_size + 1} tokens, fewer than one batch of {cfg.batch_size}; lower batch_size or block_size"
-            )
-        max_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-        # What fixes the order of the batches: resuming with other values would skip or repeat data.
-        data_order = {"seed": cfg.seed, "global_batch": cfg.batch_size, "train_windows": len(train_windows)}
-    resume_from = job.on_rank0(lambda: find_resume_checkpoint(cfg, run_dir, data_order), share=True)
-    source = resume_from or (None if cfg.init_from == "scratch" else cfg.init_from)
-    if cfg.eval_only and source is None:
-        raise UserError(
-            "eval_only needs weights: --resume=auto (this run's newest checkpoint), --resume=CKPT_DIR or --init_from=HF_DIR"
-        )
-
-    raw_model = build_model(cfg, source, val_windows.meta).to(cfg.device)
-    # A loaded model keeps its shape: record it so the saved config tells the truth.
-    cfg = dataclasses.replace(
-        cfg, **{key: getattr(raw_model.config, key) for key in ("vocab_size", "n_layer", "n_head", "n_embd")}
-    )
+    data = load_data(cfg)
+    resume_from = job.on_rank0(lambda: find_resume_checkpoint(cfg, run_dir, data.order), share=True)
+    source = model_source(cfg, resume_from)
+    raw_model = build_model(cfg, source, data.val.meta).to(cfg.device)
+    cfg = with_model_shape(cfg, raw_model)
     micro_batch_size = choose_micro_batch(cfg, job, raw_model, autocast)
-    # DDP first, then compile: dynamo splits the graph at DDP's gradient buckets, so their
-    # all-reduces overlap the backward pass.
-    model = (
-        DDP(raw_model, device_ids=[torch.cuda.current_device()] if on_gpu else None)
-        if job.world_size > 1
-        else raw_model
+    job.announce(f"config: {json.dumps(asdict(cfg))}")
+    job.announce(f"model: {raw_model.num_params():,} parameters, {'from ' + str(source) if source else 'new'}")
+    evaluate_val = functools.partial(
+        evaluate, raw_model, data.val, data.val_rows, micro_batch_size, cfg.device, autocast, job
     )
-    if cfg.compile:
-        model = torch.compile(model)
-    if master:
-        print(f"config: {json.dumps(asdict(cfg))}", flush=True)
-        print(f"model: {raw_model.num_params():,} parameters, {'from ' + str(source) if source else 'new'}", flush=True)
-
     if cfg.eval_only:
-        val_loss = evaluate(raw_model, val_windows, val_rows, micro_batch_size, cfg.device, autocast, job)
-        if master:
-            print(
-                f"val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f} ({len(val_rows)} windows of {cfg.block_size} tokens)",
-                flush=True,
-            )
-        return
+        val_loss = evaluate_val()
+        job.announce(
+            f"val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f} "
+            f"({len(data.val_rows)} windows of {cfg.block_size} tokens)"
+        )
+        return 0
 
+    model = distribute(raw_model, cfg, job)
     # fused: its found_inf lets train_step skip a non-finite step on the device
     optimizer = raw_model.configure_optimizers(
         cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, fused=True
     )
-    scheduler = cosine_schedule(optimizer, max_steps, cfg.warmup_ratio)
-    state = {"nonfinite_steps": 0, "wandb_run_id": None}
-    start_step, rng_by_rank = 0, []
-    if resume_from:
-        saved = torch.load(resume_from / "trainer_state.pt", weights_only=True)
-        optimizer.load_state_dict(torch.load(resume_from / "optimizer.pt", map_location=cfg.device, weights_only=True))
-        scheduler.load_state_dict(saved["scheduler"])
-        state = {key: saved[key] for key in state}
-        start_step = saved["step"]
-        rng_by_rank = saved["rng"]
-    rng_note = restore_rng(rng_by_rank, job, cfg.device, cfg.seed, start_step)
-    if rng_note and master:
-        print(f"{resume_from} was {rng_note}", flush=True)
-
-    # Before any step: a failure here (wandb, the run directory) costs nothing yet.
-    wandb_run = job.on_rank0(lambda: open_run(cfg, run_dir, start_step, state["wandb_run_id"]))
-    if master:
-        state["wandb_run_id"] = wandb_run.id if wandb_run else None
-        micro_steps = cfg.batch_size // job.world_size // micro_batch_size
-        print(
-            f"batch {cfg.batch_size} sequences of {cfg.block_size} tokens = {job.world_size} processes x {micro_steps} micro-steps x {micro_batch_size} sequences "
-            f"({'set' if cfg.micro_batch_size else 'the largest that fits'}); {steps_per_epoch:,} steps per epoch; steps {start_step} -> {max_steps}"
-            + (f" (resumed from {resume_from})" if resume_from else ""),
-            flush=True,
-        )
-    metrics_path = run_dir / "metrics.jsonl"
-
-    def record(step: int, metrics: dict) -> None:
-        metrics = {"step": step, "tokens": step * cfg.batch_size * cfg.block_size, **metrics}
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        if wandb_run:
-            wandb_run.log(metrics, step=step)
-
-    # nanoGPT's estimate: 6 flops per parameter per token (forward + backward) plus attention;
-    # position embeddings are lookups, not matmuls.
-    flops_per_token = (
-        6 * (raw_model.num_params() - raw_model.transformer.wpe.weight.numel())
-        + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
-    )
-    peak_flops = (
-        next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in torch.cuda.get_device_name()), None)
-        if on_gpu
-        else None
-    )
-
-    def report(step: int, lr: float, steps_timed: int, seconds: float, train_loss: float, grad_norm: float) -> None:
-        tokens_per_s = steps_timed * cfg.batch_size * cfg.block_size / seconds
-        mfu = flops_per_token * tokens_per_s / job.world_size / peak_flops if peak_flops else None
-        eta = timedelta(seconds=round((max_steps - step) * seconds / steps_timed))
-        if master:
-            print(f"step {step}/{max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
-                  f"{tokens_per_s:,.0f} tok/s | MFU {f'{mfu:.1%}' if mfu else '-'} | ETA {eta}", flush=True)  # fmt: skip
-            record(
-                step,
-                {
-                    "loss": train_loss,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": tokens_per_s,
-                    "mfu": mfu,
-                    "nonfinite_steps": steps.nonfinite_steps,
-                },
-            )
-
-    steps = StepLog(start_step, state["nonfinite_steps"])
-    job.catch_stop_signals()
-    try:
-        feed = batches(train_windows, cfg, job, micro_batch_size, steps_per_epoch, start_step, max_steps)
-        for step, tokens in enumerate(feed, start=start_step + 1):  # step: the number of steps done once this one is
+    scheduler = cosine_schedule(optimizer, data.max_steps, cfg.warmup_ratio)
+    checkpointer = Checkpointer(job, run_dir, cfg, raw_model, optimizer, scheduler, data.order)
+    state = checkpointer.restore(resume_from)
+    with Reporter(cfg, job, run_dir, data.max_steps, state, flops_per_token(raw_model, cfg)) as reporter:
+        plan = describe_batches(cfg, job, micro_batch_size, data, state.step)
+        job.announce(plan + (f" (resumed from {resume_from.path})" if resume_from else ""))
+        if state.step == data.max_steps:
+            job.announce(f"{run_dir} already finished its {data.max_steps} steps")
+            return 0
+        job.catch_stop_signals()
+        feed = batches(data.train, cfg, job, micro_batch_size, data.steps_per_epoch, state.step, data.max_steps)
+        for step, tokens in enumerate(feed, start=state.step + 1):  # step: the number of steps done once this one is
             lr = scheduler.get_last_lr()[0]
-            steps.unread.append(
-                train_step(model, raw_model, optimizer, scheduler, tokens, autocast, cfg.grad_clip, job)
-            )
-            last_step = step == max_steps
+            reporter.add_step(train_step(model, raw_model, optimizer, scheduler, tokens, autocast, cfg.grad_clip, job))
+            last_step = step == data.max_steps
             stop_signal = job.stop_signal() if not last_step else 0  # the last step ends the run anyway
-            log = step % cfg.log_interval == 0 or last_step
-            evaluate_now = step % cfg.eval_interval == 0 or last_step
-            save = step % cfg.checkpoint_interval == 0 or last_step or stop_signal
-            if not (log or evaluate_now or save):
+            save = checkpointer.should_save(step, last_step=last_step, stopping=stop_signal > 0)
+            if not (reporter.should_log(step) or reporter.should_evaluate(step) or save):
                 continue
-            steps.read(step, record, master, run_dir)
-            if log and steps.finite:
-                report(step, lr, *steps.interval(step))
-            if evaluate_now:
-                val_loss = evaluate(raw_model, val_windows, val_rows, micro_batch_size, cfg.device, autocast, job)
-                if master:
-                    print(f"step {step}: val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}", flush=True)
-                    record(step, {"val_loss": val_loss, "val_perplexity": math.exp(val_loss)})
-            if save:
-                trainer_state = {
-                    "nonfinite_steps": steps.nonfinite_steps,
-                    "wandb_run_id": state["wandb_run_id"],
-                    "scheduler": scheduler.state_dict(),
-                    "data_order": data_order,
-                }
-                path = save_checkpoint(job, run_dir, step, raw_model, optimizer, trainer_state, cfg)
-                if master:
-                    print(f"step {step}: saved {path}", flush=True)
-            if last_step:
-                job.on_rank0(lambda: print(f"loss curves: {plot_run(run_dir)}", flush=True))
+            with reporter.read_back(step):
+                if reporter.should_log(step):
+                    reporter.log(step, lr)
+                if reporter.should_evaluate(step):
+                    reporter.log_eval(step, evaluate_val())
+                if save:
+                    checkpointer.save(step, reporter.nonfinite_steps, reporter.wandb_run_id)
             if stop_signal:
-                if master:
-                    print(f"stopped by signal {stop_signal} at step {step}; continue with --resume=auto", flush=True)
-                raise SystemExit(128 + stop_signal)
-            steps.resume_clock()
-        if start_step == max_steps and master:
-            print(f"{run_dir} already finished its {max_steps} steps", flush=True)
-    finally:
-        if wandb_run:
-            wandb_run.finish()
+                job.announce(f"stopped by signal {stop_signal} at step {step}; continue with --resume=auto")
+                return stop_signal
+        job.on_rank0(lambda: print(f"loss curves: {plot_run(run_dir)}", flush=True))
+    return 0
 
 
 if __name__ == "__main__":

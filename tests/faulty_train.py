@@ -1,6 +1,6 @@
 """train.py with faults injected, named in $FAULT (comma-separated), for the multi-process tests (test_jobs.py).
 
-FAULT=slow_batches,slow_checkpoints python -m torch.distributed.run --nproc_per_node=2 tests/faulty_train.py --key=value ...
+FAULT=slow_batches,slow_checkpoints torchrun --nproc_per_node=2 tests/faulty_train.py --key=value ...
 """
 
 import os

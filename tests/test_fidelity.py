@@ -25,8 +25,20 @@ SEED, BATCH, STEPS, BLOCK = 3, 8, 30, 32  # 2 epochs of 15 steps over 124 window
 LEARNING_RATE = 3e-3
 CLIP_AT = 0.3  # below most steps' gradient norm on this data (the recipe's 1.0 would never act)
 SHAPE = dict(block_size=BLOCK, vocab_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
-OURS = [*(f"--{key}={value}" for key, value in SHAPE.items()), f"--seed={SEED}", f"--batch_size={BATCH}", f"--max_steps={STEPS}", f"--learning_rate={LEARNING_RATE}", f"--grad_clip={CLIP_AT}", "--log_interval=1", "--eval_interval=1000",
-        "--checkpoint_interval=1000", "--device=cpu", "--dtype=float32", "--compile=False"]  # fmt: skip
+OURS = [
+    *(f"--{key}={value}" for key, value in SHAPE.items()),
+    f"--seed={SEED}",
+    f"--batch_size={BATCH}",
+    f"--max_steps={STEPS}",
+    f"--learning_rate={LEARNING_RATE}",
+    f"--grad_clip={CLIP_AT}",
+    "--log_interval=1",
+    "--eval_interval=1000",
+    "--checkpoint_interval=1000",
+    "--device=cpu",
+    "--dtype=float32",
+    "--compile=False",
+]
 # The two sides differ in the order of float operations (fused loss vs logits, attention kernels):
 # after 30 steps their weights differ by ~1e-6 of each tensor's scale; each drift below by >= 4e-4.
 WEIGHT_TOLERANCE = 1e-5
@@ -58,8 +70,17 @@ def recipe(data, tmp_path_factory):
     model = GPT2LMHeadModel(GPT2Config(**hf_config(ours.config)))
     model.load_state_dict(ours.hf_state_dict(), strict=False)  # lm_head.weight is tied to wte
     windows = TokenWindows(data, "train", BLOCK)
-    args = recipe_arguments(tmp_path_factory.mktemp("trainer"), BATCH, STEPS, LEARNING_RATE, SEED, gpu=False,
-                            max_grad_norm=CLIP_AT, logging_steps=1, train_sampling_strategy="sequential")  # fmt: skip
+    args = recipe_arguments(
+        tmp_path_factory.mktemp("trainer"),
+        BATCH,
+        STEPS,
+        LEARNING_RATE,
+        SEED,
+        gpu=False,
+        max_grad_norm=CLIP_AT,
+        logging_steps=1,
+        train_sampling_strategy="sequential",
+    )
     trainer = Trainer(model=model, args=args, train_dataset=RecipeWindows(windows, window_order(len(windows))))
     trainer.train()
     logs = [r for r in trainer.state.log_history if "grad_norm" in r]

@@ -41,8 +41,19 @@ def free_port() -> int:
 def torchrun(data, out, *extra, fault=None, nproc=2, launcher=("--standalone",), model=TINY) -> subprocess.Popen:
     """Starts `torchrun train.py` (or faulty_train.py with $FAULT) in a session of its own, like a job step."""
     script = FAULTY_TRAIN if fault else ROOT / "train.py"
-    command = [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc_per_node={nproc}", str(script),
-               f"--data_dir={data}", f"--out_dir={out}", *model, *JOB, *extra]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *launcher,
+        f"--nproc_per_node={nproc}",
+        str(script),
+        f"--data_dir={data}",
+        f"--out_dir={out}",
+        *model,
+        *JOB,
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FAULT": fault or ""}
     return subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
@@ -303,10 +314,21 @@ def test_slurm_script_saves_before_the_time_limit_requeues_and_resumes(make_toke
         "--batch_size=4",
         *STOP_TEST_STEPS,
     ]
-    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "FAKE_SLURM": str(fake), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
-           "FAULTY_TRAIN": str(FAULTY_TRAIN), "FAULT": "slow_batches",
-           "SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "localhost",
-           "NPROC_PER_NODE": "2", "TRAIN_ARGS": " ".join(map(str, train_args)), "RDZV_PORT": str(free_port())}  # fmt: skip
+    env = {
+        **os.environ,
+        "PATH": f"{fake}:{os.environ['PATH']}",
+        "FAKE_SLURM": str(fake),
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+        "FAULTY_TRAIN": str(FAULTY_TRAIN),
+        "FAULT": "slow_batches",
+        "SLURM_JOB_ID": "7",
+        "SLURM_NNODES": "1",
+        "SLURM_JOB_NODELIST": "localhost",
+        "NPROC_PER_NODE": "2",
+        "TRAIN_ARGS": " ".join(map(str, train_args)),
+        "RDZV_PORT": str(free_port()),
+    }
     script = subprocess.Popen(
         ["bash", "slurm.sbatch"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

@@ -19,13 +19,24 @@ from safetensors.torch import load_file
 
 import configurator
 import train
-from checkpoint import CHECKPOINT_PATTERN, latest_checkpoint
+from checkpoint import CHECKPOINT_PATTERN, TrainerState, latest_checkpoint
 from model import GPT
 from shards import TokenWindows
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--block_size=16", "--vocab_size=64", "--n_layer=2", "--n_head=2", "--n_embd=16", "--dropout=0.0",
-        "--learning_rate=1e-2", "--log_interval=1", "--device=cpu", "--compile=False", "--dtype=float32"]  # fmt: skip
+TINY = [
+    "--block_size=16",
+    "--vocab_size=64",
+    "--n_layer=2",
+    "--n_head=2",
+    "--n_embd=16",
+    "--dropout=0.0",
+    "--learning_rate=1e-2",
+    "--log_interval=1",
+    "--device=cpu",
+    "--compile=False",
+    "--dtype=float32",
+]
 TIMING_KEYS = {"tokens_per_s", "mfu"}
 
 
@@ -97,6 +108,15 @@ def test_resume_is_bitwise_identical(data, tmp_path, capsys):
     assert (run / "loss.png").stat().st_size > 0
     assert json.loads((run / "train_config.json").read_text())["max_steps"] == 6
     assert not (run / "config.json").exists()  # would make sample.py take the run dir for an HF model
+
+
+def test_trainer_state_is_a_plain_dict_that_loads_weights_only(reference, tmp_path):
+    saved = torch.load(latest_checkpoint(reference / "run") / "trainer_state.pt", weights_only=True)
+    assert type(saved) is dict and saved["step"] == 4 and len(saved["rng"]) == 1
+    torch.save(dict(reversed(saved.items())), tmp_path / "trainer_state.pt")  # a writer's own key order
+    state = TrainerState.load(tmp_path)
+    assert (state.step, state.scheduler, state.data_order) == (saved["step"], saved["scheduler"], saved["data_order"])
+    assert torch.equal(state.rng[0]["cpu"], saved["rng"][0]["cpu"])
 
 
 def test_gradient_accumulation_matches_one_big_batch(data, reference, tmp_path):
@@ -176,7 +196,7 @@ def test_checkpoint_loads_in_transformers_with_the_logged_val_loss(data, referen
         ("--resume=/nonexistent", "no trainer_state.pt"),
         ("--eval_only", "eval_only needs weights"),
         ("--dtype=float16", "use bfloat16 .* or float32"),
-        ("--init_from=resume", "init_from='resume' but .* has no checkpoint"),
+        ("--init_from=resume", "init_from=.resume. is not a starting point; use --resume=auto"),
     ],
 )
 def test_config_errors_come_before_the_model_is_built(data, tmp_path, monkeypatch, override, message):
