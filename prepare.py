@@ -40,15 +40,19 @@ marks a finished preparation; --force rebuilds from scratch.
 
 import codecs
 import collections
+import errno
 import glob
 import gzip
+import hashlib
 import itertools
 import json
+import logging
 import os
 import random
 import re
 import sys
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +63,7 @@ from tqdm import tqdm
 
 import configurator
 from common import UserError, atomic_write_bytes
-from shards import ShardWriter, read_shard
+from shards import ShardWriter, is_count, open_shard, read_meta
 from tokenizer import EOT_ID, RANKS_SHA256, VOCAB_SIZE, get_tokenizer
 
 ROOT = Path(__file__).parent
@@ -73,7 +77,20 @@ OFFLINE_HINT = "offline, use --dataset=austen (bundled) or --input=PATH (.txt, .
 ROW_FORMATS = {".jsonl": "json", ".parquet": "parquet"}  # the datasets builder for each
 FORMAT_VERSION = 1  # of meta.json
 READ_BYTES = 1 << 20
-REPLACEMENT_UTF8 = "\ufffd".encode()
+# what a byte-order mark announces (UTF-32's before UTF-16's, which they start with); no mark: UTF-8
+BYTE_ORDER_MARKS = [
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+]
+MAX_NOT_TEXT = (
+    0.25  # a file with a larger share of NUL or undecodable characters is refused: it is not text in its encoding
+)
+INPUT_KINDS = "a .txt, .txt.gz, .jsonl or .parquet file"
+# what prepare writes in out_dir, with temp names: all it ever deletes there
+OWN_FILE = re.compile(r"((train|val)_\d{6}\.bin|(meta|progress)\.json)(\.tmp)?")
 SPLITS = ("train", "val")
 MIN_BLOCKS = 16  # an input of fewer blocks is cut into this many smaller ones (see the docstring)
 MIN_CHARS = 4096  # ~1k tokens: less cannot give both splits something to work with
@@ -86,10 +103,10 @@ class PrepareConfig:
     text_column: str = "text"  # .jsonl/.parquet/Hub rows: the column holding the text
     split: str = "train"  # Hub datasets: the split to read; validation is carved out of it here
     revision: str | None = None  # Hub datasets: branch or commit (bookcorpus: refs/convert/parquet)
-    out_dir: str = ""  # default data/<name>
-    val_fraction: float = 0.0015
-    seed: int = 1337
-    shard_tokens: int = 100_000_000
+    out_dir: str = ""  # where the shards go; empty: data/<name of the dataset or input>
+    val_fraction: float = 0.0015  # chance that a block of text is held out for validation (see the module docstring)
+    seed: int = 1337  # seeds the validation draws: the same seed and input give the same split
+    shard_tokens: int = 100_000_000  # tokens per shard file (the last of each split holds the rest)
     block_chars: int = 1 << 18  # text per validation draw and per tokenizer task
     # tokenizer threads: the CPUs this process may use (as os.process_cpu_count of Python 3.13; affinity is Linux-only)
     workers: int = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -102,22 +119,56 @@ class Unit(NamedTuple):
     pieces: list[tuple[bool, str]]  # (starts with <|endoftext|>, text)
 
 
+REPLACED = "prepare.replace_counted"  # a codecs error handler: errors="replace", each replacement counted
+replacements = [0]  # how many it made, in this process (only the main thread decodes)
+
+
+def replace_counted(error: UnicodeDecodeError):
+    replacements[0] += 1
+    return "\ufffd", error.end
+
+
+codecs.register_error(REPLACED, replace_counted)
+
+
 def read_text_file(path: Path, replaced: collections.Counter):
-    """Yields a file's text in pieces; undecodable bytes become U+FFFD and are counted per file."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    previous = b""
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-        while True:
+    """Yields a file's text in pieces, decoded as its byte-order mark says (UTF-8, UTF-16, UTF-32; none: UTF-8).
+
+    Undecodable bytes become U+FFFD and are counted per file. A file whose text is more than MAX_NOT_TEXT
+    NUL or undecodable characters is refused: binary data, UTF-16 without a mark, another encoding.
+    """
+    chars = not_text = 0
+    try:
+        with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as f:
             data = f.read(READ_BYTES)
-            text = decoder.decode(data, final=not data)
-            # a U+FFFD the file does not spell out itself (3 bytes, maybe across reads) replaced bad bytes;
-            # two fast counts instead of a scan for them
-            if count := text.count("\ufffd") - (previous[-2:] + data).count(REPLACEMENT_UTF8):
-                replaced[str(path)] += count
-            previous = data
-            yield text
-            if not data:
-                return
+            encoding = next((name for mark, name in BYTE_ORDER_MARKS if data.startswith(mark)), "utf-8")
+            decoder = codecs.getincrementaldecoder(encoding)(errors=REPLACED)
+            while True:
+                before = replacements[0]
+                text = decoder.decode(data, final=not data)
+                if count := replacements[0] - before:
+                    replaced[str(path)] += count
+                chars += len(text)
+                not_text += count + text.count("\x00")
+                if not_text > MAX_NOT_TEXT * chars:
+                    raise UserError(
+                        f"{path} is not {encoding.upper().removesuffix('-SIG')} text: {not_text:,} of its first {chars:,} "
+                        "characters are NUL or undecodable; convert it to UTF-8 (UTF-16 needs a byte-order mark) or leave it out of --input"
+                    )
+                yield text
+                if not data:
+                    return
+                data = f.read(READ_BYTES)
+    except gzip.BadGzipFile as e:
+        raise UserError(
+            f"{path} is not gzip data ({e}); if it is plain text, rename it to .txt, else get it again or leave it out of --input"
+        ) from None
+    except (EOFError, zlib.error) as e:
+        raise UserError(
+            f"{path} is truncated or damaged gzip data ({e}); download or compress it again, or leave it out of --input"
+        ) from None
+    except OSError as e:
+        raise UserError(f"reading {path} failed: {e.strerror or e}; check that it is a file you can read") from None
 
 
 def joined_rows(batches):
@@ -146,6 +197,55 @@ def check_hub(repo: str, revision: str | None) -> None:
         ) from None
 
 
+class BadRows(Exception):
+    """Rows that cannot be read as text: what is wrong, and where in the rows."""
+
+
+def row_texts(dataset, text_column: str):
+    """Yields the text column in batches (a str or None per row) through Arrow, as datasets' default
+    Python formatting goes row by row, 10x slower. Raises BadRows for data that does not parse, or a value
+    that is not a string (JSON rows may mix types), naming its row (counted from 1)."""
+    import pyarrow as pa
+
+    rows, column = 0, None
+    try:
+        for table in dataset.select_columns([text_column]).with_format("arrow").iter(batch_size=1000):
+            column = table[text_column]
+            if (
+                pa.types.is_string(column.type)
+                or pa.types.is_large_string(column.type)
+                or pa.types.is_null(column.type)
+            ):
+                yield column.to_pylist()
+            else:  # mixed JSON types reach us as JSON text, where strings are quoted: name the first other value
+                for i, value in enumerate(column.to_pylist()):
+                    if value is not None and not (isinstance(value, str) and value.startswith('"')):
+                        raise BadRows(f"row {rows + i + 1}: '{text_column}' is {str(value)[:40]}, not a string")
+            rows += len(table)
+    except (pa.ArrowException, ValueError) as e:  # what pyarrow and datasets raise for data that does not parse
+        raise BadRows(f"cannot be read as rows ({type(e).__name__}: {e})") from None
+    if column is not None and not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+        raise BadRows(f"column '{text_column}' holds {column.type}, not strings")
+
+
+def locate_bad_rows(builder: str, files: list[str], text_column: str, error: BadRows) -> str:
+    """The error path of several row files read as one dataset: reads them one at a time to name the one at fault."""
+    import datasets
+    import pyarrow as pa
+
+    for file in files:
+        try:
+            for _ in row_texts(
+                datasets.load_dataset(builder, data_files=[file], streaming=True, split="train"), text_column
+            ):
+                pass
+        except BadRows as e:
+            return f"{file}: {e}"
+        except pa.ArrowException as e:  # datasets cannot even open it: its first rows do not parse
+            return f"{file}: cannot be read as rows ({type(e).__name__}: {e})"
+    return f"one of {', '.join(files)}: {error}"
+
+
 def dataset_documents(path: str, source: str, text_column: str, sentences: bool, hub: bool, **load_args):
     """Streams rows with `datasets`: a document per row, or (sentences) one document of them all.
 
@@ -154,6 +254,16 @@ def dataset_documents(path: str, source: str, text_column: str, sentences: bool,
     if hub:
         check_hub(path, load_args.get("revision"))
     import datasets  # slow to import: only for row files and the Hub
+    import pyarrow as pa
+
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)  # it logs parse errors that BadRows reports
+
+    def rows_refused(error: BadRows) -> UserError:
+        if hub:
+            return UserError(f"{source}: {error}; pass --text_column=NAME of a column of strings")
+        files = load_args["data_files"]
+        where = f"{files[0]}: {error}" if len(files) == 1 else locate_bad_rows(path, files, text_column, error)
+        return UserError(f"{where}; fix the file or leave it out of --input")
 
     try:
         dataset = datasets.load_dataset(path, streaming=True, **load_args)
@@ -163,70 +273,129 @@ def dataset_documents(path: str, source: str, text_column: str, sentences: bool,
         raise UserError(
             f"--dataset={path}: {e}; its Parquet export may work: --revision={BOOKCORPUS_REVISION}"
         ) from None
+    except pa.ArrowException as e:  # the first rows, read for the schema, do not parse
+        raise rows_refused(BadRows(f"cannot be read as rows ({type(e).__name__}: {e})")) from None
     if dataset.column_names and text_column not in dataset.column_names:
         raise UserError(
             f"{source} has no column '{text_column}' (it has {', '.join(dataset.column_names)}); pass --text_column=NAME"
         )
-    # Arrow batches: datasets' default Python formatting goes row by row, 10x slower
-    batches = (
-        table[text_column].to_pylist()
-        for table in dataset.select_columns([text_column]).with_format("arrow").iter(batch_size=1000)
-    )
+
+    def batches():
+        try:
+            yield from row_texts(dataset, text_column)
+        except BadRows as e:
+            raise rows_refused(e) from None
+
     if sentences:
-        yield joined_rows(batches)
+        yield joined_rows(batches())
     else:
-        yield from ([text] for texts in batches for text in texts if text)
+        yield from ([text] for texts in batches() for text in texts if text)
 
 
-def local_files(pattern: str) -> list[Path]:
+def input_kind(path: Path) -> str | None:
+    """'text' for .txt(.gz), the suffix for row files, in any case; None for files prepare does not read."""
+    name = path.name.lower()
+    if name.endswith((".txt", ".txt.gz")):
+        return "text"
+    return Path(name).suffix if Path(name).suffix in ROW_FORMATS else None
+
+
+def under(directory: Path, hidden: list[Path]) -> list[Path]:
+    """The files under a directory, its subdirectories included, sorted; hidden ones (.name) go to `hidden`."""
+    found = []
+    for parent, subdirectories, names in os.walk(directory):
+        hidden.extend(Path(parent, name) for name in subdirectories + names if name.startswith("."))
+        subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
+        found.extend(Path(parent, name) for name in names if not name.startswith("."))
+    return sorted(found)
+
+
+def check_parquet(path: Path) -> None:
+    """Refuses a .parquet file whose footer (schema, row groups) does not read, before any is tokenized."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pq.read_metadata(path)
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(
+            f"{path} is not a readable Parquet file ({e}); download or write it again, or leave it out of --input"
+        ) from None
+
+
+def local_files(pattern: str) -> tuple[list[Path], str]:
+    """The files --input names (a file, a glob, or a directory with all under it), and a line saying
+    how many are read and which are skipped, and why: users see what their shards hold."""
     if any(c in pattern for c in "*?["):
-        paths = [Path(p) for p in sorted(glob.glob(pattern, recursive=True))]
-    elif Path(pattern).is_dir():
-        paths = sorted(Path(pattern).iterdir())
-    elif Path(pattern).is_file():
-        paths = [Path(pattern)]
+        matches = [Path(p) for p in sorted(glob.glob(pattern, recursive=True))]
+    elif Path(pattern).exists():
+        matches = [Path(pattern)]
     else:
         raise UserError(f"--input={pattern}: no such file or directory")
-    files = [p for p in paths if p.is_file() and (p.name.endswith((".txt", ".txt.gz")) or p.suffix in ROW_FORMATS)]
+    candidates, hidden = [], []
+    for path in matches:
+        candidates.extend(under(path, hidden) if path.is_dir() else [path])
+    files = [path for path in candidates if input_kind(path)]
+    other = [path for path in candidates if not input_kind(path)]
+    kinds = {input_kind(path) for path in files}
+    if len(kinds) > 1:
+        raise UserError(f"--input={pattern} mixes text and row files; prepare one kind at a time")
+    # an empty row file holds no rows, and datasets fails on one
+    empty = [path for path in files if input_kind(path) != "text" and path.stat().st_size == 0]
+    files = [path for path in files if path not in empty]
     if not files:
         raise UserError(f"--input={pattern}: no .txt, .txt.gz, .jsonl or .parquet files there")
-    if len({p.suffix if p.suffix in ROW_FORMATS else "text" for p in files}) > 1:
-        raise UserError(f"--input={pattern} mixes text and row files; prepare one kind at a time")
-    return files
+    for path in files:
+        if input_kind(path) == ".parquet":
+            check_parquet(path)
+    skipped = [
+        f"{len(paths)} {why} ({', '.join(path.name for path in paths[:3])}{', ...' if len(paths) > 3 else ''})"
+        for paths, why in [(other, f"not {INPUT_KINDS}"), (hidden, "hidden"), (empty, "empty")]
+        if paths
+    ]
+    kind = "text" if kinds == {"text"} else kinds.pop().lstrip(".")
+    summary = f"--input={pattern}: reading {len(files)} {kind} file{'s' * (len(files) != 1)}"
+    return files, summary + (f"; skipped {', '.join(skipped)}" if skipped else "")
+
+
+def input_fingerprint(files: list[Path]) -> dict:
+    """Names, sizes and modification times of the input files: a resume over changed files starts over."""
+    stats = [(str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in files]
+    return {
+        "files": len(stats),
+        "bytes": sum(size for _, size, _ in stats),
+        "sha256": hashlib.sha256(json.dumps(stats).encode()).hexdigest(),
+    }
 
 
 def open_source(cfg: PrepareConfig, replaced: collections.Counter):
-    """Returns (name, source description, documents); a document is an iterable of text pieces."""
+    """Returns (name, source description, documents, the local files or None, a line on what is read or
+    None); a document is an iterable of text pieces."""
     if cfg.input or cfg.dataset == "austen":
-        files = local_files(cfg.input) if cfg.input else sorted(ROOT.glob(AUSTEN_GLOB))
+        files, summary = local_files(cfg.input) if cfg.input else (sorted(ROOT.glob(AUSTEN_GLOB)), None)
         name = Path(re.split(r"[*?\[]", cfg.input)[0]).resolve().name.split(".")[0] if cfg.input else "austen"
-        if files[0].suffix in ROW_FORMATS:
+        kind = input_kind(files[0])
+        if kind in ROW_FORMATS:
             source = f"{cfg.input} column {cfg.text_column}"
-            return (
-                name,
+            documents = dataset_documents(
+                ROW_FORMATS[kind],
                 source,
-                dataset_documents(
-                    ROW_FORMATS[files[0].suffix],
-                    source,
-                    cfg.text_column,
-                    sentences=False,
-                    hub=False,
-                    data_files=[str(f) for f in files],
-                    split="train",
-                ),
+                cfg.text_column,
+                sentences=False,
+                hub=False,
+                data_files=[str(f) for f in files],
+                split="train",
             )
-        return name, cfg.input or AUSTEN_GLOB, (read_text_file(f, replaced) for f in files)
+            return name, source, documents, files, summary
+        return name, cfg.input or AUSTEN_GLOB, (read_text_file(f, replaced) for f in files), files, summary
     bookcorpus = cfg.dataset == "bookcorpus"
     repo = BOOKCORPUS if bookcorpus else cfg.dataset
     revision = cfg.revision or (BOOKCORPUS_REVISION if bookcorpus else None)
     source = f"hf://datasets/{repo}@{revision or 'main'} split {cfg.split} column {cfg.text_column}"
-    return (
-        repo.split("/")[-1],
-        source,
-        dataset_documents(
-            repo, source, cfg.text_column, sentences=bookcorpus, hub=True, revision=revision, split=cfg.split
-        ),
+    documents = dataset_documents(
+        repo, source, cfg.text_column, sentences=bookcorpus, hub=True, revision=revision, split=cfg.split
     )
+    return repo.split("/")[-1], source, documents, None, None
 
 
 def safe_cut(text: str, start: int, end: int) -> int:
@@ -383,10 +552,16 @@ class SplitWriter:
                     self.close_shard(end=[index, offset])
                     completed = True
         except OSError as e:
-            raise UserError(
-                f"writing {self.next_path()} failed: {e.strerror or e}; free disk space and rerun, finished shards are reused"
-            ) from None
+            raise write_error(self.next_path(), e) from None
         return completed
+
+    def finish(self):
+        """Closes the last, partly filled shard."""
+        if self.shard is not None:
+            try:
+                self.close_shard(end=None)
+            except OSError as e:
+                raise write_error(self.next_path(), e) from None
 
     def next_path(self) -> Path:
         return self.out_dir / f"{self.split}_{len(self.shards):06d}.bin"
@@ -403,20 +578,64 @@ class SplitWriter:
             self.shard.abort()
 
 
-def check_settings(path: Path, settings: dict) -> dict:
-    saved = json.loads(path.read_text())
-    changed = [key for key in settings if saved.get(key) != settings[key]]
-    if changed:
-        raise UserError(
-            f"{path.parent} holds shards prepared with other settings ({', '.join(changed)}); pass --force to rebuild, or another --out_dir"
-        )
-    return saved
+def write_error(path: Path, error: OSError) -> UserError:
+    """A failed write as one line, with the fix its cause calls for."""
+    if error.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        fix = "free disk space and rerun, finished shards are reused"
+    else:
+        fix = "check that --out_dir is a directory you can write to, or pass another"
+    return UserError(f"writing {path} failed: {error.strerror or error}; {fix}")
 
 
-def intact(path: Path, tokens: int) -> bool:
+def write_json(path: Path, data: dict) -> None:
     try:
-        return len(read_shard(path)) == tokens
-    except (OSError, ValueError):  # missing, truncated, not a shard
+        atomic_write_bytes(path, json.dumps(data, indent=1).encode())
+    except OSError as e:
+        raise write_error(path, e) from None
+
+
+def remove_own_files(out_dir: Path, temps_only: bool) -> None:
+    """Deletes what prepare wrote in out_dir (OWN_FILE), or only its temp files; nothing else there."""
+    for path in out_dir.iterdir():
+        if OWN_FILE.fullmatch(path.name) and (path.name.endswith(".tmp") or not temps_only):
+            try:
+                path.unlink()
+            except OSError as e:
+                raise UserError(f"removing {path} failed: {e.strerror or e}; remove it yourself and rerun") from None
+
+
+def changed_settings(saved: dict, settings: dict) -> list[str]:
+    return [key for key in settings if saved.get(key) != settings[key]]
+
+
+def describe_input(fingerprint: dict | None) -> str:
+    if not fingerprint:
+        return "unrecorded"
+    return f"{fingerprint['files']:,} files, {fingerprint['bytes']:,} bytes"
+
+
+def read_progress(path: Path) -> tuple[dict | None, str]:
+    """progress.json, or (None, what is wrong) where it cannot guide a resume: the run then starts over."""
+    try:
+        progress = json.loads(path.read_bytes())
+        for split in SPLITS:
+            for shard in progress["splits"][split]:
+                if not (
+                    isinstance(shard["file"], str)
+                    and all(map(is_count, (shard["tokens"], shard["documents"], *shard["end"])))
+                    and len(shard["end"]) == 2
+                ):
+                    raise ValueError(f"shard entry {shard} is not a completed shard")
+        return progress, ""
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        return None, f"{type(e).__name__}: {e}"
+
+
+def intact(out_dir: Path, shard: dict) -> bool:
+    try:
+        open_shard(out_dir, shard, VOCAB_SIZE)
+        return True
+    except (OSError, UserError):  # missing, truncated, not a shard, other tokens
         return False
 
 
@@ -430,8 +649,10 @@ def main(argv):
             f"the tokenizer has ids up to {max_id}, but shards store uint16 (at most 65535); use a GPT-2-sized vocabulary"
         )
     replaced = collections.Counter()
-    name, source, documents = open_source(cfg, replaced)
+    name, source, documents, files, summary = open_source(cfg, replaced)
     out_dir = Path(cfg.out_dir or ROOT / "data" / name)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out_dir={out_dir} is a file; pass a directory (it is created if missing)")
     settings = {
         "format_version": FORMAT_VERSION,
         "tokenizer": "gpt2",
@@ -439,6 +660,7 @@ def main(argv):
         "vocab_size": VOCAB_SIZE,
         "eot_id": EOT_ID,
         "source": source,
+        **({"input": input_fingerprint(files)} if files else {}),
         "seed": cfg.seed,
         "val_fraction": cfg.val_fraction,
         "block_chars": cfg.block_chars,
@@ -446,41 +668,65 @@ def main(argv):
     }
     meta_path, progress_path = out_dir / "meta.json", out_dir / "progress.json"
     if cfg.force and out_dir.is_dir():
-        for path in out_dir.iterdir():
-            if re.fullmatch(r"(train|val)_\d{6}\.bin(\.tmp)?|(meta|progress)\.json(\.tmp)?", path.name):
-                path.unlink()
+        remove_own_files(out_dir, temps_only=False)
     if meta_path.exists():
-        splits = check_settings(meta_path, settings)["splits"]
-        print(f"{out_dir} is already prepared ({splits['train']['tokens']:,} train tokens); --force rebuilds it")
+        meta = read_meta(out_dir)
+        if changed := changed_settings(meta, settings):
+            was = f" (input: {describe_input(meta.get('input'))} then, {describe_input(settings.get('input'))} now, or files modified since)"
+            raise UserError(
+                f"{out_dir} holds shards prepared with other settings ({', '.join(changed)}){was * ('input' in changed)}; "
+                "pass --force to rebuild, or another --out_dir"
+            )
+        for split in SPLITS:  # a finished preparation is only as good as its shards
+            for shard in meta["splits"].get(split, {}).get("shards", []):
+                open_shard(out_dir, shard, VOCAB_SIZE)
+        train_tokens = sum(shard["tokens"] for shard in meta["splits"].get("train", {}).get("shards", []))
+        print(f"{out_dir} is already prepared ({train_tokens:,} train tokens); --force rebuilds it")
         return
     completed = {split: [] for split in SPLITS}
     if progress_path.exists():
-        saved = check_settings(progress_path, settings)["splits"]
-        completed = {
-            split: list(
-                itertools.takewhile(lambda shard: intact(out_dir / shard["file"], shard["tokens"]), saved[split])
+        progress, problem = read_progress(progress_path)
+        changed = changed_settings(progress, settings) if progress else []
+        if set(changed) - {"input"}:
+            raise UserError(
+                f"{out_dir} holds shards prepared with other settings ({', '.join(changed)}); pass --force to rebuild, or another --out_dir"
             )
-            for split in SPLITS
-        }
-        print(f"resuming after {len(completed['train'])} train and {len(completed['val'])} val shards")
-    for path in out_dir.glob("*.tmp"):  # left by a killed run
-        path.unlink()
+        if problem or changed:
+            why = (
+                f"{progress_path} is damaged ({problem})"
+                if problem
+                else (
+                    f"the input changed since the interrupted run ({describe_input(progress.get('input'))} then, "
+                    f"{describe_input(settings['input'])} now, or files modified)"
+                )
+            )
+            print(f"{why}; starting over")
+            remove_own_files(out_dir, temps_only=False)
+        else:
+            completed = {
+                split: list(itertools.takewhile(lambda shard: intact(out_dir, shard), progress["splits"][split]))
+                for split in SPLITS
+            }
+            print(f"resuming after {len(completed['train'])} train and {len(completed['val'])} val shards")
+    if out_dir.is_dir():
+        remove_own_files(out_dir, temps_only=True)  # left by a killed run
 
     writers = {split: SplitWriter(out_dir, split, cfg.shard_tokens, completed[split]) for split in SPLITS}
-    units = split_blocks(*sized_blocks(documents, cfg.block_chars), cfg.val_fraction, cfg.seed)
+    blocks, block_chars = sized_blocks(documents, cfg.block_chars)
+    if summary:
+        print(summary)
+    units = split_blocks(blocks, block_chars, cfg.val_fraction, cfg.seed)
     todo = (unit for unit in units if unit.index >= writers[unit.split].resume[0])
     started, tokenized = time.perf_counter(), 0
     try:
         with tqdm(desc=name, unit="tok", unit_scale=True, disable=None) as bar:
             for unit, tokens in tokenize(todo, cfg.workers):
                 if writers[unit.split].add(unit.index, tokens):
-                    progress = {**settings, "splits": {split: w.shards for split, w in writers.items()}}
-                    atomic_write_bytes(progress_path, json.dumps(progress, indent=1).encode())
+                    write_json(progress_path, {**settings, "splits": {split: w.shards for split, w in writers.items()}})
                 bar.update(len(tokens))
                 tokenized += len(tokens)
         for writer in writers.values():
-            if writer.shard is not None:
-                writer.close_shard(end=None)
+            writer.finish()
     except BaseException:
         for writer in writers.values():
             writer.abort()
@@ -495,9 +741,11 @@ def main(argv):
             "documents": sum(s["documents"] for s in shards),
             "shards": shards,
         }
-    meta = {**settings, "replaced_undecodable": sum(replaced.values()), "splits": splits}
-    atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode())
-    progress_path.unlink(missing_ok=True)
+    write_json(meta_path, {**settings, "replaced_undecodable": sum(replaced.values()), "splits": splits})
+    try:
+        progress_path.unlink(missing_ok=True)
+    except OSError as e:
+        raise UserError(f"removing {progress_path} failed: {e.strerror or e}; remove it yourself") from None
     if replaced:
         print(
             f"warning: replaced {sum(replaced.values()):,} undecodable byte sequences with U+FFFD in {', '.join(replaced)}",
