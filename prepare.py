@@ -94,6 +94,8 @@ OWN_FILE = re.compile(r"((train|val)_\d{6}\.bin|(meta|progress)\.json)(\.tmp)?")
 SPLITS = ("train", "val")
 MIN_BLOCKS = 16  # an input of fewer blocks is cut into this many smaller ones (see the docstring)
 MIN_CHARS = 4096  # ~1k tokens: less cannot give both splits something to work with
+# the CPUs this process may use (as os.process_cpu_count of Python 3.13; affinity is Linux-only)
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass
@@ -108,8 +110,7 @@ class PrepareConfig:
     seed: int = 1337  # seeds the validation draws: the same seed and input give the same split
     shard_tokens: int = 100_000_000  # tokens per shard file (the last of each split holds the rest)
     block_chars: int = 1 << 18  # text per validation draw and per tokenizer task
-    # tokenizer threads: the CPUs this process may use (as os.process_cpu_count of Python 3.13; affinity is Linux-only)
-    workers: int = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers: int = CPUS  # tokenizer threads; default: the CPUs this process may use
     force: bool = False  # delete this dataset's shards and rebuild
 
 
@@ -152,8 +153,9 @@ def read_text_file(path: Path, replaced: collections.Counter):
                 not_text += count + text.count("\x00")
                 if not_text > MAX_NOT_TEXT * chars:
                     raise UserError(
-                        f"{path} is not {encoding.upper().removesuffix('-SIG')} text: {not_text:,} of its first {chars:,} "
-                        "characters are NUL or undecodable; convert it to UTF-8 (UTF-16 needs a byte-order mark) or leave it out of --input"
+                        f"{path} is not {encoding.upper().removesuffix('-SIG')} text: {not_text:,} of its first "
+                        f"{chars:,} characters are NUL or undecodable; convert it to UTF-8 (UTF-16 needs a "
+                        "byte-order mark) or leave it out of --input"
                     )
                 yield text
                 if not data:
@@ -161,7 +163,8 @@ def read_text_file(path: Path, replaced: collections.Counter):
                 data = f.read(READ_BYTES)
     except gzip.BadGzipFile as e:
         raise UserError(
-            f"{path} is not gzip data ({e}); if it is plain text, rename it to .txt, else get it again or leave it out of --input"
+            f"{path} is not gzip data ({e}); if it is plain text, rename it to .txt, "
+            "else get it again or leave it out of --input"
         ) from None
     except (EOFError, zlib.error) as e:
         raise UserError(
@@ -197,74 +200,106 @@ def check_hub(repo: str, revision: str | None) -> None:
         ) from None
 
 
-class BadRows(Exception):
-    """Rows that cannot be read as text: what is wrong, and where in the rows."""
-
-
-def row_texts(dataset, text_column: str):
-    """Yields the text column in batches (a str or None per row) through Arrow, as datasets' default
-    Python formatting goes row by row, 10x slower. Raises BadRows for data that does not parse, or a value
-    that is not a string (JSON rows may mix types), naming its row (counted from 1)."""
+def is_text_type(arrow_type) -> bool:
     import pyarrow as pa
 
-    rows, column = 0, None
+    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or pa.types.is_null(arrow_type)
+
+
+def jsonl_problem(path: Path, text_column: str) -> tuple[str, bool]:
+    """The error path of check_row_file: (the first line at fault, counted from 1, or "" if none), and whether
+    the file has any rows. Python's json, a line at a time, names the line that pyarrow's error does not."""
+    rows = 0
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            rows += 1
+            try:
+                row = json.loads(line)
+            except ValueError as e:  # not JSON, or not UTF-8
+                return f"line {number} is not JSON ({e})", True
+            if not isinstance(row, dict):
+                return f"line {number} is not a JSON object", True
+            if (value := row.get(text_column)) is not None and not isinstance(value, str):
+                return f"line {number}: '{text_column}' is {json.dumps(value)[:40]}, not a string", True
+    return "", rows > 0
+
+
+def check_row_file(path: Path, text_column: str) -> None:
+    """Refuses a row file that does not parse, or whose text is not strings, naming it (and the line): read
+    with others, datasets casts a file's 12345 to "12345" after another file's strings, and it quotes every
+    row as JSON in a file that mixes types. Parquet: the schema in its footer; .jsonl: a pass of pyarrow's parser."""
+    import pyarrow as pa
+    import pyarrow.json as pj
+    import pyarrow.parquet as pq
+
+    if input_kind(path) == ".parquet":
+        try:
+            schema = pq.read_schema(path)
+        except (pa.ArrowException, OSError) as e:
+            raise UserError(
+                f"{path} is not a readable Parquet file ({e}); download or write it again, or leave it out of --input"
+            ) from None
+        if text_column not in schema.names:
+            raise UserError(
+                f"{path} has no column '{text_column}' (it has {', '.join(schema.names)}); pass --text_column=NAME"
+            )
+        if not is_text_type(schema.field(text_column).type):
+            raise UserError(
+                f"{path}: column '{text_column}' holds {schema.field(text_column).type}, not strings; "
+                "pass --text_column=NAME of a column of strings"
+            )
+        return
+    options = pj.ParseOptions(
+        explicit_schema=pa.schema([(text_column, pa.string())]), unexpected_field_behavior="ignore"
+    )
+    try:
+        for _ in pj.open_json(path, parse_options=options):
+            pass
+    except pa.ArrowInvalid as e:
+        problem, has_rows = jsonl_problem(path, text_column)
+        if problem or has_rows:  # pyarrow refuses a file of blank lines only, which holds no rows
+            raise UserError(
+                f"{path}: {problem or f'cannot be read as rows ({e})'}; fix the file or leave it out of --input"
+            ) from None
+
+
+def row_texts(dataset, source: str, text_column: str):
+    """Yields the text column in batches (a str or None per row) through Arrow, as datasets' default
+    Python formatting goes row by row, 10x slower; refuses a column that is not strings."""
+    import pyarrow as pa
+
+    rows = 0
     try:
         for table in dataset.select_columns([text_column]).with_format("arrow").iter(batch_size=1000):
             column = table[text_column]
-            if (
-                pa.types.is_string(column.type)
-                or pa.types.is_large_string(column.type)
-                or pa.types.is_null(column.type)
-            ):
-                yield column.to_pylist()
-            else:  # mixed JSON types reach us as JSON text, where strings are quoted: name the first other value
-                for i, value in enumerate(column.to_pylist()):
-                    if value is not None and not (isinstance(value, str) and value.startswith('"')):
-                        raise BadRows(f"row {rows + i + 1}: '{text_column}' is {str(value)[:40]}, not a string")
+            if not is_text_type(column.type):  # datasets gives JSON of mixed types as JSON text, strings quoted
+                raise UserError(
+                    f"{source}: column '{text_column}' holds {column.type}, not strings (rows {rows + 1:,} on); "
+                    "pass --text_column=NAME of a column of strings"
+                )
+            yield column.to_pylist()
             rows += len(table)
+    except UserError:
+        raise
     except (pa.ArrowException, ValueError) as e:  # what pyarrow and datasets raise for data that does not parse
-        raise BadRows(f"cannot be read as rows ({type(e).__name__}: {e})") from None
-    if column is not None and not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
-        raise BadRows(f"column '{text_column}' holds {column.type}, not strings")
+        raise UserError(f"{source}: cannot be read as rows ({type(e).__name__}: {e}); fix or remove the file") from None
 
 
-def locate_bad_rows(builder: str, files: list[str], text_column: str, error: BadRows) -> str:
-    """The error path of several row files read as one dataset: reads them one at a time to name the one at fault."""
-    import datasets
-    import pyarrow as pa
-
-    for file in files:
-        try:
-            for _ in row_texts(
-                datasets.load_dataset(builder, data_files=[file], streaming=True, split="train"), text_column
-            ):
-                pass
-        except BadRows as e:
-            return f"{file}: {e}"
-        except pa.ArrowException as e:  # datasets cannot even open it: its first rows do not parse
-            return f"{file}: cannot be read as rows ({type(e).__name__}: {e})"
-    return f"one of {', '.join(files)}: {error}"
-
-
-def dataset_documents(path: str, source: str, text_column: str, sentences: bool, hub: bool, **load_args):
-    """Streams rows with `datasets`: a document per row, or (sentences) one document of them all.
+def dataset_documents(path: str, source: str, text_column: str, sentences: bool, files: list[Path], **load_args):
+    """Streams rows with `datasets`, from the Hub or (data_files) local row `files`, each checked first:
+    a document per row, or (sentences) one document of them all.
 
     A generator, so nothing is imported, read or fetched until the text is needed.
     """
-    if hub:
+    for file in files:
+        check_row_file(file, text_column)
+    if not files:
         check_hub(path, load_args.get("revision"))
     import datasets  # slow to import: only for row files and the Hub
-    import pyarrow as pa
 
-    logging.getLogger("datasets").setLevel(logging.CRITICAL)  # it logs parse errors that BadRows reports
-
-    def rows_refused(error: BadRows) -> UserError:
-        if hub:
-            return UserError(f"{source}: {error}; pass --text_column=NAME of a column of strings")
-        files = load_args["data_files"]
-        where = f"{files[0]}: {error}" if len(files) == 1 else locate_bad_rows(path, files, text_column, error)
-        return UserError(f"{where}; fix the file or leave it out of --input")
-
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)  # its log of a parse error repeats ours
     try:
         dataset = datasets.load_dataset(path, streaming=True, **load_args)
     except ConnectionError as e:
@@ -273,23 +308,16 @@ def dataset_documents(path: str, source: str, text_column: str, sentences: bool,
         raise UserError(
             f"--dataset={path}: {e}; its Parquet export may work: --revision={BOOKCORPUS_REVISION}"
         ) from None
-    except pa.ArrowException as e:  # the first rows, read for the schema, do not parse
-        raise rows_refused(BadRows(f"cannot be read as rows ({type(e).__name__}: {e})")) from None
     if dataset.column_names and text_column not in dataset.column_names:
         raise UserError(
-            f"{source} has no column '{text_column}' (it has {', '.join(dataset.column_names)}); pass --text_column=NAME"
+            f"{source} has no column '{text_column}' (it has {', '.join(dataset.column_names)}); "
+            "pass --text_column=NAME"
         )
-
-    def batches():
-        try:
-            yield from row_texts(dataset, text_column)
-        except BadRows as e:
-            raise rows_refused(e) from None
-
+    batches = row_texts(dataset, source, text_column)
     if sentences:
-        yield joined_rows(batches())
+        yield joined_rows(batches)
     else:
-        yield from ([text] for texts in batches() for text in texts if text)
+        yield from ([text] for texts in batches for text in texts if text)
 
 
 def input_kind(path: Path) -> str | None:
@@ -308,19 +336,6 @@ def under(directory: Path, hidden: list[Path]) -> list[Path]:
         subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
         found.extend(Path(parent, name) for name in names if not name.startswith("."))
     return sorted(found)
-
-
-def check_parquet(path: Path) -> None:
-    """Refuses a .parquet file whose footer (schema, row groups) does not read, before any is tokenized."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        pq.read_metadata(path)
-    except (pa.ArrowException, OSError) as e:
-        raise UserError(
-            f"{path} is not a readable Parquet file ({e}); download or write it again, or leave it out of --input"
-        ) from None
 
 
 def local_files(pattern: str) -> tuple[list[Path], str]:
@@ -344,10 +359,10 @@ def local_files(pattern: str) -> tuple[list[Path], str]:
     empty = [path for path in files if input_kind(path) != "text" and path.stat().st_size == 0]
     files = [path for path in files if path not in empty]
     if not files:
-        raise UserError(f"--input={pattern}: no .txt, .txt.gz, .jsonl or .parquet files there")
-    for path in files:
-        if input_kind(path) == ".parquet":
-            check_parquet(path)
+        also = f" but {len(empty)} empty ones" if empty else ""
+        raise UserError(
+            f"--input={pattern}: no .txt, .txt.gz, .jsonl or .parquet files there{also}; pass files with text"
+        )
     skipped = [
         f"{len(paths)} {why} ({', '.join(path.name for path in paths[:3])}{', ...' if len(paths) > 3 else ''})"
         for paths, why in [(other, f"not {INPUT_KINDS}"), (hidden, "hidden"), (empty, "empty")]
@@ -382,7 +397,7 @@ def open_source(cfg: PrepareConfig, replaced: collections.Counter):
                 source,
                 cfg.text_column,
                 sentences=False,
-                hub=False,
+                files=files,
                 data_files=[str(f) for f in files],
                 split="train",
             )
@@ -393,7 +408,7 @@ def open_source(cfg: PrepareConfig, replaced: collections.Counter):
     revision = cfg.revision or (BOOKCORPUS_REVISION if bookcorpus else None)
     source = f"hf://datasets/{repo}@{revision or 'main'} split {cfg.split} column {cfg.text_column}"
     documents = dataset_documents(
-        repo, source, cfg.text_column, sentences=bookcorpus, hub=True, revision=revision, split=cfg.split
+        repo, source, cfg.text_column, sentences=bookcorpus, files=[], revision=revision, split=cfg.split
     )
     return repo.split("/")[-1], source, documents, None, None
 
@@ -460,7 +475,8 @@ def sized_blocks(documents, block_chars: int):
         raise UserError("the input has no text; check the files (or --text_column)")
     if chars < MIN_CHARS:
         raise UserError(
-            f"the input has {chars:,} characters, too little to hold out validation text; prepare at least {MIN_CHARS:,}"
+            f"the input has {chars:,} characters, too little to hold out validation text; "
+            f"prepare at least {MIN_CHARS:,}"
         )
     small = -(-chars // MIN_BLOCKS)
     return cut_blocks(documents_of(head), small), small
@@ -596,22 +612,33 @@ def write_json(path: Path, data: dict) -> None:
 
 def remove_own_files(out_dir: Path, temps_only: bool) -> None:
     """Deletes what prepare wrote in out_dir (OWN_FILE), or only its temp files; nothing else there."""
-    for path in out_dir.iterdir():
-        if OWN_FILE.fullmatch(path.name) and (path.name.endswith(".tmp") or not temps_only):
-            try:
+    try:
+        for path in out_dir.iterdir():
+            if OWN_FILE.fullmatch(path.name) and (path.name.endswith(".tmp") or not temps_only):
                 path.unlink()
-            except OSError as e:
-                raise UserError(f"removing {path} failed: {e.strerror or e}; remove it yourself and rerun") from None
+    except OSError as e:
+        raise UserError(f"cleaning up {e.filename} failed: {e.strerror or e}; remove it yourself and rerun") from None
 
 
 def changed_settings(saved: dict, settings: dict) -> list[str]:
     return [key for key in settings if saved.get(key) != settings[key]]
 
 
-def describe_input(fingerprint: dict | None) -> str:
-    if not fingerprint:
-        return "unrecorded"
-    return f"{fingerprint['files']:,} files, {fingerprint['bytes']:,} bytes"
+def input_change(saved: dict, settings: dict) -> str:
+    """How the input files differ from those recorded in `saved` (a fingerprint only tells so much)."""
+    then, now = saved.get("input") or {}, settings["input"]
+    counts = [
+        f"{input_['files']:,} files of {input_['bytes']:,} bytes" if input_ else "unrecorded" for input_ in (then, now)
+    ]
+    return f"{counts[0]} then, {counts[1]} now" if counts[0] != counts[1] else "files modified since"
+
+
+def other_settings(out_dir: Path, saved: dict, changed: list[str], settings: dict) -> UserError:
+    detail = f"; the input: {input_change(saved, settings)}" if "input" in changed else ""
+    return UserError(
+        f"{out_dir} holds shards prepared with other settings ({', '.join(changed)}{detail}); "
+        "pass --force to rebuild, or another --out_dir"
+    )
 
 
 def read_progress(path: Path) -> tuple[dict | None, str]:
@@ -646,13 +673,16 @@ def main(argv):
     max_id = get_tokenizer().max_token_value
     if max_id > np.iinfo(np.uint16).max:
         raise UserError(
-            f"the tokenizer has ids up to {max_id}, but shards store uint16 (at most 65535); use a GPT-2-sized vocabulary"
+            f"the tokenizer has ids up to {max_id}, but shards store uint16 (at most 65535); "
+            "use a GPT-2-sized vocabulary"
         )
     replaced = collections.Counter()
     name, source, documents, files, summary = open_source(cfg, replaced)
     out_dir = Path(cfg.out_dir or ROOT / "data" / name)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out_dir={out_dir} is a file; pass a directory (it is created if missing)")
+    if out_dir.is_dir() and not os.access(out_dir, os.R_OK | os.W_OK | os.X_OK):
+        raise UserError(f"--out_dir={out_dir} is a directory you cannot read and write; pass another")
     settings = {
         "format_version": FORMAT_VERSION,
         "tokenizer": "gpt2",
@@ -672,11 +702,7 @@ def main(argv):
     if meta_path.exists():
         meta = read_meta(out_dir)
         if changed := changed_settings(meta, settings):
-            was = f" (input: {describe_input(meta.get('input'))} then, {describe_input(settings.get('input'))} now, or files modified since)"
-            raise UserError(
-                f"{out_dir} holds shards prepared with other settings ({', '.join(changed)}){was * ('input' in changed)}; "
-                "pass --force to rebuild, or another --out_dir"
-            )
+            raise other_settings(out_dir, meta, changed, settings)
         for split in SPLITS:  # a finished preparation is only as good as its shards
             for shard in meta["splits"].get(split, {}).get("shards", []):
                 open_shard(out_dir, shard, VOCAB_SIZE)
@@ -688,19 +714,12 @@ def main(argv):
         progress, problem = read_progress(progress_path)
         changed = changed_settings(progress, settings) if progress else []
         if set(changed) - {"input"}:
-            raise UserError(
-                f"{out_dir} holds shards prepared with other settings ({', '.join(changed)}); pass --force to rebuild, or another --out_dir"
-            )
+            raise other_settings(out_dir, progress, changed, settings)
+        if problem:
+            print(f"{progress_path} is damaged ({problem}); starting over")
+        elif changed:
+            print(f"the input changed since the interrupted run ({input_change(progress, settings)}); starting over")
         if problem or changed:
-            why = (
-                f"{progress_path} is damaged ({problem})"
-                if problem
-                else (
-                    f"the input changed since the interrupted run ({describe_input(progress.get('input'))} then, "
-                    f"{describe_input(settings['input'])} now, or files modified)"
-                )
-            )
-            print(f"{why}; starting over")
             remove_own_files(out_dir, temps_only=False)
         else:
             completed = {
@@ -748,7 +767,8 @@ def main(argv):
         raise UserError(f"removing {progress_path} failed: {e.strerror or e}; remove it yourself") from None
     if replaced:
         print(
-            f"warning: replaced {sum(replaced.values()):,} undecodable byte sequences with U+FFFD in {', '.join(replaced)}",
+            f"warning: replaced {sum(replaced.values()):,} undecodable byte sequences with U+FFFD "
+            f"in {', '.join(replaced)}",
             file=sys.stderr,
         )
     print(

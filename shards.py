@@ -171,7 +171,8 @@ class TokenWindows:
         self.starts = np.concatenate([[0], np.cumsum(counts)])  # window index where each shard begins
         if self.starts[-1] == 0:
             raise UserError(
-                f"{self.data_dir}: '{split}' has fewer than block_size + 1 = {block_size + 1} tokens; use a smaller block_size or more data"
+                f"{self.data_dir}: '{split}' has fewer than block_size + 1 = {block_size + 1} tokens; "
+                "use a smaller block_size or more data"
             )
 
     def __len__(self) -> int:
