@@ -8,6 +8,13 @@
 Writes data/<name>/{train,val}_NNNNNN.bin in llm.c's format (shards.py) and meta.json. Each document
 starts with <|endoftext|>, as in llm.c; BookCorpus rows are sentences of one running text, joined by spaces.
 
+Input: --input takes a file, a glob, or a directory and all files under it but hidden ones, with
+extensions in any case, and prints how many files it reads and what it skips, and why. Text is UTF-8
+unless a byte-order mark says UTF-16 or UTF-32; undecodable bytes become U+FFFD (counted, warned), and
+a file that is mostly NUL or undecodable (binary, UTF-16 without a mark) is refused. Row files are
+checked before they are read together: .jsonl by a pass of pyarrow's parser (every text a string),
+.parquet by its schema. A damaged file is one line naming it, and the line of a .jsonl at fault.
+
 Validation: the text goes in blocks of ~block_chars characters (small documents whole, large ones cut
 before a space between two non-space characters, where GPT-2's pre-tokenizer splits anyway, so tokens
 are exactly those of the whole document). Each block is held out with probability val_fraction, drawn
@@ -33,9 +40,11 @@ not grow with the corpus. It is ~65 MB for text files, 350-450 MB for rows strea
 time (measured on 200 MB of BookCorpus-like Parquet, 10k- and 100k-row groups).
 
 Crash safety: a shard is written under a temp name and renamed once complete, then progress.json records
-where it ended in the input. A rerun verifies those shards, reads the input again and tokenizes only
-what follows them: its output is byte-identical to an uninterrupted run's. meta.json, written last,
-marks a finished preparation; --force rebuilds from scratch.
+where it ended in the input, and the input files' names, sizes and modification times. A rerun over
+the same files verifies those shards, reads the input again and tokenizes only what follows them: its
+output is byte-identical to an uninterrupted run's; over changed files it starts over. meta.json,
+written last, marks a finished preparation, whose shards a rerun checks; --force rebuilds from scratch.
+Only prepare's own files (OWN_FILE) are ever deleted in the output directory.
 """
 
 import codecs
@@ -101,7 +110,7 @@ CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.
 @dataclass
 class PrepareConfig:
     dataset: str = "bookcorpus"  # bookcorpus, austen (bundled) or a Hub dataset (owner/name)
-    input: str = ""  # local .txt/.txt.gz/.jsonl/.parquet file, directory or glob; replaces dataset
+    input: str = ""  # local .txt/.txt.gz/.jsonl/.parquet file, directory (all under it) or glob; replaces dataset
     text_column: str = "text"  # .jsonl/.parquet/Hub rows: the column holding the text
     split: str = "train"  # Hub datasets: the split to read; validation is carved out of it here
     revision: str | None = None  # Hub datasets: branch or commit (bookcorpus: refs/convert/parquet)
@@ -328,12 +337,16 @@ def input_kind(path: Path) -> str | None:
     return Path(name).suffix if Path(name).suffix in ROW_FORMATS else None
 
 
-def under(directory: Path, hidden: list[Path]) -> list[Path]:
-    """The files under a directory, its subdirectories included, sorted; hidden ones (.name) go to `hidden`."""
+def under(directory: Path, skipped: dict[str, list[Path]]) -> list[Path]:
+    """The files under a directory, its subdirectories included, sorted. Hidden names (.git, .DS_Store) and
+    links to directories (which may loop) are not followed: they go to skipped["hidden"] and ["links"]."""
     found = []
-    for parent, subdirectories, names in os.walk(directory):
-        hidden.extend(Path(parent, name) for name in subdirectories + names if name.startswith("."))
+    for parent, subdirectories, names in os.walk(directory):  # does not descend into links
+        skipped["hidden"].extend(Path(parent, name) for name in subdirectories + names if name.startswith("."))
         subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
+        skipped["links to directories"].extend(
+            Path(parent, name) for name in subdirectories if os.path.islink(os.path.join(parent, name))
+        )
         found.extend(Path(parent, name) for name in names if not name.startswith("."))
     return sorted(found)
 
@@ -347,30 +360,31 @@ def local_files(pattern: str) -> tuple[list[Path], str]:
         matches = [Path(pattern)]
     else:
         raise UserError(f"--input={pattern}: no such file or directory")
-    candidates, hidden = [], []
-    for path in matches:
-        candidates.extend(under(path, hidden) if path.is_dir() else [path])
-    files = [path for path in candidates if input_kind(path)]
-    other = [path for path in candidates if not input_kind(path)]
+    skipped = {f"not {INPUT_KINDS}": [], "empty": [], "hidden": [], "links to directories": []}
+    files = []
+    for path in itertools.chain.from_iterable(under(p, skipped) if p.is_dir() else [p] for p in matches):
+        if not input_kind(path):
+            skipped[f"not {INPUT_KINDS}"].append(path)
+        elif input_kind(path) != "text" and path.stat().st_size == 0:  # no rows, and datasets fails on it
+            skipped["empty"].append(path)
+        else:
+            files.append(path)
+    said = ", ".join(
+        f"{len(paths)} {why} ({', '.join(path.name for path in paths[:3])}{', ...' * (len(paths) > 3)})"
+        for why, paths in skipped.items()
+        if paths
+    )
+    if not files:
+        raise UserError(
+            f"--input={pattern}: no .txt, .txt.gz, .jsonl or .parquet files there{f' (skipped {said})' * bool(said)}; "
+            "pass a file, directory or glob that holds some"
+        )
     kinds = {input_kind(path) for path in files}
     if len(kinds) > 1:
         raise UserError(f"--input={pattern} mixes text and row files; prepare one kind at a time")
-    # an empty row file holds no rows, and datasets fails on one
-    empty = [path for path in files if input_kind(path) != "text" and path.stat().st_size == 0]
-    files = [path for path in files if path not in empty]
-    if not files:
-        also = f" but {len(empty)} empty ones" if empty else ""
-        raise UserError(
-            f"--input={pattern}: no .txt, .txt.gz, .jsonl or .parquet files there{also}; pass files with text"
-        )
-    skipped = [
-        f"{len(paths)} {why} ({', '.join(path.name for path in paths[:3])}{', ...' if len(paths) > 3 else ''})"
-        for paths, why in [(other, f"not {INPUT_KINDS}"), (hidden, "hidden"), (empty, "empty")]
-        if paths
-    ]
     kind = "text" if kinds == {"text"} else kinds.pop().lstrip(".")
     summary = f"--input={pattern}: reading {len(files)} {kind} file{'s' * (len(files) != 1)}"
-    return files, summary + (f"; skipped {', '.join(skipped)}" if skipped else "")
+    return files, summary + f"; skipped {said}" * bool(said)
 
 
 def input_fingerprint(files: list[Path]) -> dict:
