@@ -94,9 +94,7 @@ BYTE_ORDER_MARKS = [
     (codecs.BOM_UTF16_LE, "utf-16"),
     (codecs.BOM_UTF16_BE, "utf-16"),
 ]
-MAX_NOT_TEXT = (
-    0.25  # a file with a larger share of NUL or undecodable characters is refused: it is not text in its encoding
-)
+MAX_NOT_TEXT = 0.25  # a file with more NUL or undecodable characters than this share is refused: not text
 INPUT_KINDS = "a .txt, .txt.gz, .jsonl or .parquet file"
 # what prepare writes in out_dir, with temp names: all it ever deletes there
 OWN_FILE = re.compile(r"((train|val)_\d{6}\.bin|(meta|progress)\.json)(\.tmp)?")
@@ -293,7 +291,9 @@ def row_texts(dataset, source: str, text_column: str):
     except UserError:
         raise
     except (pa.ArrowException, ValueError) as e:  # what pyarrow and datasets raise for data that does not parse
-        raise UserError(f"{source}: cannot be read as rows ({type(e).__name__}: {e}); fix or remove the file") from None
+        raise UserError(
+            f"{source}: cannot be read as rows ({type(e).__name__}: {e}); the data is damaged, get it again"
+        ) from None
 
 
 def dataset_documents(path: str, source: str, text_column: str, sentences: bool, files: list[Path], **load_args):
@@ -337,11 +337,18 @@ def input_kind(path: Path) -> str | None:
     return Path(name).suffix if Path(name).suffix in ROW_FORMATS else None
 
 
+def unlisted(error: OSError):
+    raise UserError(
+        f"cannot list {error.filename}: {error.strerror}; check its permissions, or leave it out of --input"
+    )
+
+
 def under(directory: Path, skipped: dict[str, list[Path]]) -> list[Path]:
     """The files under a directory, its subdirectories included, sorted. Hidden names (.git, .DS_Store) and
-    links to directories (which may loop) are not followed: they go to skipped["hidden"] and ["links"]."""
+    links to directories (which may loop) are not followed: they go to skipped["hidden"] and
+    skipped["links to directories"]."""
     found = []
-    for parent, subdirectories, names in os.walk(directory):  # does not descend into links
+    for parent, subdirectories, names in os.walk(directory, onerror=unlisted):  # does not descend into links
         skipped["hidden"].extend(Path(parent, name) for name in subdirectories + names if name.startswith("."))
         subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
         skipped["links to directories"].extend(
@@ -360,11 +367,13 @@ def local_files(pattern: str) -> tuple[list[Path], str]:
         matches = [Path(pattern)]
     else:
         raise UserError(f"--input={pattern}: no such file or directory")
-    skipped = {f"not {INPUT_KINDS}": [], "empty": [], "hidden": [], "links to directories": []}
+    skipped = {f"not {INPUT_KINDS}": [], "not regular files": [], "empty": [], "hidden": [], "links to directories": []}
     files = []
     for path in itertools.chain.from_iterable(under(p, skipped) if p.is_dir() else [p] for p in matches):
         if not input_kind(path):
             skipped[f"not {INPUT_KINDS}"].append(path)
+        elif not path.is_file():  # a broken link, a device
+            skipped["not regular files"].append(path)
         elif input_kind(path) != "text" and path.stat().st_size == 0:  # no rows, and datasets fails on it
             skipped["empty"].append(path)
         else:
@@ -642,15 +651,15 @@ def input_change(saved: dict, settings: dict) -> str:
     """How the input files differ from those recorded in `saved` (a fingerprint only tells so much)."""
     then, now = saved.get("input") or {}, settings["input"]
     counts = [
-        f"{input_['files']:,} files of {input_['bytes']:,} bytes" if input_ else "unrecorded" for input_ in (then, now)
+        f"{input_['files']:,} files, {input_['bytes']:,} bytes" if input_ else "unrecorded" for input_ in (then, now)
     ]
     return f"{counts[0]} then, {counts[1]} now" if counts[0] != counts[1] else "files modified since"
 
 
 def other_settings(out_dir: Path, saved: dict, changed: list[str], settings: dict) -> UserError:
-    detail = f"; the input: {input_change(saved, settings)}" if "input" in changed else ""
+    named = [f"input: {input_change(saved, settings)}" if key == "input" else key for key in changed]
     return UserError(
-        f"{out_dir} holds shards prepared with other settings ({', '.join(changed)}{detail}); "
+        f"{out_dir} holds shards prepared with other settings ({', '.join(named)}); "
         "pass --force to rebuild, or another --out_dir"
     )
 
