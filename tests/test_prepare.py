@@ -40,12 +40,12 @@ def split_segments(out_dir: Path, split: str) -> list[np.ndarray]:
     """A split's tokens cut at each <|endoftext|>, checked against meta.json on the way."""
     meta = json.loads((out_dir / "meta.json").read_text())["splits"][split]
     parts = [read_tokens(out_dir / shard["file"]) for shard in meta["shards"]]
-    for tokens, shard in zip(parts, meta["shards"]):
+    for tokens, shard in zip(parts, meta["shards"], strict=True):
         assert len(tokens) == shard["tokens"] and np.count_nonzero(tokens == EOT_ID) == shard["documents"]
     tokens = np.concatenate(parts)
     assert len(tokens) == meta["tokens"] and tokens[0] == EOT_ID
     starts = np.flatnonzero(tokens == EOT_ID)
-    return [tokens[a + 1 : b] for a, b in zip(starts, list(starts[1:]) + [len(tokens)])]
+    return [tokens[a + 1 : b] for a, b in zip(starts, list(starts[1:]) + [len(tokens)], strict=True)]
 
 
 def reassemble(documents: list[str], out_dir: Path) -> dict[str, list[int]]:
@@ -355,3 +355,230 @@ def test_default_bookcorpus_run_fails_fast_offline(tmp_path, env):
     assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
     assert "--dataset=austen" in result.stderr and "--input=PATH" in result.stderr
     assert not (tmp_path / "bookcorpus").exists()
+
+
+def one_line_error(result: subprocess.CompletedProcess, *parts: str) -> None:
+    """prepare.py failed with one line, `prepare.py: error: ...`, holding each of parts; no traceback."""
+    assert result.returncode != 0 and result.stderr.startswith("prepare.py: error: "), result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    for part in parts:
+        assert part in result.stderr, result.stderr
+
+
+def test_only_prepares_own_temp_files_are_removed(tmp_path):
+    corpus = write_text_files(tmp_path / "docs", SMALL_DOCS)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ["notes.tmp", "train_000000.bin.tmp", "progress.json.tmp", "train_7.bin.tmp"]:
+        (out / name).write_text("left here")
+    run(f"--input={corpus}", f"--out_dir={out}", "--block_chars=150")
+    assert sorted(p.name for p in out.glob("*.tmp")) == ["notes.tmp", "train_7.bin.tmp"]
+    run(f"--input={corpus}", f"--out_dir={out}", "--block_chars=150", "--force")
+    assert sorted(p.name for p in out.glob("*.tmp")) == ["notes.tmp", "train_7.bin.tmp"]
+
+
+def test_text_with_a_byte_order_mark_is_decoded_as_it_announces(tmp_path):
+    documents = [AUSTEN[0][:3000], AUSTEN[1][:3000], AUSTEN[2][:3000], AUSTEN[3][:3000] + " caf\u00e9 \u2713"]
+    corpus = tmp_path / "marked"
+    corpus.mkdir()
+    (corpus / "0.txt").write_bytes(documents[0].encode("utf-8-sig"))
+    (corpus / "1.txt").write_bytes(documents[1].encode("utf-16"))  # a mark, then the machine's byte order
+    (corpus / "2.txt.gz").write_bytes(gzip.compress(documents[2].encode("utf-16-be").join([b"\xfe\xff", b""])))
+    (corpus / "3.txt").write_bytes(documents[3].encode("utf-32"))
+    run(f"--input={corpus}", f"--out_dir={tmp_path / 'out'}")
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["replaced_undecodable"] == 0
+    reassemble(documents, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (AUSTEN[0][:8000].encode("utf-16-le"), "is not UTF-8 text: 8,000 of its first 16,000 characters"),
+        (random.Random(0).randbytes(20_000), "is not UTF-8 text"),
+        (AUSTEN[0][:8000].encode() + bytes(8000), "is not UTF-8 text"),
+    ],
+    ids=["utf-16-without-mark", "random-bytes", "mostly-nul"],
+)
+def test_text_that_is_mostly_nul_or_undecodable_is_refused_naming_the_file(tmp_path, content, message):
+    corpus = write_text_files(tmp_path / "docs", AUSTEN[1:3])
+    (corpus / "bad.txt").write_bytes(content)
+    result = run_cli(f"--input={corpus}", f"--out_dir={tmp_path / 'out'}")
+    one_line_error(result, f"{corpus / 'bad.txt'} {message}", "convert it to UTF-8")
+    assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_a_directory_is_read_with_its_subdirectories_and_any_case_extension_and_says_what_it_read(tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / ".git").mkdir()
+    documents = {"B.TXT": AUSTEN[0][:5000], "a.txt": AUSTEN[1][:5000], "sub/c.Txt.GZ": AUSTEN[2][:5000]}
+    for name, text in documents.items():
+        (corpus / name).write_bytes(gzip.compress(text.encode()) if name.lower().endswith(".gz") else text.encode())
+    (corpus / "d.md").write_text("# not read")
+    (corpus / ".notes.txt").write_text("hidden: not read")
+    (corpus / ".git" / "e.txt").write_text("in a hidden directory: not read")
+    if os.name == "posix":
+        (corpus / "link").symlink_to(corpus / "sub")  # would read c.Txt.GZ twice
+    result = run_cli(f"--input={corpus}", f"--out_dir={tmp_path / 'out'}")
+    assert result.returncode == 0, result.stderr
+    assert f"--input={corpus}: reading 3 text files; skipped 1 not a .txt, .txt.gz, .jsonl or .parquet file (d.md)" in (
+        result.stdout
+    )
+    assert "2 hidden (.git, .notes.txt)" in result.stdout
+    assert os.name != "posix" or "1 links to directories (link)" in result.stdout
+    reassemble(list(documents.values()), tmp_path / "out")  # in sorted order, subdirectories included
+
+
+def interrupted_run(args: list[str], monkeypatch, after_writes: int) -> None:
+    """A run stopped by Ctrl-C after some shard writes, leaving progress.json and finished shards."""
+    real_write, writes = prepare.ShardWriter.write, 0
+
+    def failing_write(self, tokens):
+        nonlocal writes
+        writes += 1
+        if writes == after_writes:
+            raise KeyboardInterrupt
+        real_write(self, tokens)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(prepare.ShardWriter, "write", failing_write)
+        with pytest.raises(KeyboardInterrupt):
+            run(*args)
+
+
+def test_a_resume_over_changed_input_files_starts_over_and_says_so(tmp_path, monkeypatch, capsys):
+    corpus = write_text_files(tmp_path / "docs", SMALL_DOCS)
+    args = [f"--input={corpus}", "--val_fraction=0.3", "--shard_tokens=700", "--block_chars=300"]
+    interrupted_run([*args, f"--out_dir={tmp_path / 'resumed'}"], monkeypatch, after_writes=40)
+    assert (tmp_path / "resumed" / "progress.json").exists()
+    edited = [f"{document} An edit." for document in SMALL_DOCS]
+    (corpus / "0000.txt").write_text(edited[0], encoding="utf-8")  # a changed size
+    capsys.readouterr()
+    run(*args, f"--out_dir={tmp_path / 'resumed'}")
+    assert "the input changed since the interrupted run" in capsys.readouterr().out
+    reassemble([edited[0], *SMALL_DOCS[1:]], tmp_path / "resumed")
+
+    # the same size, a new modification time: also a change
+    interrupted_run([*args, "--force", f"--out_dir={tmp_path / 'resumed'}"], monkeypatch, after_writes=40)
+    (corpus / "0005.txt").write_text(SMALL_DOCS[5].upper(), encoding="utf-8")
+    os.utime(corpus / "0005.txt", ns=(1, 1))
+    run(*args, f"--out_dir={tmp_path / 'resumed'}")
+    assert "starting over" in capsys.readouterr().out
+    reassemble([edited[0], *SMALL_DOCS[1:5], SMALL_DOCS[5].upper(), *SMALL_DOCS[6:]], tmp_path / "resumed")
+    with pytest.raises(ValueError, match="other settings .*input.*--force"):  # a finished preparation is kept
+        (corpus / "0001.txt").unlink()
+        run(*args, f"--out_dir={tmp_path / 'resumed'}")
+
+
+def test_a_damaged_progress_file_starts_over(tmp_path, monkeypatch, capsys):
+    corpus = write_text_files(tmp_path / "docs", SMALL_DOCS)
+    args = [f"--input={corpus}", "--val_fraction=0.3", "--shard_tokens=700", "--block_chars=300"]
+    run(*args, f"--out_dir={tmp_path / 'clean'}")
+    interrupted_run([*args, f"--out_dir={tmp_path / 'out'}"], monkeypatch, after_writes=40)
+    (tmp_path / "out" / "progress.json").write_text('{"splits": {"train": [{"file": 3}]}}')
+    capsys.readouterr()
+    run(*args, f"--out_dir={tmp_path / 'out'}")
+    assert "progress.json is damaged" in capsys.readouterr().out
+    assert shard_bytes(tmp_path / "out") == shard_bytes(tmp_path / "clean")
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps({"id": i, "text": text}) + "\n" for i, text in enumerate(rows)))
+    return path
+
+
+def test_rows_whose_text_is_not_a_string_are_refused_naming_the_file_and_line(tmp_path):
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    write_jsonl(rows / "a.jsonl", SMALL_DOCS[:60])
+    write_jsonl(rows / "b.jsonl", [*SMALL_DOCS[60:63], 12345, *SMALL_DOCS[63:]])
+    result = run_cli(f"--input={rows / 'b.jsonl'}", f"--out_dir={tmp_path / 'one'}")
+    one_line_error(result, f"{rows / 'b.jsonl'}: line 4: 'text' is 12345, not a string", "fix the file")
+    result = run_cli(f"--input={rows}", f"--out_dir={tmp_path / 'both'}")  # read as one dataset
+    one_line_error(result, f"{rows / 'b.jsonl'}: line 4: 'text' is 12345, not a string")
+    assert not (tmp_path / "one" / "meta.json").exists() and not (tmp_path / "both" / "meta.json").exists()
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("a.txt.gz", b"plain text, not gzip " * 300, "is not gzip data"),
+        ("a.txt.gz", gzip.compress(AUSTEN[0][:20_000].encode())[:3000], "is truncated or damaged gzip data"),
+        ("b.jsonl", b'{"text": "a row"}\n{"text": "a row cut sho', "line 2 is not JSON"),
+        ("b.jsonl", b'{"text": "a row"}\n\nnot json at all\n', "line 3 is not JSON"),
+        ("b.parquet", random.Random(0).randbytes(5000), "is not a readable Parquet file"),
+    ],
+    ids=["not-gzip", "truncated-gzip", "truncated-jsonl", "malformed-jsonl", "random-parquet"],
+)
+def test_a_damaged_input_file_is_one_line_naming_it(tmp_path, name, content, message):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    if name.endswith(".jsonl"):
+        write_jsonl(corpus / "a.jsonl", SMALL_DOCS)
+    elif name.endswith(".parquet"):
+        pq.write_table(pa.table({"text": SMALL_DOCS}), corpus / "a.parquet")
+    else:
+        write_text_files(corpus / "sub", AUSTEN[:1])
+    (corpus / name).write_bytes(content)
+    result = run_cli(f"--input={corpus}", f"--out_dir={tmp_path / 'out'}", "--block_chars=2000")
+    one_line_error(result, f"{corpus / name}", message, "leave it out of --input")
+
+
+def test_empty_row_files_are_skipped_and_said(tmp_path):
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    (rows / "a.jsonl").write_text("")
+    write_jsonl(rows / "b.jsonl", SMALL_DOCS)
+    result = run_cli(f"--input={rows}", f"--out_dir={tmp_path / 'out'}", "--block_chars=300")
+    assert result.returncode == 0, result.stderr
+    assert "reading 1 jsonl file; skipped 1 empty (a.jsonl)" in result.stdout
+    reassemble(SMALL_DOCS, tmp_path / "out")
+    one_line_error(
+        run_cli(f"--input={rows / 'a.jsonl'}", f"--out_dir={tmp_path / 'none'}"), "skipped 1 empty (a.jsonl)"
+    )
+
+
+@pytest.mark.parametrize(
+    "limit, shard_tokens, failed", [(99_000, 50_000, "train_000000.bin"), (8000, 1000, "progress.json")]
+)
+def test_a_full_disk_anywhere_is_one_line_and_leaves_no_temp_file(tmp_path, limit, shard_tokens, failed):
+    resource = pytest.importorskip("resource", reason="file size limits are POSIX-only")
+    corpus = write_text_files(tmp_path / "docs", AUSTEN[:2])
+
+    def small_disk():  # files stop growing at `limit` bytes, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = tmp_path / "out"
+    result = run_cli(f"--input={corpus}", f"--out_dir={out}", f"--shard_tokens={shard_tokens}", preexec_fn=small_disk)
+    one_line_error(result, f"writing {out / failed} failed: File too large; free disk space and rerun")
+    names = [p.name for p in out.iterdir()]
+    assert "meta.json" not in names and not any(n.endswith(".tmp") for n in names)
+
+
+def test_out_dir_that_is_a_file_is_one_line_saying_so(tmp_path):
+    corpus = write_text_files(tmp_path / "docs", SMALL_DOCS)
+    (tmp_path / "out").write_text("a file the user keeps")
+    result = run_cli(f"--input={corpus}", f"--out_dir={tmp_path / 'out'}")
+    one_line_error(result, f"--out_dir={tmp_path / 'out'} is a file; pass a directory")
+    assert "disk space" not in result.stderr and (tmp_path / "out").read_text() == "a file the user keeps"
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda out: (out / "meta.json").write_text('{"splits": '), "meta.json is not valid JSON"),
+        (lambda out: (out / "meta.json").write_text('{"vocab_size": 50257}'), "'splits' is missing"),
+        (lambda out: (out / "train_000001.bin").write_bytes(b"\0" * 100), "train_000001.bin: truncated shard"),
+        (lambda out: (out / "val_000000.bin").unlink(), "val_000000.bin not found"),
+    ],
+    ids=["meta-invalid-json", "meta-missing-key", "truncated-shard", "missing-shard"],
+)
+def test_a_damaged_preparation_is_not_reported_as_prepared(tmp_path, damage, message):
+    corpus = write_text_files(tmp_path / "docs", SMALL_DOCS)
+    args = [f"--input={corpus}", f"--out_dir={tmp_path / 'out'}", "--shard_tokens=700", "--val_fraction=0.3"]
+    run(*args)
+    damage(tmp_path / "out")
+    one_line_error(run_cli(*args), message, "--force")
+    run(*args, "--force")
+    reassemble(SMALL_DOCS, tmp_path / "out")

@@ -1,0 +1,49 @@
+"""shards.py: a damaged meta.json or shard is one line naming the file (and key) when the data is opened,
+before any training step."""
+
+import json
+
+import numpy as np
+import pytest
+
+from common import UserError
+from shards import TokenWindows, write_shard
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused_when_the_shards_are_opened(make_token_data):
+    data = make_token_data(train_tokens=4000, vocab_size=64, shards=2)
+    write_shard(data / "train_000001.bin", np.arange(2000) % 65)  # the count meta.json records; ids up to 64
+    with pytest.raises(UserError, match=r"train_000001\.bin: token id 64 is outside .*vocab_size 64.*--force"):
+        TokenWindows(data, "train", block_size=16)
+    assert len(TokenWindows(data, "val", block_size=16)) > 0  # the intact split still opens
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda meta: "{", "meta.json is not valid JSON"),
+        (lambda meta: [meta], "not a JSON object"),
+        (lambda meta: {**meta, "vocab_size": "64"}, "'vocab_size' is missing or not a positive integer"),
+        (lambda meta: {key: value for key, value in meta.items() if key != "splits"}, "'splits' is missing"),
+        (
+            lambda meta: {**meta, "splits": {"train": {"shards": {}}}},
+            r"'splits\.train\.shards' is missing or not a list",
+        ),
+        (
+            lambda meta: {**meta, "splits": {**meta["splits"], "val": {"shards": [{"file": "val_000000.bin"}]}}},
+            r"'splits\.val\.shards\[0\]' needs keys 'file' \(a file name\) and 'tokens'",
+        ),
+        (
+            lambda meta: {**meta, "splits": {**meta["splits"], "val": {"shards": [{"file": "../x.bin", "tokens": 1}]}}},
+            r"'splits\.val\.shards\[0\]' needs keys 'file' \(a file name\)",
+        ),
+    ],
+    ids=["invalid-json", "not-an-object", "vocab-size", "splits", "shards", "shard-tokens", "shard-path"],
+)
+def test_a_damaged_meta_json_is_one_line_naming_the_key(make_token_data, damage, message):
+    data = make_token_data()
+    damaged = damage(json.loads((data / "meta.json").read_text()))
+    (data / "meta.json").write_text(damaged if isinstance(damaged, str) else json.dumps(damaged))
+    with pytest.raises(UserError, match=message) as error:
+        TokenWindows(data, "val", block_size=16)
+    assert str(data / "meta.json") in str(error.value) and "--force" in str(error.value)
