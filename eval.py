@@ -51,14 +51,14 @@ from sample import DTYPES, load_model
 
 @dataclass
 class EvalConfig:
-    ckpt: str | None = None  # a run directory (its newest checkpoint), a checkpoint, an HF GPT-2 directory or Hub name
+    ckpt: str | None = None  # run dir (newest checkpoint), checkpoint, HF dir or Hub name; None: newest run in out/
     init: str = "checkpoint"  # or "random": an untrained GPT-2 124M (to time the tasks)
     tasks: str = "hellaswag,lambada_openai"  # comma-separated, from: hellaswag, lambada_openai
     hellaswag_file: str | None = None  # a JSONL file of Rowan/hellaswag's validation rows; None: from the Hub
     lambada_openai_file: str | None = None  # a JSONL file of EleutherAI/lambada_openai's test rows; None: from the Hub
     limit: int | None = None  # score the first N items of each task; None: all
     batch_tokens: int = 4096  # padded tokens per forward pass; its logits take batch_tokens x 50257 x dtype's bytes
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cuda (under torchrun: each rank its own GPU) or cpu
     dtype: str = "float32"  # float32, bfloat16 or float16
     dist_timeout_minutes: float = 10.0  # under torchrun: how long a rank waits for the others
 
@@ -117,9 +117,11 @@ def lambada_metrics(totals: dict[str, float], count: int) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class Task:
+    """What tells one task from the other: its rows, its items and its metrics."""
+
     hub: tuple[str, str | None, str]  # the rows lm-eval reads: dataset, its config, its split
     columns: tuple[str, ...]  # what each row must have
-    item: Callable[[dict], Item]
+    item: Callable[[dict], Item]  # a row as the item lm-eval makes of it
     scores: Callable[[Item, list[float], list[bool]], dict[str, float]]  # one item's, summed over items
     metrics: Callable[[dict[str, float], int], dict[str, float]]  # from the sums and the number of items
 
