@@ -78,3 +78,24 @@ def test_merges_are_in_rank_order(tmp_path):
     assert merges[0] == "#version: 0.2" and len(merges) == 1 + VOCAB_SIZE - 257
     assert merges[1] == "Ġ t" and vocab["Ġt"] == 256  # " t", the first merge
     assert all(vocab["".join(merge.split(" "))] == 256 + i for i, merge in enumerate(merges[1:]))
+
+
+def test_a_model_directory_with_the_hf_files_generates_in_a_pipeline(tmp_path):
+    """save_pretrained + save_hf_tokenizer + generation_config.json: HF's pipeline opens the directory
+    as it is and continues a prompt greedily with our model's tokens."""
+    import torch
+    from transformers import pipeline
+
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, dropout=0.0)).eval()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_hf_tokenizer(tmp_path, model_max_length=64)
+    (tmp_path / "generation_config.json").write_text(json.dumps(tokenizer.hf_generation_config()))
+    prompt = "I was telling her that"
+    ours = model.generate(torch.tensor([encode(prompt)]), max_new_tokens=8, do_sample=False)[0].tolist()
+    generated = pipeline("text-generation", model=str(tmp_path), device="cpu")(
+        prompt, max_new_tokens=8, do_sample=False, return_full_text=True
+    )
+    assert generated[0]["generated_text"] == decode(ours)
