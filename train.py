@@ -143,6 +143,8 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
             raise UserError(f"{key}={value}: must be in [0, 1)")
     if not 0 <= cfg.warmup_ratio <= 1:
         raise UserError(f"warmup_ratio={cfg.warmup_ratio}: must be in [0, 1] (a fraction of the steps)")
+    if cfg.run_name.strip() in ("", ".", ".."):
+        raise UserError(f"run_name={cfg.run_name!r}: must name the run's own directory under out_dir, such as gpt2")
     if cfg.init_from == "resume":
         raise UserError("init_from='resume' is not a starting point; use --resume=auto (this run's newest checkpoint)")
     check_device(cfg.device)
@@ -550,8 +552,11 @@ class Reporter:
 
     def _record(self, step: int, metrics: dict) -> None:
         metrics = {"step": step, "tokens": step * self._tokens_per_step, **metrics}
-        with open(self._run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        try:
+            with open(self._run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        except OSError as e:
+            raise unwritable(self._run_dir, e) from None
         if self._wandb_run:
             self._wandb_run.log(metrics, step=step)
 
@@ -605,11 +610,24 @@ def start_wandb(cfg: TrainConfig, run_id: str | None):
         ) from None
 
 
+def unwritable(run_dir: Path, error: OSError) -> UserError:
+    """The error for a run file that could not be written: a full disk, or something else at its path."""
+    newest = latest_checkpoint(run_dir)
+    return UserError(
+        f"could not write {error.filename2 or error.filename or run_dir} ({error.strerror or error}); free space in "
+        f"{run_dir} (or move aside what is at that path), then --resume=auto "
+        + (f"continues from {newest.name}" if newest else "starts the run again (no checkpoint yet)")
+    )
+
+
 def open_run(cfg: TrainConfig, run_dir: Path, start_step: int, wandb_run_id: str | None):
     """Rank 0: the run directory, its config and metrics as of start_step, and wandb (None if off)."""
     make_dir(run_dir)
-    atomic_write_bytes(run_dir / "train_config.json", (json.dumps(asdict(cfg), indent=2) + "\n").encode())
-    truncate_metrics(run_dir / "metrics.jsonl", start_step)
+    try:
+        atomic_write_bytes(run_dir / "train_config.json", (json.dumps(asdict(cfg), indent=2) + "\n").encode())
+        truncate_metrics(run_dir / "metrics.jsonl", start_step)
+    except OSError as e:
+        raise unwritable(run_dir, e) from None
     return start_wandb(cfg, wandb_run_id) if cfg.wandb_log else None
 
 

@@ -49,6 +49,7 @@ def copy_run(finished, tmp_path) -> Path:
         ("--eps=nan", "eps=nan: must be a finite number"),
         ("--weight_decay=-0.1", "weight_decay=-0.1: must be 0 or more"),
         ("--dist_timeout_minutes=inf", "dist_timeout_minutes=inf: must be a finite number"),
+        ("--run_name=", "run_name='': must name the run's own directory under out_dir"),
     ],
 )
 def test_bad_values_are_refused_before_the_model_is_built(data, tmp_path, monkeypatch, override, message):
@@ -75,6 +76,13 @@ def test_an_out_dir_that_is_a_file_is_refused(data, tmp_path):
     with pytest.raises(UserError, match="it or a parent is a file; pick another --out_dir"):
         train.main(args(data, tmp_path / "file" / "sub", "--max_steps=1"))
     assert (tmp_path / "file").read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("name", ["train_config.json", "metrics.jsonl"])
+def test_a_run_file_that_cannot_be_written_is_named(data, tmp_path, name):
+    (tmp_path / "run" / name).mkdir(parents=True)  # something else at its path, as a full disk refuses it too
+    with pytest.raises(UserError, match=rf"could not write .*{name}.*\(Is a directory\); free space in .*run"):
+        train.main(args(data, tmp_path, "--max_steps=2"))
 
 
 def test_resuming_past_max_steps_is_refused_with_the_fix(data, finished, tmp_path):
