@@ -15,6 +15,7 @@ however that ends (kill -9 included); the empty file stays.
 """
 
 import json
+import pickle
 import re
 import shutil
 import zipfile
@@ -123,8 +124,13 @@ def damage(checkpoint: Path) -> str | None:
         try:
             check(path)
         except Exception as e:  # noqa: BLE001 - each reader has its own errors for a damaged file
-            return f"{path} is damaged ({one_line(e)})"
+            return f"{path} is damaged ({first_sentence(e)})"
     return None
+
+
+def first_sentence(error: BaseException) -> str:
+    """A reader's error, short: torch's run on for lines of advice that do not fit a damaged file."""
+    return one_line(error).split(". ")[0]
 
 
 def refuse_damaged(path: Path, problem: str, run_dir: Path) -> UserError:
@@ -257,7 +263,13 @@ class Checkpointer:
         state = resume_from.state if resume_from else TrainerState()
         changes = {}
         if resume_from:
-            saved = torch.load(resume_from.path / "optimizer.pt", map_location=self.cfg.device, weights_only=True)
+            path = resume_from.path / "optimizer.pt"
+            try:  # its zip directory was checked (damage); a member can still be corrupt
+                saved = torch.load(path, map_location=self.cfg.device, weights_only=True)
+            except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+                raise refuse_damaged(
+                    resume_from.path, f"{path} is damaged ({first_sentence(e)})", self.run_dir
+                ) from None
             saved_lr = saved["param_groups"][0]["lr"]
             for saved_group, group in zip(saved["param_groups"], self.optimizer.param_groups, strict=True):
                 saved_group.update({key: value for key, value in group.items() if key != "params"})

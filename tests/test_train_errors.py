@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,7 @@ def test_a_resume_trains_with_its_own_optimizer_settings_and_says_so(data, finis
     [
         ("model.safetensors", "truncate"),
         ("optimizer.pt", "truncate"),
+        ("optimizer.pt", "zero the pickle"),  # its zip directory intact: found when it loads
         ("trainer_state.pt", "delete"),
         ("config.json", "corrupt"),
         ("train_config.json", "delete"),
@@ -169,6 +171,12 @@ def test_a_damaged_checkpoint_names_the_intact_one_before_it(data, finished, tmp
         damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
     elif how == "delete":
         damaged.unlink()
+    elif how == "zero the pickle":
+        member = zipfile.ZipFile(damaged).infolist()[0]  # .../data.pkl, written first
+        start = member.header_offset + 30 + len(member.filename) + len(member.extra)  # after its local header
+        content = bytearray(damaged.read_bytes())
+        content[start : start + member.compress_size] = bytes(member.compress_size)
+        damaged.write_bytes(content)
     else:
         damaged.write_text('{"n_layer": 2,')
     resume = args(data, tmp_path, "--batch_size=8", "--max_steps=4", "--checkpoint_interval=2", "--resume=auto")
