@@ -164,16 +164,16 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
 def check_device(device: str) -> None:
     """cpu, cuda, cuda:N or mps, where this machine has it."""
     try:
-        kind, index = torch.device(device).type, torch.device(device).index
+        parsed = torch.device(device)
     except RuntimeError:
-        kind, index = None, None
-    if kind not in ("cpu", "cuda", "mps"):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"device={device}: not a device; use cpu, cuda (cuda:N for the Nth GPU) or mps")
-    if kind == "cuda" and not torch.cuda.is_available():
+    if parsed.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={device} but no GPU is visible; use --device=cpu")
-    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
-        raise UserError(f"device={device} but {torch.cuda.device_count()} GPUs are visible; use cuda:0 up to cuda:N-1")
-    if kind == "mps" and not torch.backends.mps.is_available():
+    if parsed.type == "cuda" and (parsed.index or 0) >= (count := torch.cuda.device_count()):
+        raise UserError(f"device={device} but {count} GPUs are visible; use cuda:0 to cuda:{count - 1}")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"device={device} but this machine has no MPS (Apple GPU); use --device=cpu")
 
 
