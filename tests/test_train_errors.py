@@ -190,6 +190,17 @@ def test_a_damaged_checkpoint_names_the_intact_one_before_it(data, finished, tmp
     assert latest_checkpoint(run).name == "ckpt_0000004"
 
 
+@pytest.mark.parametrize("file", ["model.safetensors", "config.json"])
+def test_a_damaged_init_from_directory_is_named(data, finished, tmp_path, file):
+    hf = tmp_path / "hf"
+    shutil.copytree(finished / "run" / "ckpt_0000004", hf)
+    (hf / file).write_bytes((hf / file).read_bytes()[:20])
+    with pytest.raises(
+        UserError, match=r"hf: its model does not load \((SafetensorError|JSONDecodeError): .*intact HF"
+    ):
+        train.main(args(data, tmp_path, f"--init_from={hf}", "--max_steps=1"))
+
+
 def test_a_checkpoint_is_never_written_with_nonfinite_weights(data, tmp_path, monkeypatch):
     """Weights that turn NaN after step 3 (as a huge learning rate makes them): the checkpoint at step 4
     is refused and the error names the newest finite one."""
