@@ -6,23 +6,35 @@ directory is whole (a process killed mid-write leaves only a .tmp, cleared at th
     optimizer.pt                      AdamW state
     trainer_state.pt                  TrainerState as a plain dict: step, scheduler, RNG state of every rank, ...
     train_config.json                 the TrainConfig that wrote it
-Everything is loaded with weights_only=True.
+Everything is loaded with weights_only=True. A checkpoint is written only when every weight and
+optimizer tensor is finite, and one is resumed only when each of its files is whole (see `damage`).
+
+out/<run>.lock is held by the job that writes out/<run> (its rank 0), for as long as it runs: a
+second job on the same run is refused at once. It is an OS lock, released with its process
+however that ends (kill -9 included); the empty file stays.
 """
 
 import json
+import pickle
 import re
 import shutil
+import zipfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from filelock import FileLock, Timeout
+from safetensors import SafetensorError, safe_open
 
 from common import UserError, publish, temp_path
-from distributed import Job
+from distributed import Job, one_line
 
 CHECKPOINT_PATTERN = re.compile(r"ckpt_(\d+)")
+# The config keys a resumed run takes from its own config rather than the checkpoint's: AdamW's
+# hyperparameters, the clipping and the schedule (evaluated from the step reached on).
+OPTIMIZATION_KEYS = "learning_rate weight_decay beta1 beta2 eps grad_clip warmup_ratio max_steps epochs".split()
 
 
 @dataclass
@@ -50,10 +62,89 @@ class TrainerState:
 
 @dataclass
 class Checkpoint:
-    """A complete checkpoint directory and the trainer state read from it."""
+    """A complete checkpoint directory, the trainer state and the config read from it."""
 
     path: Path
     state: TrainerState
+    config: dict  # its train_config.json: what it was trained with
+
+
+def make_dir(path: Path) -> None:
+    """Creates directory `path` (and its parents), or says in one line why it cannot be one."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"{path} cannot be a directory: it or a parent is a file; pick another --out_dir") from None
+    except OSError as e:
+        raise UserError(f"cannot create {path} ({e.strerror}); pick another --out_dir") from None
+
+
+@contextmanager
+def run_dir_lock(job: Job, run_dir: Path):
+    """Holds out/<run>.lock on rank 0 while the block runs; refuses at once (on every rank) when
+    another process holds it."""
+    lock = FileLock(run_dir.with_name(run_dir.name + ".lock")) if job.rank == 0 else None
+
+    def acquire() -> None:
+        make_dir(run_dir.parent)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise UserError(
+                f"{run_dir} is in use by another train.py (it holds {lock.lock_file}); "
+                "wait for it to end, or pick another --run_name"
+            ) from None
+        except OSError as e:
+            raise UserError(f"cannot lock {lock.lock_file} ({e.strerror}); pick another --out_dir") from None
+
+    job.on_rank0(acquire)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def damage(checkpoint: Path) -> str | None:
+    """What is wrong with a checkpoint directory, naming the file, or None when each file is whole:
+    present, JSON objects that parse, a safetensors header that covers its file, a zip directory at
+    the end of optimizer.pt (a truncated write loses it) and a trainer state that loads. The tensors'
+    bytes are not read, so a flipped bit inside them goes unseen."""
+    checks = {
+        "trainer_state.pt": lambda path: TrainerState.load(path.parent),
+        "config.json": lambda path: dict(json.loads(path.read_text())),
+        "train_config.json": lambda path: dict(json.loads(path.read_text())),
+        "model.safetensors": lambda path: safe_open(path, "pt").keys(),
+        "optimizer.pt": lambda path: zipfile.ZipFile(path).close(),
+    }
+    for name, check in checks.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{path} is missing"
+        try:
+            check(path)
+        except Exception as e:  # noqa: BLE001 - each reader has its own errors for a damaged file
+            return f"{path} is damaged ({first_sentence(e)})"
+    return None
+
+
+def first_sentence(error: BaseException) -> str:
+    """A reader's error, short: torch's run on for lines of advice that do not fit a damaged file."""
+    return one_line(error).split(". ")[0]
+
+
+def refuse_damaged(path: Path, problem: str, run_dir: Path) -> UserError:
+    """The error for a damaged checkpoint: its problem, and the newest intact checkpoint before it."""
+    step = int(m.group(1)) if (m := CHECKPOINT_PATTERN.fullmatch(path.name)) else None
+    earlier = sorted((s, p) for s, p in checkpoints(path.parent).items() if step is None or s < step)
+    intact = next((p for _, p in reversed(earlier) if damage(p) is None), None)
+    if intact is None:
+        fix = "no earlier checkpoint is intact: start a new run (another --run_name, or remove the damaged one)"
+    elif path.parent.resolve() == run_dir.resolve():
+        fix = f"move it aside (mv {path} {path}.damaged), then --resume=auto continues from {intact}, which is intact"
+    else:
+        fix = f"resume from --resume={intact} instead, which is intact"
+    return UserError(f"{problem}; {fix}")
 
 
 def checkpoints(run_dir) -> dict[int, Path]:
@@ -71,9 +162,10 @@ def latest_checkpoint(run_dir) -> Path | None:
     return steps[max(steps)] if steps else None
 
 
-def find_resume_checkpoint(cfg, run_dir: Path, data_order: dict | None) -> Checkpoint | None:
+def find_resume_checkpoint(cfg, run_dir: Path, data_order: dict | None, max_steps: int) -> Checkpoint | None:
     """The checkpoint a run (a TrainConfig) continues from, or None for a new run. Refuses to
-    overwrite a run's checkpoints, and to continue one with another data order (None: not training).
+    overwrite a run's checkpoints, to continue one with another data order (None: not training) or
+    past the run's last step (max_steps), and a damaged one, naming the intact one to take instead.
 
     Rank 0 alone decides (Job.on_rank0) and reads its trainer state: on a shared filesystem with stale
     directory caches, ranks could list different newest checkpoints and continue from different steps.
@@ -92,10 +184,12 @@ def find_resume_checkpoint(cfg, run_dir: Path, data_order: dict | None) -> Check
         path = existing[max(existing)]
     else:
         path = Path(cfg.resume)
-        if not (path / "trainer_state.pt").is_file():
+        if not (path / "trainer_state.pt").is_file() and not CHECKPOINT_PATTERN.fullmatch(path.name):
             raise UserError(
                 f"--resume={cfg.resume}: no trainer_state.pt there; pass a ckpt_* directory or --resume=auto"
             )
+    if problem := damage(path):
+        raise refuse_damaged(path, problem, run_dir)
     state = TrainerState.load(path)
     newer = [p.name for s, p in sorted(existing.items()) if s > state.step]
     if newer and not cfg.eval_only:
@@ -108,7 +202,13 @@ def find_resume_checkpoint(cfg, run_dir: Path, data_order: dict | None) -> Check
             f"{path} was trained with {state.data_order}, this run has {data_order}; "
             "resume with the same seed, batch_size and data, or start a new run"
         )
-    return Checkpoint(path, state)
+    if data_order is not None and state.step > max_steps:
+        raise UserError(
+            f"{path} is at step {state.step}, past this run's last step {max_steps} "
+            f"({f'max_steps={cfg.max_steps}' if cfg.max_steps else f'epochs={cfg.epochs}'}); pass a larger "
+            f"--max_steps to train on (or --eval_only to evaluate it)"
+        )
+    return Checkpoint(path, state, json.loads((path / "train_config.json").read_text()))
 
 
 def rng_state(device: str) -> dict:
@@ -151,18 +251,44 @@ class Checkpointer:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.data_order = data_order
 
-    def restore(self, resume_from: Checkpoint | None) -> TrainerState:
-        """Loads the optimizer and schedule of resume_from and continues this rank's random streams from it;
-        a new run (None) seeds them from (seed, rank). Returns the trainer state the run continues with."""
+    def restore(self, resume_from: Checkpoint | None) -> tuple[TrainerState, dict]:
+        """Loads the optimizer's moments and step counts from resume_from, continues the schedule from its
+        step and this rank's random streams from it; a new run (None) seeds them from (seed, rank).
+
+        AdamW's hyperparameters and the schedule are this run's (cfg), whatever the checkpoint's were, so
+        that the config a run records is the one it trains with. Returns the trainer state the run
+        continues with, and the OPTIMIZATION_KEYS whose values differ from the checkpoint's, as
+        {key: [checkpoint's, this run's]} with the learning rate at the step reached as 'lr'.
+        """
         state = resume_from.state if resume_from else TrainerState()
+        changes = {}
         if resume_from:
-            optimizer_path = resume_from.path / "optimizer.pt"
-            self.optimizer.load_state_dict(torch.load(optimizer_path, map_location=self.cfg.device, weights_only=True))
-            self.scheduler.load_state_dict(state.scheduler)
+            path = resume_from.path / "optimizer.pt"
+            try:  # its zip directory was checked (damage); a member can still be corrupt
+                saved = torch.load(path, map_location=self.cfg.device, weights_only=True)
+            except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+                raise refuse_damaged(
+                    resume_from.path, f"{path} is damaged ({first_sentence(e)})", self.run_dir
+                ) from None
+            saved_lr = saved["param_groups"][0]["lr"]
+            for saved_group, group in zip(saved["param_groups"], self.optimizer.param_groups, strict=True):
+                saved_group.update({key: value for key, value in group.items() if key != "params"})
+            self.optimizer.load_state_dict(saved)
+            base_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]
+            self.scheduler.load_state_dict({**state.scheduler, "base_lrs": base_lrs, "last_epoch": state.step - 1})
+            self.scheduler.step()  # this run's schedule at the step reached: sets each group's lr
+            ours = asdict(self.cfg)
+            changes = {
+                key: [resume_from.config.get(key), ours[key]]
+                for key in OPTIMIZATION_KEYS
+                if resume_from.config.get(key) != ours[key]
+            }
+            if changes:
+                changes["lr"] = [saved_lr, self.scheduler.get_last_lr()[0]]
         note = restore_rng(state.rng, self.job, self.cfg.device, self.cfg.seed, state.step)
         if note:
             self.job.announce(f"{resume_from.path} was {note}")
-        return state
+        return state, changes
 
     def should_save(self, step: int, last_step: bool, stopping: bool) -> bool:
         return step % self.cfg.checkpoint_interval == 0 or last_step or stopping
@@ -173,6 +299,13 @@ class Checkpointer:
         rng_by_rank = self.job.gather(rng_state(self.cfg.device))
 
         def write() -> Path:
+            if broken := nonfinite_tensor(self.model, self.optimizer):
+                newest = latest_checkpoint(self.run_dir)
+                raise UserError(
+                    f"step {step}: {broken} holds inf or NaN, so no checkpoint is written; "
+                    + (f"the newest finite one is {newest}" if newest else "no checkpoint was written before")
+                    + ": resume it with a lower learning_rate (or check the data)"
+                )
             state = TrainerState(
                 step, self.scheduler.state_dict(), rng_by_rank, self.data_order, nonfinite_steps, wandb_run_id
             )
@@ -181,6 +314,17 @@ class Checkpointer:
         path = self.job.on_rank0(write, share=True)
         self.job.announce(f"step {step}: saved {path}")
         return path
+
+
+def nonfinite_tensor(model, optimizer) -> str | None:
+    """The name of the first weight or optimizer-state tensor holding inf or NaN; None when all are finite."""
+    names = {param: name for name, param in model.named_parameters()}
+    tensors = dict(model.named_parameters())
+    for param, param_state in optimizer.state.items():
+        tensors.update(
+            {f"{names[param]}'s {key}": value for key, value in param_state.items() if torch.is_tensor(value)}
+        )
+    return next((name for name, tensor in tensors.items() if not bool(tensor.detach().isfinite().all())), None)
 
 
 def write_checkpoint(run_dir: Path, model, optimizer, state: TrainerState, cfg) -> Path:

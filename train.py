@@ -20,11 +20,14 @@ A run's directory (sample.py reads its newest checkpoint):
 out/<run>/train_config.json   the resolved config (not config.json: that name marks an HF model dir)
 out/<run>/metrics.jsonl       one JSON record per log step, skipped step and eval; loss.png plots it
 out/<run>/ckpt_<step:07d>/    the checkpoints (checkpoint.py)
+out/<run>.lock                held by the job training the run: a second one is refused (checkpoint.py)
 Every rank reads data and checkpoints from the same paths: on many nodes, a shared filesystem.
 SIGTERM (preemption), SIGINT or SIGHUP, to any or all processes of the job and however many times,
 ends the current step on every rank, saves a checkpoint of it and exits with status 128 + the
 signal once it is complete; `--resume=auto` then continues as if nothing had happened (bitwise, on
 CPU). A failure on any rank ends the whole job within seconds (distributed.py says how).
+A resumed run trains with its own learning rate, AdamW settings, clipping and schedule (continued
+from the step reached); it prints and records in metrics.jsonl which of them differ from the checkpoint's.
 """
 
 import dataclasses
@@ -32,6 +35,7 @@ import functools
 import json
 import math
 import os
+import pickle
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -43,11 +47,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.lr_scheduler import LambdaLR
 
 import configurator
-from checkpoint import Checkpoint, Checkpointer, TrainerState, find_resume_checkpoint, latest_checkpoint
+from checkpoint import (
+    Checkpoint,
+    Checkpointer,
+    TrainerState,
+    find_resume_checkpoint,
+    first_sentence,
+    latest_checkpoint,
+    make_dir,
+    run_dir_lock,
+)
 from common import UserError, atomic_write_bytes
 from distributed import Job
 from model import GPT, GPTConfig
@@ -119,15 +133,24 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
                 f"{key}={value}: must be positive"
                 + (" (keep_checkpoints=1 keeps the newest only)" if key == "keep_checkpoints" else "")
             )
+    for field in dataclasses.fields(cfg):
+        if isinstance(value := getattr(cfg, field.name), float) and not math.isfinite(value):
+            raise UserError(f"{field.name}={value}: must be a finite number")
+    for key in ("weight_decay", "eps"):
+        if (value := getattr(cfg, key)) < 0:
+            raise UserError(f"{key}={value}: must be 0 or more")
+    if not 0 <= cfg.seed < 2**63:
+        raise UserError(f"seed={cfg.seed}: must be an integer in [0, 2**63)")
     for key in ("dropout", "beta1", "beta2"):
         if not 0 <= (value := getattr(cfg, key)) < 1:
             raise UserError(f"{key}={value}: must be in [0, 1)")
     if not 0 <= cfg.warmup_ratio <= 1:
         raise UserError(f"warmup_ratio={cfg.warmup_ratio}: must be in [0, 1] (a fraction of the steps)")
+    if cfg.run_name.strip() in ("", ".", ".."):
+        raise UserError(f"run_name={cfg.run_name!r}: must name the run's own directory under out_dir, such as gpt2")
     if cfg.init_from == "resume":
         raise UserError("init_from='resume' is not a starting point; use --resume=auto (this run's newest checkpoint)")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={cfg.device} but no GPU is visible; use --device=cpu")
+    check_device(cfg.device)
     if cfg.dtype not in (None, "bfloat16", "float32"):
         raise UserError(f"dtype={cfg.dtype}: use bfloat16 (autocast) or float32; float16 would need loss scaling")
     if cfg.batch_size % world_size:
@@ -139,6 +162,22 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
             f"micro_batch_size={cfg.micro_batch_size} does not divide the {cfg.batch_size // world_size} sequences "
             f"per process (batch_size={cfg.batch_size} over {world_size}); pick a divisor"
         )
+
+
+def check_device(device: str) -> None:
+    """cpu, cuda, cuda:N or mps, where this machine has it."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"device={device}: not a device; use cpu, cuda (cuda:N for the Nth GPU) or mps")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={device} but no GPU is visible; use --device=cpu")
+    if parsed.type == "cuda" and (parsed.index or 0) >= (count := torch.cuda.device_count()):
+        raise UserError(f"device={device} but {count} GPUs are visible; use cuda:0 to cuda:{count - 1}")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device={device} but this machine has no MPS (Apple GPU); use --device=cpu")
 
 
 def native_dtype(device: str) -> str:
@@ -212,7 +251,13 @@ def build_model(cfg: TrainConfig, source, meta: dict) -> GPT:
         check_model_fits_data(config, cfg, meta)
         torch.manual_seed(cfg.seed)  # the same initial weights whatever the number of ranks
         return GPT(config)
-    model = GPT.from_pretrained(str(source), dropout=cfg.dropout).train()  # from_pretrained gives eval mode, as HF's
+    try:
+        model = GPT.from_pretrained(str(source), dropout=cfg.dropout).train()  # eval mode from from_pretrained, as HF's
+    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, pickle.UnpicklingError) as e:  # a damaged file
+        raise UserError(
+            f"{source}: its model does not load ({first_sentence(e)}); pass an intact HF GPT-2 directory "
+            "(a damaged ckpt_* directory: move it aside, and --resume=auto takes the one before)"
+        ) from None
     check_model_fits_data(model.config, cfg, meta)
     return model
 
@@ -495,6 +540,20 @@ class Reporter:
             metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu}
             self._record(step, {**metrics, "nonfinite_steps": self.nonfinite_steps})
 
+    def log_changes(self, step: int, changes: dict) -> None:
+        """What a resumed run changed of the checkpoint's optimization ({key: [checkpoint's, this run's]}),
+        printed and recorded: from this step on the run's own values apply."""
+        if not changes:
+            return
+        listed = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changes.items() if key != "lr")
+        old_lr, new_lr = changes["lr"]
+        self._job.announce(
+            f"resumed with changes: {listed}; they apply from step {step + 1} on, the schedule continuing from step "
+            f"{step} (lr {old_lr:.3e} -> {new_lr:.3e})"
+        )
+        if self._job.rank == 0:
+            self._record(step, {"resumed_with_changes": changes})
+
     def log_eval(self, step: int, val_loss: float) -> None:
         self._job.announce(f"step {step}: val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}")
         if self._job.rank == 0:
@@ -502,8 +561,11 @@ class Reporter:
 
     def _record(self, step: int, metrics: dict) -> None:
         metrics = {"step": step, "tokens": step * self._tokens_per_step, **metrics}
-        with open(self._run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        try:
+            with open(self._run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        except OSError as e:
+            raise unwritable(self._run_dir, e) from None
         if self._wandb_run:
             self._wandb_run.log(metrics, step=step)
 
@@ -525,8 +587,18 @@ def peak_bf16_flops(device: str) -> float | None:
 def truncate_metrics(path: Path, step: int) -> None:
     """Drops the records after `step`: they come from an attempt that died before its next checkpoint."""
     if path.exists():
-        lines = path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
+        kept = []
+        for number, line in enumerate(path.read_text().splitlines(keepends=True), start=1):
+            if not line.endswith("\n"):  # the partial last line of a killed writer
+                continue
+            try:
+                record_step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                raise UserError(
+                    f"{path}, line {number}: not a metrics record; fix or remove that line, then resume again"
+                ) from None
+            if record_step <= step:
+                kept.append(line)
         atomic_write_bytes(path, "".join(kept).encode())
 
 
@@ -547,11 +619,24 @@ def start_wandb(cfg: TrainConfig, run_id: str | None):
         ) from None
 
 
+def unwritable(run_dir: Path, error: OSError) -> UserError:
+    """The error for a run file that could not be written: a full disk, or something else at its path."""
+    newest = latest_checkpoint(run_dir)
+    return UserError(
+        f"could not write {error.filename2 or error.filename or run_dir} ({error.strerror or error}); free space in "
+        f"{run_dir} (or move aside what is at that path), then --resume=auto "
+        + (f"continues from {newest.name}" if newest else "starts the run again (no checkpoint yet)")
+    )
+
+
 def open_run(cfg: TrainConfig, run_dir: Path, start_step: int, wandb_run_id: str | None):
     """Rank 0: the run directory, its config and metrics as of start_step, and wandb (None if off)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(run_dir / "train_config.json", (json.dumps(asdict(cfg), indent=2) + "\n").encode())
-    truncate_metrics(run_dir / "metrics.jsonl", start_step)
+    make_dir(run_dir)
+    try:
+        atomic_write_bytes(run_dir / "train_config.json", (json.dumps(asdict(cfg), indent=2) + "\n").encode())
+        truncate_metrics(run_dir / "metrics.jsonl", start_step)
+    except OSError as e:
+        raise unwritable(run_dir, e) from None
     return start_wandb(cfg, wandb_run_id) if cfg.wandb_log else None
 
 
@@ -563,9 +648,11 @@ def main(argv: list[str]) -> None:
     job = Job(cfg.device, timedelta(minutes=cfg.dist_timeout_minutes))
     clean, stop_signal = False, 0
     try:
-        stop_signal = train(
-            dataclasses.replace(cfg, device=job.device, dtype=cfg.dtype or native_dtype(job.device)), job
-        )
+        # Evaluating writes nothing: it may read a run that another job is writing.
+        with nullcontext() if cfg.eval_only else run_dir_lock(job, Path(cfg.out_dir) / cfg.run_name):
+            stop_signal = train(
+                dataclasses.replace(cfg, device=job.device, dtype=cfg.dtype or native_dtype(job.device)), job
+            )
         clean = True
     except BaseException as e:
         job.fail(e)
@@ -582,7 +669,7 @@ def train(cfg: TrainConfig, job: Job) -> int:
     autocast = set_precision(cfg)
     run_dir = Path(cfg.out_dir) / cfg.run_name
     data = load_data(cfg)
-    resume_from = job.on_rank0(lambda: find_resume_checkpoint(cfg, run_dir, data.order), share=True)
+    resume_from = job.on_rank0(lambda: find_resume_checkpoint(cfg, run_dir, data.order, data.max_steps), share=True)
     source = model_source(cfg, resume_from)
     raw_model = build_model(cfg, source, data.val.meta).to(cfg.device)
     cfg = with_model_shape(cfg, raw_model)
@@ -607,10 +694,11 @@ def train(cfg: TrainConfig, job: Job) -> int:
     )
     scheduler = cosine_schedule(optimizer, data.max_steps, cfg.warmup_ratio)
     checkpointer = Checkpointer(job, run_dir, cfg, raw_model, optimizer, scheduler, data.order)
-    state = checkpointer.restore(resume_from)
+    state, changes = checkpointer.restore(resume_from)
     with Reporter(cfg, job, run_dir, data.max_steps, state, flops_per_token(raw_model, cfg)) as reporter:
         plan = describe_batches(cfg, job, micro_batch_size, data, state.step)
         job.announce(plan + (f" (resumed from {resume_from.path})" if resume_from else ""))
+        reporter.log_changes(state.step, changes)
         if state.step == data.max_steps:
             job.announce(f"{run_dir} already finished its {data.max_steps} steps")
             return 0

@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from filelock import FileLock, Timeout
 from safetensors.torch import load_file
 from test_train import TINY, assert_same_training, metrics, weights
 
@@ -227,6 +228,23 @@ def test_ranks_with_different_listings_resume_the_same_checkpoint(data, uninterr
     stdout = run_job(data, tmp_path, "--batch_size=4", *STOP_TEST_STEPS, "--resume=auto", fault="stale_listing")
     assert "resumed from" in stdout and "ckpt_0000020" in stdout
     assert_same_weights(tmp_path, uninterrupted)
+
+
+def test_rank0_holds_the_run_directory_for_its_job_and_a_second_job_is_refused(data, tmp_path):
+    endless = ["--max_steps=100000", "--eval_interval=100000", "--checkpoint_interval=100000"]
+    first = torchrun(data, tmp_path, "--batch_size=4", *endless, fault="slow_batches")
+    wait_for_step(tmp_path, 2, first)
+    with pytest.raises(Timeout):
+        FileLock(tmp_path / "run.lock").acquire(timeout=0)
+    started = time.time()
+    returncode, stdout, stderr = finish(torchrun(data, tmp_path, "--batch_size=4", "--max_steps=2", "--seed=7"))
+    assert returncode != 0 and time.time() - started < 60, stderr[-3000:]
+    assert "train.py: error: " in stderr and "is in use by another train.py" in stderr, stderr[-3000:]
+    assert "rank 1 stops: rank 0 failed" in stderr
+    assert metrics(tmp_path)[0]["step"] == 1 and first.poll() is None  # the first job's records and run go on
+    os.killpg(first.pid, signal.SIGKILL)  # kill -9 of the whole job: its lock goes with it
+    first.communicate()
+    FileLock(tmp_path / "run.lock").acquire(timeout=0)
 
 
 def two_nodes(data, out, *extra, fault=None):

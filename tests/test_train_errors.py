@@ -1,0 +1,235 @@
+"""train.py's answers to mistakes: one line naming the file or key and the fix, and nothing lost or
+recorded untrue: a run directory in use, a resume with other optimizer settings, a damaged checkpoint,
+non-finite weights, bad values and paths."""
+
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from filelock import FileLock
+from test_train import ROOT, args, metrics, weights
+
+import train
+from checkpoint import latest_checkpoint
+from common import UserError
+
+
+@pytest.fixture(scope="module")
+def data(make_token_data):
+    return make_token_data()
+
+
+@pytest.fixture(scope="module")
+def finished(data, tmp_path_factory):
+    """A 4-step run with checkpoints at steps 2 and 4."""
+    out = tmp_path_factory.mktemp("finished")
+    train.main(args(data, out, "--batch_size=8", "--max_steps=4", "--checkpoint_interval=2", "--eval_interval=2"))
+    return out
+
+
+def copy_run(finished, tmp_path) -> Path:
+    shutil.copytree(finished / "run", tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--device=gpu", "device=gpu: not a device; use cpu, cuda"),
+        ("--seed=-1", r"seed=-1: must be an integer in \[0, 2\*\*63\)"),
+        ("--learning_rate=inf", "learning_rate=inf: must be a finite number"),
+        ("--grad_clip=inf", "grad_clip=inf: must be a finite number"),
+        ("--eps=nan", "eps=nan: must be a finite number"),
+        ("--weight_decay=-0.1", "weight_decay=-0.1: must be 0 or more"),
+        ("--dist_timeout_minutes=inf", "dist_timeout_minutes=inf: must be a finite number"),
+        ("--run_name=", "run_name='': must name the run's own directory under out_dir"),
+    ],
+)
+def test_bad_values_are_refused_before_the_model_is_built(data, tmp_path, monkeypatch, override, message):
+    monkeypatch.setattr(train, "GPT", None)  # building a model would be a TypeError
+    with pytest.raises(UserError, match=message):
+        train.main(args(data, tmp_path, override))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_device_is_one_line_without_a_traceback(data, tmp_path):
+    command = [sys.executable, "train.py", *args(data, tmp_path, "--device=gpu")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip().startswith("train.py: error: device=gpu: not a device")
+        and "\n" not in result.stderr.strip()
+    )
+
+
+def test_an_out_dir_that_is_a_file_is_refused(data, tmp_path):
+    (tmp_path / "file").write_text("mine\n")
+    with pytest.raises(UserError, match="it or a parent is a file; pick another --out_dir"):
+        train.main(args(data, tmp_path / "file", "--max_steps=1"))
+    with pytest.raises(UserError, match="it or a parent is a file; pick another --out_dir"):
+        train.main(args(data, tmp_path / "file" / "sub", "--max_steps=1"))
+    assert (tmp_path / "file").read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("name", ["train_config.json", "metrics.jsonl"])
+def test_a_run_file_that_cannot_be_written_is_named(data, tmp_path, name):
+    (tmp_path / "run" / name).mkdir(parents=True)  # something else at its path, as a full disk refuses it too
+    with pytest.raises(UserError, match=rf"could not write .*{name}.*\(Is a directory\); free space in .*run"):
+        train.main(args(data, tmp_path, "--max_steps=2"))
+
+
+def test_resuming_past_max_steps_is_refused_with_the_fix(data, finished, tmp_path):
+    copy_run(finished, tmp_path)
+    with pytest.raises(UserError, match="ckpt_0000004 is at step 4, past this run's last step 3 .*larger --max_steps"):
+        train.main(args(data, tmp_path, "--batch_size=8", "--max_steps=3", "--resume=auto"))
+
+
+def test_a_run_directory_in_use_is_refused_at_once(data, tmp_path):
+    with FileLock(tmp_path / "run.lock"):  # as another process holds it
+        with pytest.raises(UserError, match=r"run is in use by another train.py .*run\.lock"):
+            train.main(args(data, tmp_path, "--max_steps=2"))
+    assert not (tmp_path / "run").exists()
+    train.main(args(data, tmp_path, "--max_steps=2"))  # released: the lock is taken and given back
+    train.main(args(data, tmp_path, "--max_steps=3", "--resume=auto"))
+
+
+def test_a_second_process_leaves_the_first_alone_and_a_killed_one_leaves_no_lock(data, tmp_path):
+    long_run = [sys.executable, "train.py", *args(data, tmp_path, "--max_steps=100000", "--eval_interval=100000")]
+    first = subprocess.Popen(long_run, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        metrics_path = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.time() + 60
+        while not (metrics_path.exists() and len(metrics_path.read_text().splitlines()) >= 2):
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        config = (tmp_path / "run" / "train_config.json").read_text()
+        second = [sys.executable, "train.py", *args(data, tmp_path, "--max_steps=5", "--seed=7")]
+        result = subprocess.run(second, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1
+        assert (
+            result.stderr.strip().startswith("train.py: error: ") and "is in use by another train.py" in result.stderr
+        )
+        assert (tmp_path / "run" / "train_config.json").read_text() == config
+        assert len(metrics(tmp_path)) >= 2 and metrics(tmp_path)[0]["step"] == 1  # nothing truncated
+    finally:
+        first.send_signal(signal.SIGKILL if hasattr(signal, "SIGKILL") else signal.SIGTERM)
+        first.wait(timeout=60)
+    train.main(args(data, tmp_path, "--max_steps=2"))  # the killed process's lock died with it
+
+
+def test_a_resume_trains_with_its_own_optimizer_settings_and_says_so(data, finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path)
+    changed = ["--learning_rate=5e-3", "--weight_decay=0.1", "--beta2=0.99", "--eps=1e-6", "--grad_clip=0.5"]
+    capsys.readouterr()
+    train.main(
+        args(data, tmp_path, "--batch_size=8", "--max_steps=8", "--eval_interval=100", *changed, "--resume=auto")
+    )
+    out = capsys.readouterr().out
+    assert "resumed with changes: learning_rate 0.01 -> 0.005" in out and "max_steps 4 -> 8" in out
+    # The schedule of an 8-step run with the new peak, from step 4 on (the old one had reached 0 at step 4).
+    reference = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=5e-3)
+    schedule = train.cosine_schedule(reference, 8, 0.05)
+    expected_lrs = []
+    for _ in range(8):
+        expected_lrs.append(schedule.get_last_lr()[0])
+        reference.step(), schedule.step()
+    records = metrics(tmp_path)
+    (note,) = [m for m in records if "resumed_with_changes" in m]
+    assert note["step"] == 4 and note["resumed_with_changes"]["learning_rate"] == [1e-2, 5e-3]
+    assert note["resumed_with_changes"]["lr"] == [0.0, pytest.approx(expected_lrs[4])]
+    assert [m["lr"] for m in records if "loss" in m and m["step"] > 4] == pytest.approx(expected_lrs[4:])
+    groups = torch.load(run / "ckpt_0000008" / "optimizer.pt", weights_only=True)["param_groups"]
+    assert [(g["initial_lr"], g["betas"], g["eps"]) for g in groups] == [(5e-3, (0.9, 0.99), 1e-6)] * 2
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]  # biases and LayerNorm weights stay undecayed
+    recorded = json.loads((run / "train_config.json").read_text())
+    assert (recorded["learning_rate"], recorded["grad_clip"], recorded["max_steps"]) == (5e-3, 0.5, 8)
+
+
+@pytest.mark.parametrize(
+    "file,how",
+    [
+        ("model.safetensors", "truncate"),
+        ("optimizer.pt", "truncate"),
+        ("optimizer.pt", "zero the pickle"),  # its zip directory intact: found when it loads
+        ("trainer_state.pt", "delete"),
+        ("config.json", "corrupt"),
+        ("train_config.json", "delete"),
+    ],
+)
+def test_a_damaged_checkpoint_names_the_intact_one_before_it(data, finished, tmp_path, file, how):
+    run = copy_run(finished, tmp_path)
+    damaged = run / "ckpt_0000004" / file
+    if how == "truncate":
+        damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    elif how == "delete":
+        damaged.unlink()
+    elif how == "zero the pickle":
+        member = zipfile.ZipFile(damaged).infolist()[0]  # .../data.pkl, written first
+        start = member.header_offset + 30 + len(member.filename) + len(member.extra)  # after its local header
+        content = bytearray(damaged.read_bytes())
+        content[start : start + member.compress_size] = bytes(member.compress_size)
+        damaged.write_bytes(content)
+    else:
+        damaged.write_text('{"n_layer": 2,')
+    resume = args(data, tmp_path, "--batch_size=8", "--max_steps=4", "--checkpoint_interval=2", "--resume=auto")
+    with pytest.raises(UserError, match=rf"ckpt_0000004/{file} is (damaged|missing)") as refused:
+        train.main(resume)
+    fix = f"mv {run / 'ckpt_0000004'} {run / 'ckpt_0000004'}.damaged), then --resume=auto continues from "
+    assert str(refused.value).endswith(fix + f"{run / 'ckpt_0000002'}, which is intact")
+    # Doing as it says: the run continues from ckpt_2 and writes step 4 again.
+    (run / "ckpt_0000004").rename(run / "ckpt_0000004.damaged")
+    train.main(resume)
+    assert latest_checkpoint(run).name == "ckpt_0000004"
+
+
+@pytest.mark.parametrize("file", ["model.safetensors", "config.json"])
+def test_a_damaged_init_from_directory_is_named(data, finished, tmp_path, file):
+    hf = tmp_path / "hf"
+    shutil.copytree(finished / "run" / "ckpt_0000004", hf)
+    (hf / file).write_bytes((hf / file).read_bytes()[:20])
+    with pytest.raises(
+        UserError, match=r"hf: its model does not load \((SafetensorError|JSONDecodeError): .*intact HF"
+    ):
+        train.main(args(data, tmp_path, f"--init_from={hf}", "--max_steps=1"))
+
+
+def test_a_checkpoint_is_never_written_with_nonfinite_weights(data, tmp_path, monkeypatch):
+    """Weights that turn NaN after step 3 (as a huge learning rate makes them): the checkpoint at step 4
+    is refused and the error names the newest finite one."""
+    step, calls = train.train_step, []
+
+    def breaks_the_weights(model, raw_model, *rest):
+        result = step(model, raw_model, *rest)
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                raw_model.transformer.wte.weight.fill_(math.nan)
+        return result
+
+    monkeypatch.setattr(train, "train_step", breaks_the_weights)
+    with pytest.raises(
+        UserError,
+        match="step 4: .*wte.weight holds inf or NaN, so no checkpoint is written; "
+        r"the newest finite one is .*ckpt_0000002",
+    ):
+        train.main(args(data, tmp_path, "--max_steps=8", "--checkpoint_interval=2"))
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    assert checkpoint.name == "ckpt_0000002" and all(t.isfinite().all() for t in weights(checkpoint).values())
+
+
+def test_a_damaged_metrics_line_is_named(data, finished, tmp_path):
+    run = copy_run(finished, tmp_path)
+    shutil.rmtree(run / "ckpt_0000004")
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text("".join([lines[0], "garbage\n", *lines[1:]]))
+    with pytest.raises(UserError, match=r"metrics.jsonl, line 2: not a metrics record; fix or remove that line"):
+        train.main(args(data, tmp_path, "--batch_size=8", "--max_steps=4", "--checkpoint_interval=2", "--resume=auto"))
+    assert "garbage\n" in (run / "metrics.jsonl").read_text()
