@@ -26,6 +26,7 @@ import configurator
 import tokenizer
 from checkpoint import latest_checkpoint
 from common import UserError
+from generate import compile_decode_step, decode_step, use_onednn_linear
 from model import GPT, GPTConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -143,24 +144,16 @@ def main(argv):
     if not all(prompt_ids):
         raise UserError("the prompt is empty; pass --start=TEXT or --start=FILE:prompt.txt")
     torch.manual_seed(cfg.seed)  # a random init is reproducible too
-    model = load_model(cfg).to(cfg.device, DTYPES[cfg.dtype]).eval()
-    context, longest = model.config.block_size, max(map(len, prompt_ids))
-    if longest + cfg.max_new_tokens > context:
-        raise UserError(
-            f"the {'longest ' if len(prompts) > 1 else ''}prompt ({longest} tokens) + --max_new_tokens={cfg.max_new_tokens} "
-            f"exceed the context of {context} tokens; shorten the prompt or lower --max_new_tokens"
-        )
+    model = use_onednn_linear(load_model(cfg).to(cfg.device, DTYPES[cfg.dtype]).eval())
     if cfg.compile:
-        torch._inductor.config.freezing = (
-            True  # weights become prepacked constants: faster on CPU (see compile_decode_step)
-        )
-        model.compile_decode_step()
+        torch._inductor.config.freezing = True  # weights become prepacked constants: faster on CPU
     sampling = dict(
         temperature=cfg.temperature,
         top_k=cfg.top_k,
         top_p=cfg.top_p,
         do_sample=cfg.do_sample,
         eos_token_id=tokenizer.EOT_ID,
+        decode=compile_decode_step(model) if cfg.compile else decode_step,
     )
     torch.manual_seed(cfg.seed)  # again, whatever loading drew: the same tokens as HF generate after manual_seed(seed)
     for sample in range(cfg.num_samples):
