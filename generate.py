@@ -42,7 +42,7 @@ def use_onednn_linear(model: nn.Module) -> nn.Module:
     if not ONEDNN_LINEAR:
         return model
     for parent in list(model.modules()):
-        for name, child in parent.named_children():
+        for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
                 fast = OneDNNLinear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
                 fast.weight, fast.bias = child.weight, child.bias
