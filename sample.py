@@ -144,6 +144,8 @@ def main(argv):
         raise UserError("the prompt is empty; pass --start=TEXT or --start=FILE:prompt.txt")
     torch.manual_seed(cfg.seed)  # a random init is reproducible too
     model = use_onednn_linear(load_model(cfg).to(cfg.device, DTYPES[cfg.dtype]).eval())
+    # The KV caches every sample reuses, sized before anything is printed: a request beyond the context fails here.
+    model.setup_kv_cache(len(prompts), max(map(len, prompt_ids)) + cfg.max_new_tokens)
     if cfg.compile:
         torch._inductor.config.freezing = True  # weights become prepacked constants: faster on CPU
     sampling = dict(
