@@ -456,8 +456,9 @@ def bench_fidelity(cfg):
 
 SECTIONS["fidelity"] = bench_fidelity
 
-# generate: GPT.generate (fp32, bf16, eager and with the decode step compiled) and the bare matvecs of
-# one token, each against GPT2LMHeadModel.generate in fp32 on the same weights; batch 1, the recipe's sampling.
+# generate: generate.generate on a model with generate.use_onednn_linear applied (fp32, bf16, eager and
+# with the decode step compiled) and the bare matvecs of one token, each against GPT2LMHeadModel.generate
+# in fp32 on the same weights; batch 1, the recipe's sampling.
 RECIPE_SAMPLING = dict(do_sample=True, top_k=10, top_p=0.95)
 GENERATE_NEW_TOKENS = 100
 
@@ -481,14 +482,15 @@ def bench_generate(cfg):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     import tokenizer
-    from model import GPT, config_from_hf
+    from generate import compile_decode_step, decode_step, generate, use_onednn_linear
+    from hf import config_from_hf, load_hf_state_dict
 
     cuda = cfg.device.startswith("cuda")
     size, shape = ("124M", {}) if cfg.full else ("small", dict(n_layer=4, n_head=4, n_embd=128))
     torch.manual_seed(0)
     # No eos: every run makes all GENERATE_NEW_TOKENS tokens.
     hf = GPT2LMHeadModel(GPT2Config(**shape, bos_token_id=None, eos_token_id=None)).to(cfg.device).eval()
-    ours = {}
+    ours, decode = {}, {}
     for name, dtype in [
         ("fp32", torch.float32),
         ("bf16", torch.bfloat16),
@@ -496,10 +498,9 @@ def bench_generate(cfg):
         ("bf16 compiled", torch.bfloat16),
     ]:
         ours[name] = GPT(config_from_hf(hf.config.to_dict()))
-        ours[name].load_hf_state_dict(hf.state_dict())
-        ours[name].to(cfg.device, dtype).eval()
-        if name.endswith("compiled"):
-            ours[name].compile_decode_step()
+        load_hf_state_dict(ours[name], hf.state_dict())
+        use_onednn_linear(ours[name].to(cfg.device, dtype).eval())
+        decode[name] = compile_decode_step(ours[name]) if name.endswith("compiled") else decode_step
     idx = torch.tensor([tokenizer.encode("I was telling her that")], device=cfg.device)
     runs = {
         "HF fp32": lambda: hf.generate(
@@ -507,9 +508,11 @@ def bench_generate(cfg):
         )
     }
     for name, model in ours.items():
-        runs[name] = lambda model=model: model.generate(idx, GENERATE_NEW_TOKENS, **RECIPE_SAMPLING)
+        runs[name] = lambda model=model, step=decode[name]: generate(
+            model, idx, GENERATE_NEW_TOKENS, decode=step, **RECIPE_SAMPLING
+        )
     # The machine's limit: one token's bare matrix-vector products, every linear layer of every block
-    # and the output embedding, with nothing around them: through our Linear (oneDNN on CPU), and in
+    # and the output embedding, with nothing around them: through our OneDNNLinear (oneDNN on CPU), and in
     # fp32 also through F.linear (MKL on CPU), as HF's layers run them.
     for name in ("fp32", "bf16"):
         layers = [m for m in ours[name].modules() if isinstance(m, torch.nn.Linear)]
@@ -521,7 +524,7 @@ def bench_generate(cfg):
             runs["matvec limit fp32, F.linear"] = lambda layers=layers, inputs=inputs: [
                 torch.nn.functional.linear(x, m.weight, m.bias) for m, x in zip(layers, inputs, strict=True)
             ]
-    # Freezing while the first, untimed round compiles: prepacked weights (see GPT.compile_decode_step).
+    # Freezing while the first, untimed round compiles: prepacked weights (see generate.compile_decode_step).
     with torch.inference_mode(), torch._inductor.config.patch(freezing=True):
         seconds = best_seconds(runs, repeats=4, sync=torch.cuda.synchronize if cuda else lambda: None)
     tokens_per_s = {name: (1 if name.startswith("matvec") else GENERATE_NEW_TOKENS) / s for name, s in seconds.items()}

@@ -26,30 +26,30 @@ import configurator
 import tokenizer
 from checkpoint import latest_checkpoint
 from common import UserError
+from generate import compile_decode_step, decode_step, use_onednn_linear
 from model import GPT, GPTConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TRAIN_HINT = "train one with `python prepare.py --dataset=austen && python train.py config/austen.py`, or pass --ckpt=DIR or --init=random"
+TRAIN_HINT = (
+    "train one with `python prepare.py --dataset=austen && python train.py config/austen.py`, "
+    "or pass --ckpt=DIR or --init=random"
+)
 
 
 @dataclass
 class SampleConfig:
-    ckpt: str | None = (
-        None  # a run directory (its newest checkpoint), a checkpoint, any HF GPT-2 directory or Hub name (gpt2); None: newest run under out/
-    )
+    ckpt: str | None = None  # run dir (its newest checkpoint), checkpoint, HF GPT-2 dir or Hub name; None: newest
     init: str = "checkpoint"  # or "random": an untrained GPT-2 124M
     start: str = "I was telling her that"  # the prompt, or FILE:path to read it from a file
-    prompts: str | None = (
-        None  # a file of prompts, one per line (blank lines skipped), continued in one batch; replaces start
-    )
-    num_samples: int = 1
-    max_new_tokens: int = 100
-    temperature: float = 1.0
-    top_k: int | None = 10
-    top_p: float | None = 0.95
+    prompts: str | None = None  # a file of prompts, one per line (blank lines skipped), continued in one batch
+    num_samples: int = 1  # continuations made one after another
+    max_new_tokens: int = 100  # tokens generated per continuation
+    temperature: float = 1.0  # divides the logits before sampling
+    top_k: int | None = 10  # sample among the k most likely tokens; None: all
+    top_p: float | None = 0.95  # then among the fewest whose probability reaches top_p; None: all
     do_sample: bool = True  # False: greedy decoding
-    seed: int = 1337
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    seed: int = 1337  # torch seed: the same seed and weights give HF generate's tokens
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu, cuda or cuda:N
     dtype: str = "float32"  # float32, bfloat16 or float16
     compile: bool = False  # compile the one-token decode step (the first sample's time includes compiling)
 
@@ -119,13 +119,13 @@ def continue_batch(
     longest = max(map(len, prompt_ids))
     padding = [longest - len(ids) for ids in prompt_ids]
     idx = torch.tensor(
-        [[tokenizer.EOT_ID] * pad + ids for pad, ids in zip(padding, prompt_ids)], device=cfg.device
+        [[tokenizer.EOT_ID] * pad + ids for pad, ids in zip(padding, prompt_ids, strict=True)], device=cfg.device
     )  # (B, longest)
     attention_mask = torch.tensor(
-        [[0] * pad + [1] * len(ids) for pad, ids in zip(padding, prompt_ids)], device=cfg.device
+        [[0] * pad + [1] * len(ids) for pad, ids in zip(padding, prompt_ids, strict=True)], device=cfg.device
     )
     out = model.generate(idx, cfg.max_new_tokens, **sampling, attention_mask=attention_mask)
-    for i, (prompt, new) in enumerate(zip(prompts, out[:, longest:].tolist())):
+    for i, (prompt, new) in enumerate(zip(prompts, out[:, longest:].tolist(), strict=True)):
         if tokenizer.EOT_ID in new:  # a finished sequence goes on with <|endoftext|>: print the first
             new = new[: new.index(tokenizer.EOT_ID) + 1]
         print(("---------------\n" if i else "") + prompt + tokenizer.decode(new))
@@ -143,24 +143,18 @@ def main(argv):
     if not all(prompt_ids):
         raise UserError("the prompt is empty; pass --start=TEXT or --start=FILE:prompt.txt")
     torch.manual_seed(cfg.seed)  # a random init is reproducible too
-    model = load_model(cfg).to(cfg.device, DTYPES[cfg.dtype]).eval()
-    context, longest = model.config.block_size, max(map(len, prompt_ids))
-    if longest + cfg.max_new_tokens > context:
-        raise UserError(
-            f"the {'longest ' if len(prompts) > 1 else ''}prompt ({longest} tokens) + --max_new_tokens={cfg.max_new_tokens} "
-            f"exceed the context of {context} tokens; shorten the prompt or lower --max_new_tokens"
-        )
+    model = use_onednn_linear(load_model(cfg).to(cfg.device, DTYPES[cfg.dtype]).eval())
+    # The KV caches every sample reuses, sized before anything is printed: a request beyond the context fails here.
+    model.setup_kv_cache(len(prompts), max(map(len, prompt_ids)) + cfg.max_new_tokens)
     if cfg.compile:
-        torch._inductor.config.freezing = (
-            True  # weights become prepacked constants: faster on CPU (see compile_decode_step)
-        )
-        model.compile_decode_step()
+        torch._inductor.config.freezing = True  # weights become prepacked constants: faster on CPU
     sampling = dict(
         temperature=cfg.temperature,
         top_k=cfg.top_k,
         top_p=cfg.top_p,
         do_sample=cfg.do_sample,
         eos_token_id=tokenizer.EOT_ID,
+        decode=compile_decode_step(model) if cfg.compile else decode_step,
     )
     torch.manual_seed(cfg.seed)  # again, whatever loading drew: the same tokens as HF generate after manual_seed(seed)
     for sample in range(cfg.num_samples):

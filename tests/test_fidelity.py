@@ -18,7 +18,8 @@ import train
 from bench import RecipeWindows, recipe_arguments
 from checkpoint import latest_checkpoint
 from common import UserError
-from model import GPT, GPTConfig, hf_config
+from hf import hf_config, hf_state_dict
+from model import GPT, GPTConfig
 from shards import TokenWindows
 
 SEED, BATCH, STEPS, BLOCK = 3, 8, 30, 32  # 2 epochs of 15 steps over 124 windows
@@ -68,7 +69,7 @@ def recipe(data, tmp_path_factory):
     torch.manual_seed(SEED)  # as train.py builds a new model
     ours = GPT(GPTConfig(**SHAPE))
     model = GPT2LMHeadModel(GPT2Config(**hf_config(ours.config)))
-    model.load_state_dict(ours.hf_state_dict(), strict=False)  # lm_head.weight is tied to wte
+    model.load_state_dict(hf_state_dict(ours), strict=False)  # lm_head.weight is tied to wte
     windows = TokenWindows(data, "train", BLOCK)
     args = recipe_arguments(
         tmp_path_factory.mktemp("trainer"),

@@ -5,7 +5,16 @@ import torch
 from test_model import make_pair, tokens
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from model import sample_next_token
+from generate import (
+    ONEDNN_LINEAR,
+    OneDNNLinear,
+    compile_decode_step,
+    decode_mask,
+    decode_step,
+    sample_next_token,
+    use_onednn_linear,
+)
+from model import GPT, GPTConfig
 
 # No bos/eos: HF would stop at its default eos (50256), which this vocabulary lacks anyway.
 SMALL = dict(n_layer=2, n_head=3, n_embd=48, n_positions=128, vocab_size=101, bos_token_id=None, eos_token_id=None)
@@ -48,11 +57,12 @@ def test_cached_logits_equal_full_recompute(small_pair):
     ours.setup_kv_cache(2, 40)
     with torch.no_grad():
         full = ours(seq)[0]  # (2, 40, vocab)
-        prefill = ours(seq[:, :prompt_len], input_pos=torch.arange(prompt_len))[0]
+        mask, _ = decode_mask(torch.arange(prompt_len), 40, torch.float32)
+        prefill = ours(seq[:, :prompt_len], input_pos=torch.arange(prompt_len), mask=mask)[0]
         assert prefill.shape == (2, 1, 101)
         assert (prefill[:, 0] - full[:, prompt_len - 1]).abs().max() < 1e-5
         for pos in range(prompt_len, 40):
-            step = ours.decode_step(seq[:, pos : pos + 1], torch.tensor([pos]))
+            step = decode_step(ours, seq[:, pos : pos + 1], torch.tensor([pos]))
             assert (step - full[:, pos]).abs().max() < 1e-5, pos
     ours.clear_kv_cache()
 
@@ -200,14 +210,14 @@ def test_top_k_keeps_ties_like_hf():
 def test_context_overflow_is_an_error_and_kv_cache_stays_out_of_checkpoints():
     _, ours = make_pair(**{**SMALL, "n_positions": 37})
     names = set(ours.state_dict())
-    with pytest.raises(ValueError, match="30 prompt tokens \\+ 8 new tokens exceed the context of 37"):
+    with pytest.raises(ValueError, match="38 tokens exceed the context of 37 tokens"):
         ours.generate(tokens(101, 1, 30), 8)
     assert ours.eval().generate(tokens(101, 1, 30), 7).shape == (1, 37)  # exactly the context is fine
     assert set(ours.state_dict()) == names  # the caches, still allocated, are no part of checkpoints
     ours.clear_kv_cache()
     with pytest.raises(ValueError, match="call setup_kv_cache"):
         ours(tokens(101, 1, 1), input_pos=torch.tensor([0]))
-    with pytest.raises(ValueError, match="longer than the context"):
+    with pytest.raises(ValueError, match="38 tokens exceed the context of 37 tokens"):
         ours.setup_kv_cache(1, 38)
 
 
@@ -227,7 +237,42 @@ def test_compiled_decode_step_gives_the_same_tokens():
     ours.eval()
     idx = tokens(101, 2, 5)
     ref = our_generate(ours, idx, 30, seed=2, **RECIPE)
-    ours.compile_decode_step()
+    compiled = compile_decode_step(ours)
     with torch._inductor.config.patch(freezing=True):
-        assert torch.equal(our_generate(ours, idx, 30, seed=2, **RECIPE), ref)
-    assert torch.equal(our_generate(ours, idx, 30, seed=2, **RECIPE), ref)
+        assert torch.equal(our_generate(ours, idx, 30, seed=2, decode=compiled, **RECIPE), ref)
+    assert torch.equal(our_generate(ours, idx, 30, seed=2, decode=compiled, **RECIPE), ref)
+
+
+@pytest.mark.skipif(not ONEDNN_LINEAR, reason="this torch build has no oneDNN")
+def test_onednn_linear_shares_the_model_and_runs_only_where_it_should():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=48, dropout=0.0)).eval()
+    params, names = dict(model.named_parameters()), list(model.state_dict())
+    idx = tokens(50, 2, 16)
+    with torch.no_grad():
+        reference_logits = model(idx)[0]
+    assert use_onednn_linear(model) is model
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())  # every layer swapped
+    assert isinstance(model.lm_head, OneDNNLinear)
+    assert all(p is params[n] for n, p in model.named_parameters()) and len(params) == len(list(model.parameters()))
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+    assert list(model.state_dict()) == names
+    layer = model.transformer.h[0].mlp.c_fc
+    x = torch.randn(3, 5, 48)
+    reference = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    with torch.no_grad():  # oneDNN on CPU in fp32: equal to float rounding
+        assert (layer(x) - reference).abs().max() < 1e-5
+        assert (model(idx)[0] - reference_logits).abs().max() < 1e-5
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast is honoured (evaluation in bf16)
+            assert layer(x).dtype == torch.bfloat16
+    layer(x).sum().backward()  # training: F.linear with its gradients
+    assert torch.allclose(layer.bias.grad, torch.full((192,), 15.0))
+
+
+def test_onednn_linear_changes_nothing_without_onednn(monkeypatch):
+    import generate
+
+    monkeypatch.setattr(generate, "ONEDNN_LINEAR", False)  # builds without oneDNN: plain F.linear
+    model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=48))
+    assert use_onednn_linear(model) is model
+    assert not any(isinstance(m, OneDNNLinear) for m in model.modules())

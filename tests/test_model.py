@@ -12,7 +12,8 @@ from huggingface_hub import save_torch_state_dict
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from common import UserError
-from model import CONV1D_SUFFIXES, GPT, GPTConfig, config_from_hf, hf_config
+from hf import CONV1D_SUFFIXES, config_from_hf, hf_config, hf_state_dict, load_hf_state_dict
+from model import GPT, GPTConfig
 
 # Deliberately odd shapes: 3 heads of width 16, 37 positions, a vocabulary of 101; one head; many.
 SMALL_CONFIGS = [
@@ -26,7 +27,7 @@ def make_pair(dropout=0.0, **kw):
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, **kw))
     ours = GPT(config_from_hf(hf.config.to_dict()))
-    ours.load_hf_state_dict(hf.state_dict())
+    load_hf_state_dict(ours, hf.state_dict())
     return hf, ours
 
 
@@ -93,7 +94,7 @@ def test_round_trips_give_equal_logits(tmp_path):
         ref = hf(idx).logits
     # HF -> ours -> HF (in memory)
     back = GPT2LMHeadModel(hf.config).eval()
-    back.load_state_dict(ours.hf_state_dict(), strict=False)
+    back.load_state_dict(hf_state_dict(ours), strict=False)
     back.tie_weights()
     # ours -> save_pretrained -> GPT2LMHeadModel.from_pretrained
     ours.save_pretrained(tmp_path)
@@ -114,7 +115,7 @@ def test_from_pretrained_reads_every_hf_layout(tmp_path):
     for folder in ["bin", "bin-shards", "compiled", "bare"]:
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "config.json").write_text(hf.config.to_json_string())
-    # pytorch_model.bin, one file and sharded, as huggingface_hub writes them (transformers 4's save_pretrained did the same)
+    # pytorch_model.bin, one file and sharded, as huggingface_hub writes them (as transformers 4's save_pretrained)
     for folder, shard_size in [("bin", "5GB"), ("bin-shards", "100KB")]:
         save_torch_state_dict(hf.state_dict(), tmp_path / folder, max_shard_size=shard_size, safe_serialization=False)
     # pytorch_model.bin from a torch.compile'd model, and GPT2Model keys without 'transformer.'
@@ -210,15 +211,15 @@ def test_dropout_acts_in_train_mode_only():
 
 def test_bad_input_gives_clear_errors(tmp_path):
     hf, ours = make_pair(**SMALL_CONFIGS[0])
-    with pytest.raises(ValueError, match="longer than the context"):
+    with pytest.raises(ValueError, match="38 tokens exceed the context of 37 tokens"):
         ours(tokens(101, 1, 38))
     state = hf.state_dict()
     with pytest.raises(ValueError, match="missing .*'transformer.h.1.mlp.c_fc.weight'"):
-        ours.load_hf_state_dict({n: t for n, t in state.items() if n != "transformer.h.1.mlp.c_fc.weight"})
+        load_hf_state_dict(ours, {n: t for n, t in state.items() if n != "transformer.h.1.mlp.c_fc.weight"})
     with pytest.raises(ValueError, match="has shape"):
-        ours.load_hf_state_dict({**state, "transformer.wpe.weight": torch.zeros(36, 48)})
+        load_hf_state_dict(ours, {**state, "transformer.wpe.weight": torch.zeros(36, 48)})
     with pytest.raises(ValueError, match="unexpected tensor"):
-        ours.load_hf_state_dict({**state, "transformer.h.9.extra": torch.zeros(1)})
+        load_hf_state_dict(ours, {**state, "transformer.h.9.extra": torch.zeros(1)})
     with pytest.raises(ValueError, match="model_type None"):
         config_from_hf({"n_layer": 2, "learning_rate": 1e-3})  # e.g. a training config, not a model's
     with pytest.raises(ValueError, match="activation_function"):
@@ -249,7 +250,7 @@ def plain_cross_entropy(x, weight, targets):
     "case", ["chunks", "ignored targets", "fewer rows than a chunk", "bf16 autocast", "accumulation", "compiled"]
 )
 def test_fused_loss_matches_cross_entropy(case):
-    from model import linear_cross_entropy
+    from loss import linear_cross_entropy
 
     torch.manual_seed(0)
     rows = 20 if case == "fewer rows than a chunk" else 300  # chunks of 32 rows (x's width on CPU)
@@ -278,7 +279,7 @@ def test_fused_loss_matches_cross_entropy(case):
 
 
 def test_fused_loss_checks_targets_and_agrees_on_all_ignored_batches():
-    from model import linear_cross_entropy
+    from loss import linear_cross_entropy
 
     x, weight = torch.randn(10, 8), torch.randn(50, 8)
     for bad in (-5, 50):
@@ -293,20 +294,3 @@ def test_fused_loss_checks_targets_and_agrees_on_all_ignored_batches():
     ref_loss, ref_gx, ref_gw = loss_and_grads(plain_cross_entropy, x, weight, ignored)
     assert loss.isnan() and ref_loss.isnan() and linear_cross_entropy(x, weight, ignored).isnan()
     assert torch.equal(gx, ref_gx) and torch.equal(gw, ref_gw)  # zeros: nothing to learn from
-
-
-def test_linear_runs_onednn_only_where_it_should(monkeypatch):
-    import model
-
-    torch.manual_seed(0)
-    layer = model.Linear(48, 40)
-    x = torch.randn(3, 5, 48)
-    reference = torch.nn.functional.linear(x, layer.weight, layer.bias)
-    with torch.no_grad():  # oneDNN on CPU in fp32: equal to float rounding
-        assert (layer(x) - reference).abs().max() < 1e-5
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast is honoured (evaluation in bf16)
-            assert layer(x).dtype == torch.bfloat16
-        monkeypatch.setattr(model, "ONEDNN_LINEAR", False)  # builds without oneDNN: plain F.linear
-        assert torch.equal(layer(x), reference)
-    layer(x).sum().backward()  # training: F.linear with its gradients
-    assert torch.allclose(layer.bias.grad, torch.full((40,), 15.0))

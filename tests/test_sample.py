@@ -82,7 +82,9 @@ def test_several_prompts_continue_in_one_batch_as_hf_generate_does(run_dir, tmp_
     hf = GPT2LMHeadModel.from_pretrained(run_dir / "ckpt_0000020")
     torch.manual_seed(7)
     out = hf.generate(idx, attention_mask=attention_mask, max_new_tokens=12, do_sample=True, top_k=10, top_p=0.95)
-    continuations = [prompt + tokenizer.decode(row) + "\n" for prompt, row in zip(prompts, out[:, longest:].tolist())]
+    continuations = [
+        prompt + tokenizer.decode(row) + "\n" for prompt, row in zip(prompts, out[:, longest:].tolist(), strict=True)
+    ]
     assert capsys.readouterr().out == "---------------\n".join(continuations)
 
 
