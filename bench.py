@@ -484,6 +484,7 @@ def bench_generate(cfg):
     import tokenizer
     from generate import compile_decode_step, decode_step, generate, use_onednn_linear
     from hf import config_from_hf, load_hf_state_dict
+    from model import GPT
 
     cuda = cfg.device.startswith("cuda")
     size, shape = ("124M", {}) if cfg.full else ("small", dict(n_layer=4, n_head=4, n_embd=128))
