@@ -12,6 +12,7 @@ the same machine is the number to read. Results are printed as a table and writt
 import gzip
 import itertools
 import json
+import math
 import platform
 import random
 import re
@@ -455,6 +456,72 @@ def bench_fidelity(cfg):
 
 
 SECTIONS["fidelity"] = bench_fidelity
+
+# quickstart: the README's first run, `train.py config/austen.py` on the bundled corpus, against other
+# settings for it: each eval's val loss against the wall time since train.py started, and the time to
+# QUICKSTART_TARGET. Long (about 10 minutes a candidate on 2 cores), so on request; rerun it when the
+# step changes. The reference is the settings config/austen.py had before this comparison chose its own.
+QUICKSTART_TARGET = 4.70
+QUICKSTART_BEFORE = dict(n_layer=4, batch_size=8, learning_rate=2e-3, epochs=2, max_steps=None)
+QUICKSTART_CANDIDATES = {
+    "config/austen.py": {},
+    "4 layers, 8 x 256 per step, lr 2e-3, 2 epochs (before)": QUICKSTART_BEFORE,
+}
+
+
+def timed_val_losses(overrides: dict) -> list[tuple[float, float]]:
+    """Runs train.py config/austen.py with overrides, reading its lines as they come; returns (seconds
+    since it started, val loss) of each evaluation."""
+    command = [
+        sys.executable,
+        "train.py",
+        "config/austen.py",
+        *(f"--{key}={value}" for key, value in overrides.items()),
+    ]
+    started, curve = time.perf_counter(), []
+    with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+        for line in process.stdout:
+            if match := re.match(r"step \d+: val loss ([\d.]+)", line):
+                curve.append((time.perf_counter() - started, float(match.group(1))))
+    if process.returncode:
+        raise RuntimeError(f"train.py {' '.join(command[2:])} failed with status {process.returncode}")
+    return curve
+
+
+def bench_quickstart(cfg):
+    results = {}  # name: (seconds to QUICKSTART_TARGET, final val loss)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = prepare_austen(Path(tmp) / "data")
+        for i, (name, overrides) in enumerate(QUICKSTART_CANDIDATES.items()):
+            curve = timed_val_losses({**overrides, "data_dir": data_dir, "out_dir": tmp, "run_name": f"run{i}"})
+            reached = next((seconds for seconds, loss in curve if loss <= QUICKSTART_TARGET), math.inf)
+            results[name] = (reached, curve[-1][1])
+            points = ", ".join(f"{seconds:.0f} s {loss:.3f}" for seconds, loss in curve)
+            print(f"quickstart, {name}: val loss by wall time since train.py started: {points}", flush=True)
+    before = results[next(name for name, overrides in QUICKSTART_CANDIDATES.items() if overrides is QUICKSTART_BEFORE)]
+    rows = []
+    for name, (reached, final_loss) in results.items():
+        what = f"quickstart, {name}"
+        rows.append(
+            {
+                "what": f"{what}: s to val {QUICKSTART_TARGET} (lower is better)",
+                "unit": "s",
+                "ours": reached,
+                "reference": before[0],
+            }
+        )
+        rows.append(
+            {
+                "what": f"{what}: final val loss (lower is better)",
+                "unit": "loss",
+                "ours": final_loss,
+                "reference": before[1],
+            }
+        )
+    return rows
+
+
+SECTIONS["quickstart"] = bench_quickstart
 
 # generate: generate.generate on a model with generate.use_onednn_linear applied (fp32, bf16, eager and
 # with the decode step compiled) and the bare matvecs of one token, each against GPT2LMHeadModel.generate
