@@ -466,6 +466,12 @@ QUICKSTART_BEFORE = dict(n_layer=4, batch_size=8, learning_rate=2e-3, epochs=2, 
 QUICKSTART_CANDIDATES = {
     "config/austen.py": {},
     "4 layers, 8 x 256 per step, lr 2e-3, 2 epochs (before)": QUICKSTART_BEFORE,
+    "8 layers, 4 x 256 per step, lr 2e-3, 1200 steps": dict(
+        n_layer=8, batch_size=4, learning_rate=2e-3, max_steps=1200
+    ),
+    "8 layers, 2 x 256 per step, lr 1.5e-3, 2400 steps": dict(
+        n_layer=8, batch_size=2, learning_rate=1.5e-3, max_steps=2400
+    ),
 }
 
 
