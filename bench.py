@@ -460,7 +460,7 @@ SECTIONS["fidelity"] = bench_fidelity
 # quickstart: the README's first run, `train.py config/austen.py` on the bundled corpus, against other
 # settings for it: each eval's val loss against the wall time since train.py started, and the time to
 # QUICKSTART_TARGET. Long (about 10 minutes a candidate on 2 cores), so on request; rerun it when the
-# step changes. The reference is the settings config/austen.py had before this comparison chose its own.
+# step changes. The reference is QUICKSTART_BEFORE, the settings the quickstart was first measured with.
 QUICKSTART_TARGET = 4.70
 QUICKSTART_BEFORE = dict(n_layer=4, batch_size=8, learning_rate=2e-3, epochs=2, max_steps=None)
 QUICKSTART_CANDIDATES = {

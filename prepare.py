@@ -30,8 +30,7 @@ in one pass, in bounded memory:
 So an input under 16 blocks (4M characters, ~1M tokens) holds out 3-9% of itself, a larger one at
 least half a block, and from ~1/val_fraction blocks on (170M characters) the draws take over: 0.15%
 of BookCorpus. Inputs under MIN_CHARS are refused. The read-ahead holds at most 16 blocks (4M
-characters). Inputs of 16 blocks or more are cut and drawn as before these rules, so BookCorpus and
-the bundled Austen give the same shards.
+characters). Inputs of 16 blocks or more are cut and drawn with the read-ahead changing nothing.
 
 Speed and memory: the main thread reads and cuts blocks, `workers` threads tokenize them (tiktoken
 releases the GIL), at most 2 * workers blocks are in flight and shards stream to disk: peak RSS does
