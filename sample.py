@@ -12,6 +12,8 @@ temperature 1.0; with the same weights and seed the tokens equal GPT2LMHeadModel
 --prompts, the prompts are left-padded to the longest and masked, as HF batches them: each
 continuation equals HF generate's on that batch with its attention_mask. A batch prints each
 prompt's text once all are done, separated by lines of dashes, each cut after its first <|endoftext|>.
+A model whose vocabulary is padded beyond the tokenizer's 50257 ids (train.py's --vocab_size=50304)
+samples among those 50257 only. Prompt files are UTF-8, or UTF-16/UTF-32 with a byte-order mark.
 """
 
 import codecs
