@@ -1,4 +1,5 @@
-"""What every module shares: the error for mistakes the user can fix, and writes that never leave half a file."""
+"""What every module shares: the error for mistakes the user can fix, the check of a --device, and writes that
+never leave half a file."""
 
 import os
 from pathlib import Path
@@ -44,3 +45,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+def check_device(device: str) -> None:
+    """cpu, cuda, cuda:N or mps, where this machine has it; else a UserError naming the fix."""
+    import torch  # here: prepare.py, which needs no torch, imports this module
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"device={device}: not a device; use cpu, cuda (cuda:N for the Nth GPU) or mps")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={device} but no GPU is visible; use --device=cpu")
+    if parsed.type == "cuda" and (parsed.index or 0) >= (count := torch.cuda.device_count()):
+        raise UserError(f"device={device} but {count} GPUs are visible; use cuda:0 to cuda:{count - 1}")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device={device} but this machine has no MPS (Apple GPU); use --device=cpu")

@@ -43,10 +43,10 @@ from tqdm import tqdm
 import configurator
 import prepare
 import tokenizer
-from common import UserError
+from common import UserError, check_device
 from distributed import Job
 from model import GPT
-from sample import DTYPES, load_model
+from sample import DTYPES, load_model, read_text
 
 
 @dataclass
@@ -140,6 +140,20 @@ TASKS = {
 }
 
 
+# What each column of a row must hold, as json reads it: (said in the error, the check).
+COLUMN_KINDS = {
+    "activity_label": ("a string", lambda value: isinstance(value, str)),
+    "ctx_a": ("a string", lambda value: isinstance(value, str)),
+    "ctx_b": ("a string", lambda value: isinstance(value, str)),
+    "endings": ("a list of strings", lambda value: isinstance(value, list) and all(isinstance(v, str) for v in value)),
+    "label": (
+        "an index (a number, or a string of digits as on the Hub)",
+        lambda value: type(value) is int and value >= 0 or isinstance(value, str) and value.isdecimal(),
+    ),
+    "text": ("a string", lambda value: isinstance(value, str)),
+}
+
+
 def argmax(values: list[float]) -> int:
     """The index of the largest value, the first of ties."""
     return max(range(len(values)), key=values.__getitem__)
@@ -149,10 +163,8 @@ def argmax(values: list[float]) -> int:
 
 
 def read_jsonl(path: str, flag: str) -> list[dict]:
-    if not Path(path).is_file():
-        raise UserError(f"{flag}={path}: no such file; pass a JSONL file, one row per line")
     rows = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_text(Path(path), f"{flag}={path}").splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -160,6 +172,11 @@ def read_jsonl(path: str, flag: str) -> list[dict]:
                 raise UserError(
                     f"{flag}={path}, line {number}: not JSON ({e}); write one JSON object per line"
                 ) from None
+            if not isinstance(rows[-1], dict):
+                raise UserError(
+                    f"{flag}={path}, line {number}: a JSON {type(rows[-1]).__name__}, not an object; "
+                    "write one JSON object per line"
+                )
     return rows
 
 
@@ -167,10 +184,7 @@ def hub_rows(name: str, task: Task) -> list[dict]:
     """The task's rows from the Hub through `datasets` (Parquet, cached); unreachable: a fast one-line error."""
     repo, config, split = task.hub
     hint = f"offline, pass --{name}_file=PATH, a JSONL file of {repo}'s {split} rows"
-    try:
-        prepare.check_hub(repo, None)
-    except UserError as e:
-        raise UserError(f"{str(e).removesuffix('; ' + prepare.OFFLINE_HINT)}; {hint}") from None
+    prepare.check_hub(repo, None, hint)
     import datasets  # slow to import: only for the Hub
 
     try:
@@ -192,6 +206,10 @@ def load_items(name: str, path: str | None, limit: int | None) -> list[Item]:
                 f"{source}: row {number} lacks {', '.join(missing)}; "
                 f"expected {task.hub[0]}'s rows ({', '.join(task.columns)})"
             )
+        for column in task.columns:
+            kind, holds = COLUMN_KINDS[column]
+            if not holds(row[column]):
+                raise UserError(f"{source}: row {number}'s {column} is not {kind}; expected {task.hub[0]}'s rows")
     if not rows:
         raise UserError(f"{source} has no rows")
     return [task.item(row) for row in rows]
@@ -309,8 +327,7 @@ def check_config(cfg: EvalConfig) -> list[str]:
         raise UserError(f"--batch_tokens={cfg.batch_tokens}: expected a positive number")
     if cfg.dtype not in DTYPES:
         raise UserError(f"--dtype={cfg.dtype}: expected one of {', '.join(DTYPES)}")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device={cfg.device}, but torch sees no CUDA GPU; use --device=cpu")
+    check_device(cfg.device)
     return names
 
 

@@ -140,6 +140,7 @@ def generate(
     callback: Callable[[torch.Tensor], None] | None = None,
     attention_mask: torch.Tensor | None = None,
     decode: Callable = decode_step,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Continues each prompt of idx (B, T) by max_new_tokens tokens; returns the ids (B, T + new).
 
@@ -150,7 +151,8 @@ def generate(
     so prompts of different lengths share a batch. A sequence that emitted eos_token_id goes on with
     eos (HF's pad token for GPT-2); generation stops early once all have. callback(tokens), if
     given, receives each step's new tokens (B,) as they are chosen. decode runs each step after the
-    prefill: decode_step, or compile_decode_step(model)'s.
+    prefill: decode_step, or compile_decode_step(model)'s. vocab_size: only ids below it are chosen, for a
+    model whose vocabulary is padded beyond the tokenizer's (its extra ids decode to nothing); None: all.
     Runs in eval mode (no dropout), then gives the model back in the mode it found it in. Under
     torch.autocast the KV caches take autocast's dtype. They stay allocated for the next call (see
     GPT.setup_kv_cache); GPT.clear_kv_cache frees them.
@@ -176,6 +178,7 @@ def generate(
         unfinished = torch.ones(B, dtype=torch.bool, device=idx.device)
         tokens = [idx]
         for step in range(max_new_tokens):
+            logits = logits[:, :vocab_size]  # (B, vocab_size); None keeps all
             if do_sample:
                 next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
             else:

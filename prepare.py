@@ -189,8 +189,9 @@ def joined_rows(batches):
             separator = " "
 
 
-def check_hub(repo: str, revision: str | None) -> None:
-    """Fails in a second when the Hub is unreachable, where load_dataset retries for ~25 s."""
+def check_hub(repo: str, revision: str | None, hint: str) -> None:
+    """Fails in a second when the Hub is unreachable, where load_dataset retries for ~25 s; the error
+    ends with hint, the caller's way to work offline."""
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -201,9 +202,7 @@ def check_hub(repo: str, revision: str | None) -> None:
     except HfHubHTTPError as e:  # the Hub answered: no such dataset or revision, gated, ...
         raise UserError(f"--dataset={repo}: {str(e).splitlines()[0]}") from None
     except Exception as e:  # no answer; the transport's exception types vary across huggingface_hub versions
-        raise UserError(
-            f"cannot reach the Hugging Face Hub for {repo} ({type(e).__name__}: {e}); {OFFLINE_HINT}"
-        ) from None
+        raise UserError(f"cannot reach the Hugging Face Hub for {repo} ({type(e).__name__}: {e}); {hint}") from None
 
 
 def is_text_type(arrow_type) -> bool:
@@ -304,7 +303,7 @@ def dataset_documents(path: str, source: str, text_column: str, sentences: bool,
     for file in files:
         check_row_file(file, text_column)
     if not files:
-        check_hub(path, load_args.get("revision"))
+        check_hub(path, load_args.get("revision"), OFFLINE_HINT)
     import datasets  # slow to import: only for row files and the Hub
 
     logging.getLogger("datasets").setLevel(logging.CRITICAL)  # its log of a parse error repeats ours

@@ -12,9 +12,12 @@ temperature 1.0; with the same weights and seed the tokens equal GPT2LMHeadModel
 --prompts, the prompts are left-padded to the longest and masked, as HF batches them: each
 continuation equals HF generate's on that batch with its attention_mask. A batch prints each
 prompt's text once all are done, separated by lines of dashes, each cut after its first <|endoftext|>.
+A model whose vocabulary is padded beyond the tokenizer's 50257 ids (train.py's --vocab_size=50304)
+samples among those 50257 only. Prompt files are UTF-8, or UTF-16/UTF-32 with a byte-order mark.
 """
 
 import codecs
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -25,9 +28,10 @@ import torch
 import configurator
 import tokenizer
 from checkpoint import latest_checkpoint
-from common import UserError
+from common import UserError, check_device
 from generate import compile_decode_step, decode_step, use_onednn_linear
 from model import GPT, GPTConfig
+from prepare import BYTE_ORDER_MARKS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRAIN_HINT = (
@@ -76,19 +80,35 @@ def load_model(cfg: SampleConfig) -> GPT:
     return GPT.from_pretrained(source, dropout=0.0)  # not a directory: a Hub name, as train.py's --init_from
 
 
+def read_text(path: Path, arg: str) -> str:
+    """A prompt file's text, decoded as its byte-order mark says (UTF-8, UTF-16, UTF-32; none: UTF-8), as
+    prepare.py decodes its input; arg is the argument that named it, for the errors."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{arg}: no such file; check the path") from None
+    except IsADirectoryError:
+        raise UserError(f"{arg} is a directory; pass a file") from None
+    except OSError as e:
+        raise UserError(f"{arg}: cannot read it ({e.strerror or e}); check that you may read it") from None
+    encoding = next((name for mark, name in BYTE_ORDER_MARKS if data.startswith(mark)), "utf-8")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{arg} is not {encoding.upper().removesuffix('-SIG')} text ({e.reason} at byte {e.start}); "
+            "convert it to UTF-8"
+        ) from None
+
+
 def read_prompt(start: str) -> str:
     if start.startswith("FILE:"):
-        path = Path(start.removeprefix("FILE:"))
-        if not path.is_file():
-            raise UserError(f"--start=FILE:{path}: no such file")
-        return path.read_text(encoding="utf-8")
+        return read_text(Path(start.removeprefix("FILE:")), f"--start={start}")
     return start
 
 
 def read_prompts(path: str) -> list[str]:
-    if not Path(path).is_file():
-        raise UserError(f"--prompts={path}: no such file; pass a text file with one prompt per line")
-    prompts = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = [line for line in read_text(Path(path), f"--prompts={path}").splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"--prompts={path} has no prompts; write one per line")
     return prompts
@@ -132,12 +152,31 @@ def continue_batch(
     return out[:, longest:].numel()
 
 
-def main(argv):
-    cfg = configurator.parse_config(SampleConfig, argv)
+def check_config(cfg: SampleConfig) -> None:
+    """A bad value is a one-line error here, before the model loads."""
+    if cfg.num_samples < 1:
+        raise UserError(f"--num_samples={cfg.num_samples}: expected a positive number of continuations")
+    if cfg.max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens={cfg.max_new_tokens}: expected a positive number of tokens")
+    if cfg.top_k is not None and cfg.top_k < 1:
+        raise UserError(f"--top_k={cfg.top_k}: expected a positive number of tokens, or None for all")
+    if cfg.top_p is not None and not 0 < cfg.top_p <= 1:
+        raise UserError(f"--top_p={cfg.top_p}: expected a probability in (0, 1], or None for all")
+    if cfg.do_sample and not (cfg.temperature > 0 and math.isfinite(cfg.temperature)):
+        raise UserError(
+            f"--temperature={cfg.temperature}: expected a finite number > 0 when sampling; "
+            "for greedy decoding pass --do_sample=False"
+        )
+    if not 0 <= cfg.seed < 2**64:
+        raise UserError(f"--seed={cfg.seed}: expected a number from 0 to 2**64 - 1")
     if cfg.dtype not in DTYPES:
         raise UserError(f"--dtype={cfg.dtype}: expected one of {', '.join(DTYPES)}")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device={cfg.device}, but torch sees no CUDA GPU; use --device=cpu")
+    check_device(cfg.device)
+
+
+def main(argv):
+    cfg = configurator.parse_config(SampleConfig, argv)
+    check_config(cfg)
     prompts = read_prompts(cfg.prompts) if cfg.prompts is not None else [read_prompt(cfg.start)]
     prompt_ids = [tokenizer.encode(prompt) for prompt in prompts]
     if not all(prompt_ids):
@@ -154,6 +193,7 @@ def main(argv):
         top_p=cfg.top_p,
         do_sample=cfg.do_sample,
         eos_token_id=tokenizer.EOT_ID,
+        vocab_size=tokenizer.VOCAB_SIZE,  # a padded vocabulary's extra ids are never chosen: they decode to nothing
         decode=compile_decode_step(model) if cfg.compile else decode_step,
     )
     torch.manual_seed(cfg.seed)  # again, whatever loading drew: the same tokens as HF generate after manual_seed(seed)

@@ -62,7 +62,7 @@ from checkpoint import (
     make_dir,
     run_dir_lock,
 )
-from common import UserError, atomic_write_bytes
+from common import UserError, atomic_write_bytes, check_device
 from distributed import Job
 from model import GPT, GPTConfig
 from plot import plot_run
@@ -162,22 +162,6 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
             f"micro_batch_size={cfg.micro_batch_size} does not divide the {cfg.batch_size // world_size} sequences "
             f"per process (batch_size={cfg.batch_size} over {world_size}); pick a divisor"
         )
-
-
-def check_device(device: str) -> None:
-    """cpu, cuda, cuda:N or mps, where this machine has it."""
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        parsed = None
-    if parsed is None or parsed.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"device={device}: not a device; use cpu, cuda (cuda:N for the Nth GPU) or mps")
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device={device} but no GPU is visible; use --device=cpu")
-    if parsed.type == "cuda" and (parsed.index or 0) >= (count := torch.cuda.device_count()):
-        raise UserError(f"device={device} but {count} GPUs are visible; use cuda:0 to cuda:{count - 1}")
-    if parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device={device} but this machine has no MPS (Apple GPU); use --device=cpu")
 
 
 def native_dtype(device: str) -> str:

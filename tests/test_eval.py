@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import eval as evaluation
+import prepare
 import tokenizer
 from common import UserError
 from model import GPT, GPTConfig
@@ -314,3 +315,75 @@ def test_trailing_space_of_the_context_moves_to_the_continuation():
     context, continuation = evaluation.encode_pair(item.context, item.continuations[0])
     assert tokenizer.decode(context) == item.context[:-1]
     assert tokenizer.decode(continuation) == "  Pull it tight."
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--device=gpu"], "device=gpu: not a device; use cpu, cuda"),
+        (["--batch_tokens=0"], "--batch_tokens=0: expected a positive number"),
+        (["--limit=-2"], "--limit=-2: expected a positive number"),
+    ],
+)
+def test_bad_values_are_refused_before_the_rows_are_read(args, message):
+    """The rows file does not exist: an error about it would mean the value was checked too late."""
+    with pytest.raises(UserError, match=message):
+        evaluation.main(["--hellaswag_file=missing.jsonl", "--tasks=hellaswag", *args])
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"text": "one"}\n[1, 2]\n', "line 2: a JSON list, not an object; write one JSON object per line"),
+        ('{"text": 12345}\n', "row 1's text is not a string; expected EleutherAI/lambada_openai's rows"),
+        ("caf\xe9 au lait\n".encode("latin-1"), "is not UTF-8 text .*at byte 3.*; convert it to UTF-8"),
+    ],
+)
+def test_malformed_row_files_are_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "rows.jsonl"
+    (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    with pytest.raises(UserError, match=message):
+        evaluation.load_items("lambada_openai", str(path), None)
+
+
+@pytest.mark.parametrize(
+    "column, value, message",
+    [
+        ("endings", "four endings", "row 1's endings is not a list of strings"),
+        ("label", "three", "row 1's label is not an index"),
+        ("ctx_a", None, "row 1's ctx_a is not a string"),
+    ],
+)
+def test_hellaswag_rows_of_the_wrong_types_are_refused(tmp_path, column, value, message):
+    path = write_jsonl(tmp_path / "rows.jsonl", [{**HELLASWAG_ROWS[0], column: value}])
+    with pytest.raises(UserError, match=message):
+        evaluation.load_items("hellaswag", str(path), None)
+
+
+def test_a_directory_or_an_unreadable_file_is_one_line(tmp_path, monkeypatch):
+    with pytest.raises(UserError, match=f"--hellaswag_file={tmp_path} is a directory; pass a file"):
+        evaluation.load_items("hellaswag", str(tmp_path), None)
+    path = write_jsonl(tmp_path / "rows.jsonl", HELLASWAG_ROWS)
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)  # chmod 000 would not stop root
+    with pytest.raises(UserError, match=f"--hellaswag_file={path}: cannot read it \\(Permission denied\\)"):
+        evaluation.load_items("hellaswag", str(path), None)
+
+
+def test_hub_out_of_reach_ends_with_the_callers_hint(monkeypatch):
+    """check_hub's error ends with the hint its caller passes, eval.py's own, never prepare.py's."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(UserError, match="cannot reach the Hugging Face Hub for owner/name .*; work offline$"):
+        prepare.check_hub("owner/name", None, "work offline")
+    with pytest.raises(UserError) as error:
+        evaluation.hub_rows("lambada_openai", evaluation.TASKS["lambada_openai"])
+    assert prepare.OFFLINE_HINT not in str(error.value)
+    assert str(error.value).endswith(
+        "; offline, pass --lambada_openai_file=PATH, a JSONL file of EleutherAI/lambada_openai's test rows"
+    )

@@ -276,3 +276,17 @@ def test_onednn_linear_changes_nothing_without_onednn(monkeypatch):
     model = GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=48))
     assert use_onednn_linear(model) is model
     assert not any(isinstance(m, OneDNNLinear) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    "sampling", [RECIPE, dict(do_sample=True), dict(do_sample=False)], ids=["recipe", "all", "greedy"]
+)
+def test_vocab_size_keeps_padding_ids_from_being_chosen(sampling):
+    """A padded vocabulary (101 ids, the tokenizer's 90) whose padding ids would win every draw."""
+    model = GPT(GPTConfig(block_size=32, vocab_size=101, n_layer=1, n_head=2, n_embd=16, dropout=0.0)).eval()
+    with torch.no_grad():
+        model.lm_head.weight[:90] = 0
+        model.lm_head.weight[90:] = 100 * torch.randn(11, 16)
+    idx = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    assert (our_generate(model, idx, 20, seed=0, **sampling)[:, 3:] >= 90).any()  # without it they are chosen
+    assert our_generate(model, idx, 20, seed=0, vocab_size=90, **sampling)[:, 3:].max() < 90

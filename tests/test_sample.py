@@ -10,6 +10,7 @@ import torch
 
 import sample
 import tokenizer
+from common import UserError
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).parent.parent
@@ -105,7 +106,7 @@ def test_recipe_defaults():
         (["--init=pretrained"], "--init=pretrained: expected checkpoint or random"),
         pytest.param(
             ["--device=cuda"],
-            "sees no CUDA GPU",
+            "device=cuda but no GPU is visible",
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible"),
         ),
     ],
@@ -130,3 +131,92 @@ def test_a_hub_name_offline_is_a_one_line_error(tmp_path, env):
     assert result.stderr.splitlines()[-1].startswith(
         "sample.py: error: 'gpt2' is not a local directory and could not be fetched from the Hugging Face Hub"
     )
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("--top_k=-1", "--top_k=-1: expected a positive number of tokens, or None for all"),
+        ("--max_new_tokens=-3", "--max_new_tokens=-3: expected a positive number of tokens"),
+        ("--num_samples=0", "--num_samples=0: expected a positive number of continuations"),
+        ("--seed=-1", "--seed=-1: expected a number from 0 to 2\\*\\*64 - 1"),
+        ("--temperature=0", "--temperature=0.0: expected a finite number > 0 when sampling; .* --do_sample=False"),
+        ("--temperature=nan", "--temperature=nan: expected a finite number > 0"),
+        ("--top_p=0", "--top_p=0.0: expected a probability in \\(0, 1\\]"),
+        ("--top_p=1.5", "--top_p=1.5: expected a probability in \\(0, 1\\]"),
+        ("--device=gpu", "device=gpu: not a device; use cpu, cuda"),
+    ],
+)
+def test_bad_values_are_refused_before_the_model_loads(arg, message):
+    """The checkpoint does not exist: an error about it would mean the value was checked too late."""
+    with pytest.raises(UserError, match=message):
+        sample.main(["--ckpt=no/such/run", arg])
+
+
+def test_a_bad_value_is_one_line_without_traceback():
+    result = run_sample("--ckpt=no/such/run", "--top_k=-1")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == "sample.py: error: --top_k=-1: expected a positive number of tokens, or None for all\n"
+
+
+def test_greedy_decoding_takes_any_temperature(run_dir, capsys):
+    sample.main([f"--ckpt={run_dir}", "--do_sample=False", "--temperature=0", "--max_new_tokens=2"])
+    assert capsys.readouterr().out.startswith("I was telling her that")
+
+
+@pytest.fixture(scope="module")
+def padded_run(tmp_path_factory):
+    """A checkpoint of a padded vocabulary (train.py's --vocab_size=50304) whose padding ids would win:
+    the tokenizer's ids all score 0, the others far from it."""
+    model = GPT(GPTConfig(**{**vars(TINY), "vocab_size": 50304}))
+    with torch.no_grad():
+        model.lm_head.weight[: tokenizer.VOCAB_SIZE] = 0
+        model.lm_head.weight[tokenizer.VOCAB_SIZE :] = 100 * torch.randn(50304 - tokenizer.VOCAB_SIZE, TINY.n_embd)
+    directory = tmp_path_factory.mktemp("padded") / "ckpt"
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("args", [[], ["--do_sample=False"], ["--top_k=None", "--top_p=None"]])
+def test_a_padded_vocabulary_samples_only_ids_the_tokenizer_has(padded_run, args, capsys, monkeypatch):
+    chosen = []
+    decode = tokenizer.get_tokenizer().decode_single_token_bytes
+    monkeypatch.setattr(
+        tokenizer.get_tokenizer(), "decode_single_token_bytes", lambda token: chosen.append(token) or decode(token)
+    )
+    sample.main([f"--ckpt={padded_run}", "--max_new_tokens=20", *args])
+    assert len(chosen) == 20 and max(chosen) < tokenizer.VOCAB_SIZE
+    assert capsys.readouterr().out.startswith("I was telling her that")
+
+
+def test_a_padded_vocabulary_in_a_batch(padded_run, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello there\nIt was a dark and stormy night\n")
+    sample.main([f"--ckpt={padded_run}", f"--prompts={prompts}", "--max_new_tokens=20", "--do_sample=False"])
+    assert capsys.readouterr().out.count("---------------") == 1
+
+
+def test_a_prompt_file_with_a_byte_order_mark_is_decoded(run_dir, tmp_path, capsys):
+    for name, data in [("utf16.txt", "Il était une fois".encode("utf-16")), ("bom8.txt", "\ufeffOnce upon".encode())]:
+        (tmp_path / name).write_bytes(data)
+        sample.main([f"--ckpt={run_dir}", f"--start=FILE:{tmp_path / name}", "--max_new_tokens=1"])
+        assert capsys.readouterr().out.startswith(data.decode("utf-16" if name == "utf16.txt" else "utf-8-sig"))
+
+
+@pytest.mark.parametrize("flag", ["--start=FILE:", "--prompts="])
+def test_bad_prompt_files_are_one_line_errors(run_dir, tmp_path, monkeypatch, flag):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café au lait\n".encode("latin-1"))
+    with pytest.raises(UserError, match=f"{flag}{latin1} is not UTF-8 text .*at byte 3.*; convert it to UTF-8"):
+        sample.main([f"--ckpt={run_dir}", f"{flag}{latin1}"])
+    with pytest.raises(UserError, match=f"{flag}{tmp_path} is a directory; pass a file"):
+        sample.main([f"--ckpt={run_dir}", f"{flag}{tmp_path}"])
+    unreadable = tmp_path / "unreadable.txt"
+    unreadable.write_text("hello\n")
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)  # chmod 000 would not stop root
+    with pytest.raises(UserError, match=f"{flag}{unreadable}: cannot read it \\(Permission denied\\)"):
+        sample.main([f"--ckpt={run_dir}", f"{flag}{unreadable}"])
