@@ -511,7 +511,6 @@ class Evaluator:
         self._val = functools.partial(
             evaluate, model, data.val, data.val_rows, micro_batch_size, cfg.device, autocast, job
         )
-        self._batch_tokens = micro_batch_size * cfg.block_size  # what a training micro-batch's forward holds
         names = task_names(cfg.tasks)
         if names or cfg.sample_prompt:
             check_gpt2_tokens(cfg, data.val.meta)
@@ -532,7 +531,8 @@ class Evaluator:
         self._model.eval()
         with self._autocast:
             tasks = {
-                name: zero_shot.evaluate(self._model, name, items, self._job, self._batch_tokens)
+                # eval.py's default batch: its (tokens x 50257) logits, which training never holds, fit any device
+                name: zero_shot.evaluate(self._model, name, items, self._job, zero_shot.EvalConfig.batch_tokens)
                 for name, items in self._items.items()
             }
         self._model.train()
