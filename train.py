@@ -16,10 +16,14 @@ The step never waits for the GPU: batches are read ahead and copied from pinned 
 a non-finite loss or gradient is skipped by the optimizer itself, on the device, and the loss and
 gradient norm are read back only at the steps that log, evaluate or checkpoint.
 
+An eval takes the val loss, scores the zero-shot tasks of `tasks` as lm-evaluation-harness does
+(eval.py; "hellaswag/acc_norm" and the like in metrics.jsonl) and continues `sample_prompt` with a
+fixed seed, so that the samples of a run differ only by its weights (Evaluator).
+
 A run's directory (sample.py reads its newest checkpoint):
 out/<run>/train_config.json   the resolved config (not config.json: that name marks an HF model dir)
 out/<run>/metrics.jsonl       one JSON record per log step, skipped step and eval; loss.png plots it
-out/<run>/ckpt_<step:07d>/    the checkpoints (checkpoint.py)
+out/<run>/ckpt_<step:07d>/    the checkpoints (checkpoint.py): complete HF model directories, tokenizer included
 out/<run>.lock                held by the job training the run: a second one is refused (checkpoint.py)
 Every rank reads data and checkpoints from the same paths: on many nodes, a shared filesystem.
 SIGTERM (preemption), SIGINT or SIGHUP, to any or all processes of the job and however many times,
