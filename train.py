@@ -503,7 +503,8 @@ class EvalResult:
 
 class Evaluator:
     """What an evaluation measures: the loss on the val windows, the zero-shot tasks of cfg.tasks (scored as
-    lm-evaluation-harness scores them, eval.py) and, on rank 0, a sample continuing cfg.sample_prompt.
+    lm-evaluation-harness scores them, eval.py) and, on rank 0, a sample continuing cfg.sample_prompt. Both
+    are GPT-2 text: the tasks refuse data of another tokenizer, the sample is left out (and says so).
 
     The sample draws from a generator of its own seeded with cfg.seed, with sample.py's sampling: samples
     differ only by the weights, and training's random streams go on as if there were none. The tasks'
@@ -516,15 +517,22 @@ class Evaluator:
             evaluate, model, data.val, data.val_rows, micro_batch_size, cfg.device, autocast, job
         )
         names = task_names(cfg.tasks)
-        if names or cfg.sample_prompt:
-            check_gpt2_tokens(cfg, data.val.meta)
+        tokens = data.val.meta.get("tokenizer")
+        if names and tokens != "gpt2":
+            raise UserError(
+                f"{cfg.data_dir} holds {tokens!r} tokens, but the tasks are GPT-2's tokens; prepare the data with "
+                "prepare.py, or --tasks='' for none"
+            )
+        self._sampling = bool(cfg.sample_prompt) and tokens == "gpt2"
+        if cfg.sample_prompt and not self._sampling:
+            job.announce(f"no samples at evals: {cfg.data_dir} holds {tokens!r} tokens, and sample_prompt GPT-2's")
         files = {"hellaswag": cfg.hellaswag_file, "lambada_openai": cfg.lambada_openai_file}
         self._items = job.on_rank0(
             lambda: {name: zero_shot.load_items(name, files[name], cfg.task_limit) for name in names}, share=True
         )
         self._prompt = tokenizer.encode(cfg.sample_prompt)
         self._new_tokens = min(cfg.sample_tokens, model.config.block_size - len(self._prompt))
-        if cfg.sample_prompt and self._new_tokens < 1:
+        if self._sampling and self._new_tokens < 1:
             raise UserError(
                 f"sample_prompt={cfg.sample_prompt!r} is {len(self._prompt)} tokens, no shorter than the model's "
                 f"context of {model.config.block_size}; shorten it, or --sample_prompt='' for no sample"
@@ -540,7 +548,7 @@ class Evaluator:
                 for name, items in self._items.items()
             }
         self._model.train()
-        sample = self._sample() if self._cfg.sample_prompt and self._job.rank == 0 else None
+        sample = self._sample() if self._sampling and self._job.rank == 0 else None
         return EvalResult(val_loss, tasks if self._job.rank == 0 else {}, sample)
 
     def _sample(self) -> str:
@@ -558,15 +566,6 @@ class Evaluator:
             )
         self._model.clear_kv_cache()
         return self._cfg.sample_prompt + tokenizer.decode(ids[0, len(self._prompt) :].tolist())
-
-
-def check_gpt2_tokens(cfg: TrainConfig, meta: dict) -> None:
-    """The tasks and the sample speak GPT-2's tokenizer: the data must be GPT-2 tokens."""
-    if meta.get("tokenizer") != "gpt2":
-        raise UserError(
-            f"{cfg.data_dir} holds {meta.get('tokenizer')!r} tokens, but tasks and sample_prompt use GPT-2's "
-            "tokenizer; prepare the data with prepare.py, or turn them off with --tasks='' --sample_prompt=''"
-        )
 
 
 class Reporter:

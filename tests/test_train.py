@@ -36,7 +36,6 @@ TINY = [
     "--device=cpu",
     "--compile=False",
     "--dtype=float32",
-    "--sample_prompt=",  # the tokens are not GPT-2's (test_train_eval.py samples)
 ]
 TIMING_KEYS = {"tokens_per_s", "mfu"}
 

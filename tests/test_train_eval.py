@@ -163,10 +163,13 @@ def test_bad_values_are_one_line_before_any_step(data, tmp_path, extra, message)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_data_of_another_tokenizer_refuses_tasks_and_samples(make_token_data, tmp_path):
+def test_data_of_another_tokenizer_refuses_tasks_and_leaves_the_sample_out(make_token_data, tmp_path, capsys):
     directory = make_token_data()  # tokenizer "test", vocabulary of 64
-    with pytest.raises(UserError, match="holds 'test' tokens, but tasks and sample_prompt use GPT-2's tokenizer"):
+    with pytest.raises(UserError, match="holds 'test' tokens, but the tasks are GPT-2's tokens"):
         train.main(args((directory, tmp_path), tmp_path, "--vocab_size=64", "--max_steps=1"))
+    train.main(args((directory, tmp_path), tmp_path, "--vocab_size=64", "--max_steps=1", "--tasks="))
+    assert "no samples at evals: " in capsys.readouterr().out
+    assert [record for record in metrics(tmp_path) if "val_loss" in record and "sample" not in record]
 
 
 def test_a_dataset_out_of_reach_is_one_line_before_any_step(data, tmp_path):
