@@ -520,12 +520,12 @@ class Evaluator:
         tokens = data.val.meta.get("tokenizer")
         if names and tokens != "gpt2":
             raise UserError(
-                f"{cfg.data_dir} holds {tokens!r} tokens, but the tasks are GPT-2's tokens; prepare the data with "
-                "prepare.py, or --tasks='' for none"
+                f"{cfg.data_dir} holds {tokens!r} tokens, but the tasks are scored in GPT-2's; prepare the data "
+                "with prepare.py, or --tasks='' for none"
             )
         self._sampling = bool(cfg.sample_prompt) and tokens == "gpt2"
         if cfg.sample_prompt and not self._sampling:
-            job.announce(f"no samples at evals: {cfg.data_dir} holds {tokens!r} tokens, and sample_prompt GPT-2's")
+            job.announce(f"no samples at evals: {cfg.data_dir} holds {tokens!r} tokens, not GPT-2's")
         files = {"hellaswag": cfg.hellaswag_file, "lambada_openai": cfg.lambada_openai_file}
         self._items = job.on_rank0(
             lambda: {name: zero_shot.load_items(name, files[name], cfg.task_limit) for name in names}, share=True

@@ -165,7 +165,7 @@ def test_bad_values_are_one_line_before_any_step(data, tmp_path, extra, message)
 
 def test_data_of_another_tokenizer_refuses_tasks_and_leaves_the_sample_out(make_token_data, tmp_path, capsys):
     directory = make_token_data()  # tokenizer "test", vocabulary of 64
-    with pytest.raises(UserError, match="holds 'test' tokens, but the tasks are GPT-2's tokens"):
+    with pytest.raises(UserError, match="holds 'test' tokens, but the tasks are scored in GPT-2's; prepare the data"):
         train.main(args((directory, tmp_path), tmp_path, "--vocab_size=64", "--max_steps=1"))
     train.main(args((directory, tmp_path), tmp_path, "--vocab_size=64", "--max_steps=1", "--tasks="))
     assert "no samples at evals: " in capsys.readouterr().out
