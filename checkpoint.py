@@ -3,6 +3,9 @@
 out/<run>/ckpt_<step:07d>/ is written as ckpt_<step>.tmp and renamed once complete, so every ckpt_*
 directory is whole (a process killed mid-write leaves only a .tmp, cleared at the next write):
     config.json, model.safetensors   the model in HF format (GPT.save_pretrained)
+    vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json, generation_config.json
+                                      GPT-2's tokenizer and generation ids: a complete HF model directory
+                                      that AutoTokenizer, pipeline("text-generation") and lm_eval open
     optimizer.pt                      AdamW state
     trainer_state.pt                  TrainerState as a plain dict: step, scheduler, RNG state of every rank, ...
     train_config.json                 the TrainConfig that wrote it
@@ -28,6 +31,7 @@ import torch
 from filelock import FileLock, Timeout
 from safetensors import SafetensorError, safe_open
 
+import tokenizer
 from common import UserError, publish, temp_path
 from distributed import Job, one_line
 
@@ -335,6 +339,8 @@ def write_checkpoint(run_dir: Path, model, optimizer, state: TrainerState, cfg) 
         shutil.rmtree(unfinished)
     try:
         model.save_pretrained(tmp)
+        tokenizer.save_hf_tokenizer(tmp, model_max_length=model.config.block_size)
+        (tmp / "generation_config.json").write_text(json.dumps(tokenizer.hf_generation_config(), indent=2) + "\n")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         state.save(tmp)
         (tmp / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")

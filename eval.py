@@ -5,9 +5,11 @@ in the same tables as published GPT-2 results.
     python eval.py --ckpt=out/bookcorpus --tasks=hellaswag --limit=500    # the first 500 items
     python eval.py --ckpt=DIR --hellaswag_file=hellaswag.jsonl --tasks=hellaswag    # local rows, offline
     torchrun --standalone --nproc_per_node=8 eval.py --ckpt=DIR --dtype=bfloat16    # items split over 8 GPUs
+    python eval.py --ckpt=out/bookcorpus --tasks=val --data_dir=data/bookcorpus    # the mean loss on a prepared split
 
 Prints a table, then as its last line one JSON object: {"hellaswag": {"acc": ..., "acc_norm": ...},
-"lambada_openai": {"acc": ..., "perplexity": ...}}.
+"lambada_openai": {"acc": ..., "perplexity": ...}}, with "val": {"loss": ..., "perplexity": ...} for --tasks=val
+(train.py's evaluation of the split's windows: the val loss that training logs, for any checkpoint).
 
 The rules are lm-eval's task configs and its HF backend (lm_eval/tasks/hellaswag, lm_eval/tasks/lambada,
 lm_eval/api/model.py _encode_pair, lm_eval/models/huggingface.py _loglikelihood_tokens):
@@ -32,10 +34,12 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -43,20 +47,27 @@ from tqdm import tqdm
 import configurator
 import prepare
 import tokenizer
+import train
 from common import UserError, check_device
 from distributed import Job
 from model import GPT
 from sample import DTYPES, load_model, read_text
+from shards import TokenWindows
+
+VAL = "val"  # the --tasks name of the loss on a prepared split
 
 
 @dataclass
 class EvalConfig:
     ckpt: str | None = None  # run dir (newest checkpoint), checkpoint, HF dir or Hub name; None: newest run in out/
     init: str = "checkpoint"  # or "random": an untrained GPT-2 124M (to time the tasks)
-    tasks: str = "hellaswag,lambada_openai"  # comma-separated, from: hellaswag, lambada_openai
+    tasks: str = "hellaswag,lambada_openai"  # comma-separated, from: hellaswag, lambada_openai, val
     hellaswag_file: str | None = None  # a JSONL file of Rowan/hellaswag's validation rows; None: from the Hub
     lambada_openai_file: str | None = None  # a JSONL file of EleutherAI/lambada_openai's test rows; None: from the Hub
     limit: int | None = None  # score the first N items of each task; None: all
+    data_dir: str = "data/bookcorpus"  # --tasks=val: the token shards and meta.json that prepare.py wrote
+    split: str = "val"  # --tasks=val: the split whose windows' mean loss is taken
+    block_size: int | None = None  # --tasks=val: tokens per window, as train.py's block_size; None: the model's context
     batch_tokens: int = 4096  # padded tokens per forward pass; its logits take batch_tokens x 50257 x dtype's bytes
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cuda (under torchrun: each rank its own GPU) or cpu
     dtype: str = "float32"  # float32, bfloat16 or float16
@@ -288,6 +299,26 @@ def score_rows(model: GPT, rows: list[Row], device) -> tuple[list[float], list[b
     return loglikelihoods, greedy
 
 
+def split_loss(model: GPT, cfg: EvalConfig, job: Job) -> tuple[dict[str, float], int]:
+    """The mean loss over every window of block_size + 1 tokens of the split, as train.py evaluates it (its
+    val loss for the same split, windows and model), and its perplexity; and the number of windows."""
+    block_size = cfg.block_size or model.config.block_size
+    if block_size > model.config.block_size:
+        raise UserError(
+            f"--block_size={block_size} is longer than the model's context of {model.config.block_size}; lower it"
+        )
+    windows = TokenWindows(cfg.data_dir, cfg.split, block_size)
+    if windows.meta["vocab_size"] > model.config.vocab_size:
+        raise UserError(
+            f"{cfg.data_dir} uses a vocabulary of {windows.meta['vocab_size']} tokens, the model has "
+            f"{model.config.vocab_size}; pass the data the model was trained on"
+        )
+    batch_size = max(1, cfg.batch_tokens // block_size)
+    loss = train.evaluate(model, windows, np.arange(len(windows)), batch_size, job.device, nullcontext(), job)
+    model.eval()  # train.evaluate hands the model back in train mode
+    return {"loss": loss, "perplexity": math.exp(loss)}, len(windows)
+
+
 def evaluate(model: GPT, name: str, items: list[Item], job: Job, batch_tokens: int) -> dict[str, float] | None:
     """The task's metrics over items, each rank scoring every world_size-th item; on rank 0, None elsewhere.
     The model is in eval mode, on job.device, in the dtype to evaluate in."""
@@ -318,9 +349,9 @@ def evaluate(model: GPT, name: str, items: list[Item], job: Job, batch_tokens: i
 def check_config(cfg: EvalConfig) -> list[str]:
     """The tasks to run; a bad value is a one-line error."""
     names = [name for name in cfg.tasks.split(",") if name]
-    unknown = [name for name in names if name not in TASKS]
+    unknown = [name for name in names if name not in [*TASKS, VAL]]
     if unknown or not names:
-        raise UserError(f"--tasks={cfg.tasks}: expected a comma-separated list from {', '.join(TASKS)}")
+        raise UserError(f"--tasks={cfg.tasks}: expected a comma-separated list from {', '.join([*TASKS, VAL])}")
     if cfg.limit is not None and cfg.limit < 1:
         raise UserError(f"--limit={cfg.limit}: expected a positive number of items, or None for all")
     if cfg.batch_tokens < 1:
@@ -347,21 +378,29 @@ def main(argv):
     try:
         files = {"hellaswag": cfg.hellaswag_file, "lambada_openai": cfg.lambada_openai_file}
         # Rank 0 reads the rows (the Hub once, one error line when offline) before the model loads.
-        items = job.on_rank0(lambda: {name: load_items(name, files[name], cfg.limit) for name in names}, share=True)
+        items = job.on_rank0(
+            lambda: {name: load_items(name, files[name], cfg.limit) for name in names if name != VAL}, share=True
+        )
         torch.manual_seed(0)  # --init=random: the same weights on every rank
         model = load_model(cfg).to(job.device, DTYPES[cfg.dtype]).eval()
-        results = {}
+        results, counts = {}, {}
         for name in names:
             started = time.perf_counter()
-            results[name] = evaluate(model, name, items[name], job, cfg.batch_tokens)
+            if name == VAL:
+                results[name], counts[name] = split_loss(model, cfg, job)
+            else:
+                results[name], counts[name] = (
+                    evaluate(model, name, items[name], job, cfg.batch_tokens),
+                    len(items[name]),
+                )
             seconds = time.perf_counter() - started
             if job.rank == 0:
                 print(
-                    f"{name}: {len(items[name])} items in {seconds:.1f} s ({len(items[name]) / seconds:.1f} items/s)",
+                    f"{name}: {counts[name]} items in {seconds:.1f} s ({counts[name] / seconds:.1f} items/s)",
                     file=sys.stderr,
                 )
         if job.rank == 0:
-            print(table(results, {name: len(items[name]) for name in names}))
+            print(table(results, counts))
             print(json.dumps(results))
         clean = True
     except BaseException as e:

@@ -1,4 +1,5 @@
-"""Loss curves of a training run: train and val loss against tokens seen, as a PNG.
+"""Loss curves of a training run: train and val loss against tokens seen, as a PNG; below them, when the
+run scored zero-shot tasks (train.py's tasks key), their metrics against tokens seen.
 
 python plot.py out/austen        # writes out/austen/loss.png (train.py does this at the end)
 """
@@ -31,7 +32,9 @@ def plot_run(run_dir) -> Path:
     }
     if not any(curves.values()):
         raise UserError(f"{metrics_path} has no losses yet; plot again after the first log step")
-    fig, ax = plt.subplots(figsize=(8, 5))
+    tasks = task_curves(records)
+    fig, axes = plt.subplots(2 if tasks else 1, figsize=(8, 9 if tasks else 5), squeeze=False)
+    ax = axes[0, 0]
     for (label, points), style in zip(curves.items(), ("-", "o-"), strict=True):
         if points:
             tokens, losses = zip(*points, strict=True)
@@ -43,12 +46,45 @@ def plot_run(run_dir) -> Path:
     )
     ax.grid(alpha=0.3)
     ax.legend()
+    if tasks:
+        plot_tasks(axes[1, 0], tasks)
+    fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
     out_path = run_dir / "loss.png"
     atomic_write_bytes(out_path, png.getvalue())  # a reader never sees half a PNG
     return out_path
+
+
+def task_curves(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """The zero-shot task metrics of the eval records, train.py's "task/metric" keys: {key: [(tokens, value)]}."""
+    curves = {}
+    for record in records:
+        for key, value in record.items():
+            if "/" in key:
+                curves.setdefault(key, []).append((record["tokens"], value))
+    return curves
+
+
+def plot_tasks(ax, curves: dict[str, list[tuple[int, float]]]) -> None:
+    """Accuracies on ax (0 to 1), perplexities on a second y axis (log scale): they differ by orders of magnitude."""
+    perplexity_ax = None
+    for key, points in curves.items():
+        tokens, values = zip(*points, strict=True)
+        if key.endswith("/perplexity"):
+            perplexity_ax = perplexity_ax or ax.twinx()
+            perplexity_ax.plot(tokens, values, "s--", color="tab:red", label=key)
+        else:
+            ax.plot(tokens, values, "o-", label=key)
+    ax.set(xlabel="tokens seen", ylabel="accuracy", title="zero-shot tasks (as lm-evaluation-harness scores them)")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if perplexity_ax:
+        perplexity_ax.set(ylabel="perplexity", yscale="log")
+        more_handles, more_labels = perplexity_ax.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels)
 
 
 def main(argv: list[str]) -> None:

@@ -16,10 +16,14 @@ The step never waits for the GPU: batches are read ahead and copied from pinned 
 a non-finite loss or gradient is skipped by the optimizer itself, on the device, and the loss and
 gradient norm are read back only at the steps that log, evaluate or checkpoint.
 
+An eval takes the val loss, scores the zero-shot tasks of `tasks` as lm-evaluation-harness does
+(eval.py; "hellaswag/acc_norm" and the like in metrics.jsonl) and continues `sample_prompt` with a
+fixed seed, so that the samples of a run differ only by its weights (Evaluator).
+
 A run's directory (sample.py reads its newest checkpoint):
 out/<run>/train_config.json   the resolved config (not config.json: that name marks an HF model dir)
 out/<run>/metrics.jsonl       one JSON record per log step, skipped step and eval; loss.png plots it
-out/<run>/ckpt_<step:07d>/    the checkpoints (checkpoint.py)
+out/<run>/ckpt_<step:07d>/    the checkpoints (checkpoint.py): complete HF model directories, tokenizer included
 out/<run>.lock                held by the job training the run: a second one is refused (checkpoint.py)
 Every rank reads data and checkpoints from the same paths: on many nodes, a shared filesystem.
 SIGTERM (preemption), SIGINT or SIGHUP, to any or all processes of the job and however many times,
@@ -52,6 +56,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.lr_scheduler import LambdaLR
 
 import configurator
+import eval as zero_shot
+import tokenizer
 from checkpoint import (
     Checkpoint,
     Checkpointer,
@@ -66,6 +72,7 @@ from common import UserError, atomic_write_bytes, check_device
 from distributed import Job
 from model import GPT, GPTConfig
 from plot import plot_run
+from sample import SampleConfig
 from shards import TokenWindows
 
 NONFINITE_STEPS_BEFORE_STOP = 5  # skipped steps in a row that end the run
@@ -109,6 +116,12 @@ class TrainConfig:
     # eval, logging, checkpoints
     eval_interval: int = 500  # steps between evaluations on the val split (and at the last step)
     eval_windows: int | None = None  # val windows per eval (a fixed sample); None: the whole split
+    tasks: str = ""  # comma-separated zero-shot tasks scored at each eval, as lm-eval: hellaswag, lambada_openai
+    hellaswag_file: str | None = None  # a JSONL file of Rowan/hellaswag's validation rows; None: from the Hub (cached)
+    lambada_openai_file: str | None = None  # a JSONL file of EleutherAI/lambada_openai's test rows; None: from the Hub
+    task_limit: int | None = None  # score the first N items of each task; None: all
+    sample_prompt: str = "I was telling her that"  # continued at each eval (rank 0, seed, sample.py's sampling); '' off
+    sample_tokens: int = 64  # new tokens of each eval's sample, fewer where the model's context ends first
     log_interval: int = 10  # steps between log lines and metrics.jsonl records (and at the last step)
     checkpoint_interval: int = 5000  # steps between checkpoints (and at the last step and at a stop)
     keep_checkpoints: int = 10  # how many of the newest checkpoints to keep
@@ -125,7 +138,8 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
     """Refuses values that could only fail later (or silently do nothing), before anything is built."""
     positive = (
         "block_size vocab_size n_layer n_head n_embd batch_size micro_batch_size epochs max_steps learning_rate "
-        "grad_clip eval_interval eval_windows log_interval checkpoint_interval keep_checkpoints dist_timeout_minutes"
+        "grad_clip eval_interval eval_windows task_limit sample_tokens log_interval checkpoint_interval "
+        "keep_checkpoints dist_timeout_minutes"
     ).split()
     for key in positive:
         if (value := getattr(cfg, key)) is not None and not value > 0:
@@ -151,6 +165,7 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
     if cfg.init_from == "resume":
         raise UserError("init_from='resume' is not a starting point; use --resume=auto (this run's newest checkpoint)")
     check_device(cfg.device)
+    task_names(cfg.tasks)
     if cfg.dtype not in (None, "bfloat16", "float32"):
         raise UserError(f"dtype={cfg.dtype}: use bfloat16 (autocast) or float32; float16 would need loss scaling")
     if cfg.batch_size % world_size:
@@ -162,6 +177,17 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
             f"micro_batch_size={cfg.micro_batch_size} does not divide the {cfg.batch_size // world_size} sequences "
             f"per process (batch_size={cfg.batch_size} over {world_size}); pick a divisor"
         )
+
+
+def task_names(tasks: str) -> list[str]:
+    """The zero-shot tasks of the tasks key, each one eval.py scores."""
+    names = [name for name in tasks.split(",") if name]
+    if unknown := [name for name in names if name not in zero_shot.TASKS]:
+        raise UserError(
+            f"tasks={tasks}: {', '.join(unknown)} is no task here; pick from {', '.join(zero_shot.TASKS)} "
+            f"(lm_eval --model hf --model_args pretrained=CKPT runs the others on a checkpoint)"
+        )
+    return names
 
 
 def native_dtype(device: str) -> str:
@@ -433,6 +459,99 @@ def evaluate(model, windows: TokenWindows, rows: np.ndarray, batch_size: int, de
     return loss_sum.item() / len(rows)
 
 
+@dataclass
+class EvalResult:
+    """One evaluation, as Reporter.log_eval prints and records it."""
+
+    val_loss: float  # the mean loss over the val windows, on every rank
+    tasks: dict[str, dict[str, float]]  # {task: {metric: value}} on rank 0; empty on the others
+    sample: str | None  # the sample prompt and its continuation on rank 0; None on the others or when off
+
+    def record(self) -> dict:
+        """Flat keys for metrics.jsonl and wandb: a task's metric as task/metric (wandb groups them by task)."""
+        return {
+            "val_loss": self.val_loss,
+            "val_perplexity": math.exp(self.val_loss),
+            **{f"{task}/{metric}": value for task, metrics in self.tasks.items() for metric, value in metrics.items()},
+            **({"sample": self.sample} if self.sample is not None else {}),
+        }
+
+    def describe(self) -> str:
+        tasks = "".join(
+            f"; {task} " + " ".join(f"{metric} {value:.4f}" for metric, value in metrics.items())
+            for task, metrics in self.tasks.items()
+        )
+        sample = f"\nsample: {self.sample}" if self.sample is not None else ""
+        return f"val loss {self.val_loss:.4f}, perplexity {math.exp(self.val_loss):.2f}{tasks}{sample}"
+
+
+class Evaluator:
+    """What an evaluation measures: the loss on the val windows, the zero-shot tasks of cfg.tasks (scored as
+    lm-evaluation-harness scores them, eval.py) and, on rank 0, a sample continuing cfg.sample_prompt. Both
+    are GPT-2 text: the tasks refuse data of another tokenizer, the sample is left out (and says so).
+
+    The sample draws from a generator of its own seeded with cfg.seed, with sample.py's sampling: samples
+    differ only by the weights, and training's random streams go on as if there were none. The tasks'
+    rows are read on construction (rank 0, shared), so a dataset out of reach is one line before any step.
+    """
+
+    def __init__(self, cfg: TrainConfig, job: Job, model: GPT, data: RunData, micro_batch_size: int, autocast):
+        self._cfg, self._job, self._model, self._autocast = cfg, job, model, autocast
+        self._val = functools.partial(
+            evaluate, model, data.val, data.val_rows, micro_batch_size, cfg.device, autocast, job
+        )
+        names = task_names(cfg.tasks)
+        tokens = data.val.meta.get("tokenizer")
+        if names and tokens != "gpt2":
+            raise UserError(
+                f"{cfg.data_dir} holds {tokens!r} tokens, but the tasks are scored in GPT-2's; prepare the data "
+                "with prepare.py, or --tasks='' for none"
+            )
+        self._sampling = bool(cfg.sample_prompt) and tokens == "gpt2"
+        if cfg.sample_prompt and not self._sampling:
+            job.announce(f"no samples at evals: {cfg.data_dir} holds {tokens!r} tokens, not GPT-2's")
+        files = {"hellaswag": cfg.hellaswag_file, "lambada_openai": cfg.lambada_openai_file}
+        self._items = job.on_rank0(
+            lambda: {name: zero_shot.load_items(name, files[name], cfg.task_limit) for name in names}, share=True
+        )
+        self._prompt = tokenizer.encode(cfg.sample_prompt)
+        self._new_tokens = min(cfg.sample_tokens, model.config.block_size - len(self._prompt))
+        if self._sampling and self._new_tokens < 1:
+            raise UserError(
+                f"sample_prompt={cfg.sample_prompt!r} is {len(self._prompt)} tokens, no shorter than the model's "
+                f"context of {model.config.block_size}; shorten it, or --sample_prompt='' for no sample"
+            )
+
+    def __call__(self) -> EvalResult:
+        val_loss = self._val()
+        self._model.eval()
+        with self._autocast:
+            tasks = {
+                # eval.py's default batch: its (tokens x 50257) logits, which training never holds, fit any device
+                name: zero_shot.evaluate(self._model, name, items, self._job, zero_shot.EvalConfig.batch_tokens)
+                for name, items in self._items.items()
+            }
+        self._model.train()
+        sample = self._sample() if self._sampling and self._job.rank == 0 else None
+        return EvalResult(val_loss, tasks if self._job.rank == 0 else {}, sample)
+
+    def _sample(self) -> str:
+        recipe = SampleConfig()
+        generator = torch.Generator(self._cfg.device).manual_seed(self._cfg.seed)
+        with self._autocast:
+            ids = self._model.generate(
+                torch.tensor([self._prompt], device=self._cfg.device),
+                self._new_tokens,
+                temperature=recipe.temperature,
+                top_k=recipe.top_k,
+                top_p=recipe.top_p,
+                generator=generator,
+                eos_token_id=tokenizer.EOT_ID,
+            )
+        self._model.clear_kv_cache()
+        return self._cfg.sample_prompt + tokenizer.decode(ids[0, len(self._prompt) :].tolist())
+
+
 class Reporter:
     """What the steps report, and when: the console line, metrics.jsonl and wandb of the log steps
     (mean loss, as the HF Trainer logs, grad norm, tokens/s, MFU, ETA) and of the evaluations, and
@@ -452,6 +571,7 @@ class Reporter:
         self._unread = []  # (3,) device tensors of the steps since the last read
         self._finite = []  # (loss, grad norm) of the finite steps read since the last log line
         self._logged_step, self._seconds, self._clock_from = state.step, 0.0, time.perf_counter()
+        self._samples = []  # [step, sample] of each eval, for wandb's table
         # Before any step: a failure here (wandb, the run directory) costs nothing yet.
         self._wandb_run = job.on_rank0(lambda: open_run(cfg, run_dir, state.step, state.wandb_run_id))
         self.wandb_run_id = self._wandb_run.id if self._wandb_run else None  # what a checkpoint keeps to continue it
@@ -538,10 +658,10 @@ class Reporter:
         if self._job.rank == 0:
             self._record(step, {"resumed_with_changes": changes})
 
-    def log_eval(self, step: int, val_loss: float) -> None:
-        self._job.announce(f"step {step}: val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}")
+    def log_eval(self, step: int, result: EvalResult) -> None:
+        self._job.announce(f"step {step}: {result.describe()}")
         if self._job.rank == 0:
-            self._record(step, {"val_loss": val_loss, "val_perplexity": math.exp(val_loss)})
+            self._record(step, result.record())
 
     def _record(self, step: int, metrics: dict) -> None:
         metrics = {"step": step, "tokens": step * self._tokens_per_step, **metrics}
@@ -551,7 +671,16 @@ class Reporter:
         except OSError as e:
             raise unwritable(self._run_dir, e) from None
         if self._wandb_run:
-            self._wandb_run.log(metrics, step=step)
+            self._wandb_run.log(self._for_wandb(step, metrics), step=step)
+
+    def _for_wandb(self, step: int, metrics: dict) -> dict:
+        """metrics with a sample as a table of every sample of this process, one row per eval step."""
+        if "sample" not in metrics:
+            return metrics
+        import wandb
+
+        self._samples.append([step, metrics["sample"]])
+        return {**metrics, "sample": wandb.Table(columns=["step", "sample"], data=self._samples)}
 
 
 def flops_per_token(model: GPT, cfg: TrainConfig) -> float:
@@ -660,15 +789,9 @@ def train(cfg: TrainConfig, job: Job) -> int:
     micro_batch_size = choose_micro_batch(cfg, job, raw_model, autocast)
     job.announce(f"config: {json.dumps(asdict(cfg))}")
     job.announce(f"model: {raw_model.num_params():,} parameters, {'from ' + str(source) if source else 'new'}")
-    evaluate_val = functools.partial(
-        evaluate, raw_model, data.val, data.val_rows, micro_batch_size, cfg.device, autocast, job
-    )
+    evaluator = Evaluator(cfg, job, raw_model, data, micro_batch_size, autocast)
     if cfg.eval_only:
-        val_loss = evaluate_val()
-        job.announce(
-            f"val loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f} "
-            f"({len(data.val_rows)} windows of {cfg.block_size} tokens)"
-        )
+        job.announce(f"{len(data.val_rows)} windows of {cfg.block_size} tokens: {evaluator().describe()}")
         return 0
 
     model = distribute(raw_model, cfg, job)
@@ -700,7 +823,7 @@ def train(cfg: TrainConfig, job: Job) -> int:
                 if reporter.should_log(step):
                     reporter.log(step, lr)
                 if reporter.should_evaluate(step):
-                    reporter.log_eval(step, evaluate_val())
+                    reporter.log_eval(step, evaluator())
                 if save:
                     checkpointer.save(step, reporter.nonfinite_steps, reporter.wandb_run_id)
             if stop_signal:

@@ -24,6 +24,7 @@ learning_rate = 2e-3  # a small model takes a larger step than GPT-2 small's 2.5
 warmup_ratio = 0.05
 
 eval_interval = 100  # and at the end; the whole val split (37k tokens)
+tasks = ""  # no zero-shot tasks, so that evals stay quick on a CPU; each eval samples "I was telling her that"
 log_interval = 10
 checkpoint_interval = 200
 keep_checkpoints = 2

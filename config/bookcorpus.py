@@ -31,6 +31,11 @@ grad_clip = 1.0
 
 # eval on the whole val split every 500 steps; checkpoint every 5000, keep the last 10
 eval_interval = 500
+# At each eval also HellaSwag (Rowan/hellaswag's 10,042 validation items, scored as lm-eval scores them;
+# offline: hellaswag_file = a JSONL of its rows) and a sample of "I was telling her that" (TrainConfig's
+# default). An estimate, not measured: ~0.8 PFLOP of forward passes (40k endings of ~80 tokens at 124M),
+# seconds to a minute on one H100 in bf16, split over the job's GPUs.
+tasks = "hellaswag"
 log_interval = 10
 checkpoint_interval = 5000
 keep_checkpoints = 10
