@@ -277,7 +277,8 @@ def test_hub_out_of_reach_is_one_line_naming_the_local_option(files, tmp_path, e
         cwd=ROOT,
         env=offline_env(tmp_path, **env),
     )
-    assert time.monotonic() - started < 10
+    # datasets' own retries take 25 s or more; 20 s leaves a loaded machine the time to start Python and torch
+    assert time.monotonic() - started < 20
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("eval.py: error:"), done.stderr
     assert "--lambada_openai_file=PATH" in done.stderr

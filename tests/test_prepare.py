@@ -351,7 +351,8 @@ def test_disk_full_is_a_one_line_error_and_leaves_no_partial_shard(tmp_path):
 def test_default_bookcorpus_run_fails_fast_offline(tmp_path, env):
     started = time.monotonic()
     result = run_cli(f"--out_dir={tmp_path / 'bookcorpus'}", env={"HF_HOME": str(tmp_path / "hf"), **env})
-    assert time.monotonic() - started < 10
+    # datasets' own retries take 25 s or more; 20 s leaves a loaded machine the time to start Python and torch
+    assert time.monotonic() - started < 20
     assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
     assert "--dataset=austen" in result.stderr and "--input=PATH" in result.stderr
     assert not (tmp_path / "bookcorpus").exists()
