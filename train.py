@@ -69,8 +69,29 @@ from plot import plot_run
 from shards import TokenWindows
 
 NONFINITE_STEPS_BEFORE_STOP = 5  # skipped steps in a row that end the run
-# Dense bf16 peak FLOP/s of one GPU, for MFU; the first key found in the device name wins.
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Dense bf16 tensor-core peak FLOP/s of one GPU (no sparsity), for MFU, from the vendor datasheets (which print
+# the sparse figure, twice these): H100/H200 SXM 1,979 T sparse, PCIe 1,513, NVL 1,671; H800 as H100; GH200 as
+# H100 SXM; B200 4.5 P sparse; A100 312 dense; L40S 362.05 dense; A10 125 dense; RTX 4090 165.2 dense (Ada
+# whitepaper, fp32 accumulate). Keys are whole words of the device name; the longest that matches wins.
+PEAK_BF16_FLOPS = {
+    "H100": 989.4e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835.5e12,
+    "H200": 989.4e12,
+    "H200 NVL": 835.5e12,
+    "H800": 989.4e12,
+    "H800 PCIe": 756e12,
+    "GH200": 989.4e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "L40S": 362.05e12,
+    "A10": 125e12,
+    "RTX 4090": 165.2e12,
+}
+# DDP's all-reduce buckets; the compiled graph splits at each. Larger than DDP's 25 MB so that GPT-2 small's
+# 0.5 GB of fp32 gradients make 5 splits rather than 20, while the first all-reduce still starts a fifth of the
+# way into the backward and overlaps the rest.
+DDP_BUCKET_MB = 100
 GPU_MEMORY_FOR_STEPS = 0.85  # of the GPU's memory, what the automatic micro-batch may fill
 
 
@@ -286,7 +307,12 @@ def distribute(model: GPT, cfg: TrainConfig, job: Job):
     """The model the steps run: under DDP with several processes, compiled if cfg says so. DDP first, then
     compile: dynamo splits the graph at DDP's gradient buckets, so their all-reduces overlap the backward."""
     if job.world_size > 1:
-        model = DDP(model, device_ids=[torch.cuda.current_device()] if cfg.device.startswith("cuda") else None)
+        model = DDP(
+            model,
+            device_ids=[torch.cuda.current_device()] if cfg.device.startswith("cuda") else None,
+            bucket_cap_mb=DDP_BUCKET_MB,
+            gradient_as_bucket_view=True,  # gradients live in the buckets: not copied in and out, not held twice
+        )
     return torch.compile(model) if cfg.compile else model
 
 
@@ -403,9 +429,10 @@ def train_step(
     """One optimizer step over tokens (micro-steps, micro-batch, T + 1). Returns (loss, grad norm,
     skipped) on the device, unread: the host goes on to the next step while the GPU works.
 
-    A non-finite loss or gradient norm skips the update inside the fused AdamW (found_inf, as a
-    GradScaler would tell it), on the device; every rank sees the same all-reduced loss and norm,
-    so all skip alike. The schedule advances either way, as the HF Trainer's does.
+    Gradients are clipped to grad_clip by the optimizer (grad_scale). A non-finite loss or gradient norm
+    skips the update inside the fused AdamW (found_inf, as a GradScaler would tell it), on the device;
+    every rank sees the same all-reduced loss and norm, so all skip alike. The schedule advances
+    either way, as the HF Trainer's does.
     """
     micro_steps = tokens.shape[0]
     loss_sum = torch.zeros((), device=tokens.device)
@@ -417,7 +444,9 @@ def train_step(
                 _, loss = model(tokens[micro_step, :, :-1], tokens[micro_step, :, 1:])
             (loss / micro_steps).backward()  # the mean over the global batch
         loss_sum += loss.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)  # equal on all ranks after DDP
+    grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm(grads)  # equal on all ranks after DDP
+    optimizer.grad_scale = clip_divisor(grad_norm, grad_clip)
     if job.world_size > 1:
         dist.all_reduce(loss_sum)
     loss = loss_sum / (micro_steps * job.world_size)
@@ -427,6 +456,13 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     return torch.stack([loss, grad_norm, skipped])
+
+
+def clip_divisor(grad_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The fused AdamW's grad_scale that clips gradients of norm grad_norm to max_norm: its kernel divides
+    each gradient by it as it reads it, where clip_grad_norm_ would multiply every gradient by
+    max_norm / (norm + 1e-6) when below 1, in a pass of its own."""
+    return ((grad_norm + 1e-6) / max_norm).clamp(min=1)
 
 
 @torch.no_grad()
@@ -571,8 +607,10 @@ class Reporter:
 
 
 def flops_per_token(model: GPT, cfg: TrainConfig) -> float:
-    """nanoGPT's estimate: 6 flops per parameter per token (forward + backward) plus attention;
-    position embeddings are lookups, not matmuls."""
+    """nanoGPT's estimate: 6 flops per parameter per token (forward + backward) plus attention over the full
+    T x T scores (12 * n_layer * n_embd * block_size); position embeddings are lookups, not matmuls. Tools that
+    count causal attention only (half the scores, as llm.c does) report a lower MFU for the same tokens/s, so
+    across tools compare tokens/s."""
     matmul_params = model.num_params() - model.transformer.wpe.weight.numel()
     return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
@@ -581,7 +619,15 @@ def peak_bf16_flops(device: str) -> float | None:
     """The dense bf16 peak of the GPU (PEAK_BF16_FLOPS), None on a CPU or an unlisted GPU."""
     if not device.startswith("cuda"):
         return None
-    return next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in torch.cuda.get_device_name()), None)
+    return peak_bf16_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_bf16_flops_of(device_name: str) -> float | None:
+    """PEAK_BF16_FLOPS of the longest key that is whole words of device_name ("NVIDIA H100 NVL" -> "H100 NVL",
+    "NVIDIA A100-SXM4-80GB" -> "A100", "NVIDIA A10G" -> None); None if no key is."""
+    words = f" {' '.join(device_name.replace('-', ' ').split())} "
+    matches = [name for name in PEAK_BF16_FLOPS if f" {name} " in words]
+    return PEAK_BF16_FLOPS[max(matches, key=len)] if matches else None
 
 
 def truncate_metrics(path: Path, step: int) -> None:
