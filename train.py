@@ -64,6 +64,7 @@ from checkpoint import (
 )
 from common import UserError, atomic_write_bytes
 from distributed import Job
+from loss import GPU_LOSS_CHUNK_ROWS
 from model import GPT, GPTConfig
 from plot import plot_run
 from shards import TokenWindows
@@ -402,25 +403,50 @@ def largest_micro_batch(per_rank: int, fixed_bytes: float, bytes_per_sequence: f
     )
 
 
-def choose_micro_batch(cfg: TrainConfig, job: Job, model: GPT, autocast) -> int:
-    """micro_batch_size, or else the largest that fits: on a GPU, from the memory that eager steps of 1
-    and 2 sequences take (a compiled step takes less); on a CPU, each process's whole share."""
+def probe_sizes(per_rank: int, block_size: int) -> tuple[int, int]:
+    """The micro-batches (sequences) whose memory the automatic choice measures: the smaller fills at least one
+    chunk of the output layer's loss (whose temporaries stop growing there), the larger is twice it; both
+    within the per-rank share."""
+    small = max(1, min(math.ceil(GPU_LOSS_CHUNK_ROWS / block_size), per_rank // 2))
+    return small, min(2 * small, per_rank)
+
+
+def memory_line(sizes: tuple[int, int], peaks: list[float]) -> tuple[float, float]:
+    """(fixed bytes, bytes per sequence) of the line through the peaks measured at two micro-batch sizes."""
+    per_sequence = (peaks[1] - peaks[0]) / (sizes[1] - sizes[0])
+    return peaks[0] - sizes[0] * per_sequence, per_sequence
+
+
+def choose_micro_batch(cfg: TrainConfig, job: Job, model: GPT, autocast) -> tuple[int, float | None]:
+    """micro_batch_size, or else the largest that fits, with the peak memory predicted for it (None where
+    nothing is measured). On a GPU, the prediction comes from the peaks of eager forward + backward passes at
+    probe_sizes with the parameter gradients already allocated, as in every real micro-step (a compiled step
+    takes less), plus AdamW's moments; on a CPU, the micro-batch is each process's whole share."""
     per_rank = cfg.batch_size // job.world_size
-    if cfg.micro_batch_size or not cfg.device.startswith("cuda"):
-        return cfg.micro_batch_size or per_rank
-    peaks = []
-    for sequences in (1, 2):
-        torch.cuda.reset_peak_memory_stats()
+    if cfg.micro_batch_size or not cfg.device.startswith("cuda") or per_rank == 1:
+        return cfg.micro_batch_size or per_rank, None
+    sizes = probe_sizes(per_rank, cfg.block_size)
+
+    def forward_backward(sequences: int) -> None:
         tokens = torch.randint(0, model.config.vocab_size, (sequences, cfg.block_size + 1), device=cfg.device)
         with autocast:
             _, loss = model(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
+
+    forward_backward(sizes[0])  # allocates the gradients before either measurement
+    peaks = []
+    for sequences in sizes:
+        torch.cuda.reset_peak_memory_stats()
+        forward_backward(sequences)
         peaks.append(torch.cuda.max_memory_allocated())
     model.zero_grad(set_to_none=True)
-    adam_moments = 2 * sum(p.numel() * 4 for p in model.parameters())  # allocated at the first optimizer step
-    budget = GPU_MEMORY_FOR_STEPS * torch.cuda.get_device_properties(cfg.device).total_memory - adam_moments
-    chosen = largest_micro_batch(per_rank, 2 * peaks[0] - peaks[1], peaks[1] - peaks[0], budget)
-    return job.agree(chosen, dist.ReduceOp.MIN)  # every rank must run as many micro-steps
+    torch.cuda.reset_peak_memory_stats()  # from here on, the real steps' peak
+    fixed, per_sequence = memory_line(sizes, peaks)
+    fixed += 2 * sum(p.numel() * 4 for p in model.parameters())  # AdamW's moments, from the first step on
+    budget = GPU_MEMORY_FOR_STEPS * torch.cuda.get_device_properties(cfg.device).total_memory
+    # every rank must run as many micro-steps
+    chosen = job.agree(largest_micro_batch(per_rank, fixed, per_sequence, budget), dist.ReduceOp.MIN)
+    return chosen, fixed + chosen * per_sequence
 
 
 def train_step(
@@ -719,7 +745,7 @@ def train(cfg: TrainConfig, job: Job) -> int:
     source = model_source(cfg, resume_from)
     raw_model = build_model(cfg, source, data.val.meta).to(cfg.device)
     cfg = with_model_shape(cfg, raw_model)
-    micro_batch_size = choose_micro_batch(cfg, job, raw_model, autocast)
+    micro_batch_size, predicted_peak = choose_micro_batch(cfg, job, raw_model, autocast)
     job.announce(f"config: {json.dumps(asdict(cfg))}")
     job.announce(f"model: {raw_model.num_params():,} parameters, {'from ' + str(source) if source else 'new'}")
     evaluate_val = functools.partial(
@@ -753,6 +779,11 @@ def train(cfg: TrainConfig, job: Job) -> int:
         for step, tokens in enumerate(feed, start=state.step + 1):  # step: the number of steps done once this one is
             lr = scheduler.get_last_lr()[0]
             reporter.add_step(train_step(model, raw_model, optimizer, scheduler, tokens, autocast, cfg.grad_clip, job))
+            if predicted_peak and step == state.step + 2:  # the optimizer's state is allocated by now
+                job.announce(
+                    f"memory: peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB in the first steps, "
+                    f"{predicted_peak / 2**30:.1f} GiB predicted for micro-batch {micro_batch_size}"
+                )
             last_step = step == data.max_steps
             stop_signal = job.stop_signal() if not last_step else 0  # the last step ends the run anyway
             save = checkpointer.should_save(step, last_step=last_step, stopping=stop_signal > 0)
