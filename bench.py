@@ -240,13 +240,32 @@ def prepare_austen(data_dir: Path) -> Path:
     return data_dir
 
 
-def run_train_py(overrides: dict) -> str:
-    """Runs train.py with --key=value overrides in its own process; returns what it printed."""
-    command = [sys.executable, "train.py", *(f"--{key}={value}" for key, value in overrides.items())]
+def run_train_py(overrides: dict, plain_loss: bool = False) -> str:
+    """Runs train.py with --key=value overrides in its own process (with plain_loss, as train_with_plain_loss);
+    returns what it printed."""
+    script = ["-c", "import bench; bench.train_with_plain_loss()"] if plain_loss else ["train.py"]
+    command = [sys.executable, *script, *(f"--{key}={value}" for key, value in overrides.items())]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"train.py failed: {result.stderr[-2000:]}")
     return result.stdout
+
+
+def train_with_plain_loss() -> None:
+    """train.py (arguments from sys.argv) with the output layer's loss as F.cross_entropy of the whole logits,
+    as torch.compile makes it, in place of loss.linear_cross_entropy: the same run otherwise, so that the
+    tokens/s of the two losses compare."""
+    import torch.nn.functional as F
+
+    import model
+    import train
+    from loss import IGNORE_INDEX
+
+    def plain_cross_entropy(x, weight, targets):
+        return F.cross_entropy(F.linear(x, weight).float(), targets, ignore_index=IGNORE_INDEX)
+
+    model.linear_cross_entropy = plain_cross_entropy
+    configurator.run(train.main)
 
 
 def timed_logs(run_dir: Path) -> list[dict]:
@@ -304,7 +323,11 @@ def bench_train(cfg):
     # Ours at the Trainer's batch; on a GPU also the recipe's 64 sequences per step in the micro-batch
     # train.py picks (the largest that fits), accumulating the rest.
     variants = {f"{batch_size}x{block_size}": {"batch_size": batch_size, "micro_batch_size": batch_size}}
-    if gpu:
+    if gpu:  # the same step with the loss of the full logits, so that the fused loss is a measured choice
+        variants[f"{batch_size}x{block_size}, loss F.cross_entropy"] = {
+            "batch_size": batch_size,
+            "micro_batch_size": batch_size,
+        }
         variants[f"64x{block_size} per step, micro-batch auto"] = {"batch_size": 64}
     ours, reference = {name: {"tokens_per_s": 0.0} for name in variants}, 0.0
     with tempfile.TemporaryDirectory() as tmp:
@@ -326,12 +349,13 @@ def bench_train(cfg):
                     "run_name": run_name,
                     "device": cfg.device,
                 }
-                stdout = run_train_py(overrides)
+                stdout = run_train_py(overrides, plain_loss="F.cross_entropy" in name)
                 timed = timed_logs(Path(tmp) / run_name)
                 tokens_per_s = sum(r["tokens_per_s"] for r in timed) / len(timed)
+                mfu = sum(r["mfu"] for r in timed) / len(timed) if timed[0]["mfu"] else None  # the same records
                 if tokens_per_s > ours[name]["tokens_per_s"]:
                     micro = re.search(r"x (\d+) sequences", stdout).group(1)
-                    ours[name] = {"tokens_per_s": tokens_per_s, "mfu": timed[-1]["mfu"], "micro_batch_size": int(micro)}
+                    ours[name] = {"tokens_per_s": tokens_per_s, "mfu": mfu, "micro_batch_size": int(micro)}
             run = {
                 **shape,
                 "block_size": block_size,

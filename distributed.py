@@ -77,10 +77,13 @@ class Job:
         self.device = device
         self.control = None  # the group for control messages; None is the default group
         self.watcher = None
+        if self.world_size > 1 and device.startswith("cuda"):
+            self.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        if self.device.startswith("cuda:"):
+            # the current device is the one that memory statistics and the checkpoint's CUDA RNG state refer to
+            torch.cuda.set_device(self.device)
         if self.world_size > 1:
             if device.startswith("cuda"):
-                self.device = f"cuda:{os.environ['LOCAL_RANK']}"
-                torch.cuda.set_device(self.device)
                 dist.init_process_group("nccl", device_id=torch.device(self.device), timeout=timeout)
                 self.control = dist.new_group(backend="gloo", timeout=timeout)
             else:

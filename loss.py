@@ -76,12 +76,18 @@ def _chunked_cross_entropy(x, weight, targets, chunk_rows: int, grad_x=None, gra
         loss += torch.where(counted_chunk, (row_sum.log() + row_max).squeeze(1) - target_logit, 0).sum()
         if grad_x is None:
             continue
-        # d(mean loss)/d(logits) = (softmax - one_hot) / n_counted, 0 for rows that don't count
-        probs.div_(row_sum * n_counted).scatter_add_(1, target, (-1 / n_counted).to(probs.dtype).expand(target.shape))
-        probs = probs.masked_fill_(~counted_chunk.unsqueeze(1), 0).to(dtype)
+        # d(mean loss)/d(logits) = (softmax - one_hot) * counted / n_counted, in place
+        row_scale = (counted_chunk / n_counted.clamp(min=1)).unsqueeze(1)  # (n, 1): 0 for rows that don't count
+        probs.mul_(row_scale / row_sum)
+        if torch.compiler.is_compiling():  # inductor realizes a scatter's whole destination; a comparison fuses
+            one_hot = torch.arange(probs.shape[1], device=x.device) == target  # (n, V)
+            probs.addcmul_(one_hot, row_scale, value=-1)  # one kernel with the multiply and the cast
+        else:  # eager: a scatter touches n elements, a comparison all n * V
+            probs.scatter_add_(1, target, -row_scale)
+        probs = probs.to(dtype)
         grad_x[rows] = probs @ weight
         if dtype == torch.float32:
             grad_weight.addmm_(probs.t(), x_chunk)  # in place: no (V, C) temporary per chunk
-        else:  # CPU has no low-precision matmul into an fp32 result
+        else:  # a (V, C) temporary: CPU has no low-precision matmul into fp32, inductor splits one into mm + add
             grad_weight += probs.t() @ x_chunk
     return loss / n_counted

@@ -70,14 +70,36 @@ from checkpoint import (
 )
 from common import UserError, atomic_write_bytes, check_device
 from distributed import Job
+from loss import GPU_LOSS_CHUNK_ROWS
 from model import GPT, GPTConfig
 from plot import plot_run
 from sample import SampleConfig
 from shards import TokenWindows
 
 NONFINITE_STEPS_BEFORE_STOP = 5  # skipped steps in a row that end the run
-# Dense bf16 peak FLOP/s of one GPU, for MFU; the first key found in the device name wins.
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Dense bf16 tensor-core peak FLOP/s of one GPU (no sparsity), for MFU, from the vendor datasheets (which print
+# the sparse figure, twice these): H100/H200 SXM 1,979 T sparse, PCIe 1,513, NVL 1,671; H800 as H100; GH200 as
+# H100 SXM; B200 4.5 P sparse; A100 312 dense; L40S 362.05 dense; A10 125 dense; RTX 4090 165.2 dense (Ada
+# whitepaper, fp32 accumulate). Keys are whole words of the device name; the longest that matches wins.
+PEAK_BF16_FLOPS = {
+    "H100": 989.4e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835.5e12,
+    "H200": 989.4e12,
+    "H200 NVL": 835.5e12,
+    "H800": 989.4e12,
+    "H800 PCIe": 756e12,
+    "GH200": 989.4e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "L40S": 362.05e12,
+    "A10": 125e12,
+    "RTX 4090": 165.2e12,
+}
+# DDP's all-reduce buckets; the compiled graph splits at each. Larger than DDP's 25 MB so that GPT-2 small's
+# 0.5 GB of fp32 gradients make 5 splits rather than 20, while the first all-reduce still starts a fifth of the
+# way into the backward and overlaps the rest.
+DDP_BUCKET_MB = 100
 GPU_MEMORY_FOR_STEPS = 0.85  # of the GPU's memory, what the automatic micro-batch may fill
 
 
@@ -296,7 +318,12 @@ def distribute(model: GPT, cfg: TrainConfig, job: Job):
     """The model the steps run: under DDP with several processes, compiled if cfg says so. DDP first, then
     compile: dynamo splits the graph at DDP's gradient buckets, so their all-reduces overlap the backward."""
     if job.world_size > 1:
-        model = DDP(model, device_ids=[torch.cuda.current_device()] if cfg.device.startswith("cuda") else None)
+        model = DDP(
+            model,
+            device_ids=[torch.cuda.current_device()] if cfg.device.startswith("cuda") else None,
+            bucket_cap_mb=DDP_BUCKET_MB,
+            gradient_as_bucket_view=True,  # gradients live in the buckets: not copied in and out, not held twice
+        )
     return torch.compile(model) if cfg.compile else model
 
 
@@ -386,25 +413,50 @@ def largest_micro_batch(per_rank: int, fixed_bytes: float, bytes_per_sequence: f
     )
 
 
-def choose_micro_batch(cfg: TrainConfig, job: Job, model: GPT, autocast) -> int:
-    """micro_batch_size, or else the largest that fits: on a GPU, from the memory that eager steps of 1
-    and 2 sequences take (a compiled step takes less); on a CPU, each process's whole share."""
+def probe_sizes(per_rank: int, block_size: int) -> tuple[int, int]:
+    """The micro-batches (sequences) whose memory the automatic choice measures: the smaller fills at least one
+    chunk of the output layer's loss (whose temporaries stop growing there), the larger is twice it; both
+    within the per-rank share."""
+    small = max(1, min(math.ceil(GPU_LOSS_CHUNK_ROWS / block_size), per_rank // 2))
+    return small, min(2 * small, per_rank)
+
+
+def memory_line(sizes: tuple[int, int], peaks: list[float]) -> tuple[float, float]:
+    """(fixed bytes, bytes per sequence) of the line through the peaks measured at two micro-batch sizes."""
+    per_sequence = (peaks[1] - peaks[0]) / (sizes[1] - sizes[0])
+    return peaks[0] - sizes[0] * per_sequence, per_sequence
+
+
+def choose_micro_batch(cfg: TrainConfig, job: Job, model: GPT, autocast) -> tuple[int, float | None]:
+    """micro_batch_size, or else the largest that fits, with the peak memory predicted for it (None where
+    nothing is measured). On a GPU, the prediction comes from the peaks of eager forward + backward passes at
+    probe_sizes with the parameter gradients already allocated, as in every real micro-step (a compiled step
+    takes less), plus AdamW's moments; on a CPU, the micro-batch is each process's whole share."""
     per_rank = cfg.batch_size // job.world_size
-    if cfg.micro_batch_size or not cfg.device.startswith("cuda"):
-        return cfg.micro_batch_size or per_rank
-    peaks = []
-    for sequences in (1, 2):
-        torch.cuda.reset_peak_memory_stats()
+    if cfg.micro_batch_size or not cfg.device.startswith("cuda") or per_rank == 1:
+        return cfg.micro_batch_size or per_rank, None
+    sizes = probe_sizes(per_rank, cfg.block_size)
+
+    def forward_backward(sequences: int) -> None:
         tokens = torch.randint(0, model.config.vocab_size, (sequences, cfg.block_size + 1), device=cfg.device)
         with autocast:
             _, loss = model(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
+
+    forward_backward(sizes[0])  # allocates the gradients before either measurement
+    peaks = []
+    for sequences in sizes:
+        torch.cuda.reset_peak_memory_stats()
+        forward_backward(sequences)
         peaks.append(torch.cuda.max_memory_allocated())
     model.zero_grad(set_to_none=True)
-    adam_moments = 2 * sum(p.numel() * 4 for p in model.parameters())  # allocated at the first optimizer step
-    budget = GPU_MEMORY_FOR_STEPS * torch.cuda.get_device_properties(cfg.device).total_memory - adam_moments
-    chosen = largest_micro_batch(per_rank, 2 * peaks[0] - peaks[1], peaks[1] - peaks[0], budget)
-    return job.agree(chosen, dist.ReduceOp.MIN)  # every rank must run as many micro-steps
+    torch.cuda.reset_peak_memory_stats()  # from here on, the real steps' peak
+    fixed, per_sequence = memory_line(sizes, peaks)
+    fixed += 2 * sum(p.numel() * 4 for p in model.parameters())  # AdamW's moments, from the first step on
+    budget = GPU_MEMORY_FOR_STEPS * torch.cuda.get_device_properties(cfg.device).total_memory
+    # every rank must run as many micro-steps
+    chosen = job.agree(largest_micro_batch(per_rank, fixed, per_sequence, budget), dist.ReduceOp.MIN)
+    return chosen, fixed + chosen * per_sequence
 
 
 def train_step(
@@ -413,9 +465,10 @@ def train_step(
     """One optimizer step over tokens (micro-steps, micro-batch, T + 1). Returns (loss, grad norm,
     skipped) on the device, unread: the host goes on to the next step while the GPU works.
 
-    A non-finite loss or gradient norm skips the update inside the fused AdamW (found_inf, as a
-    GradScaler would tell it), on the device; every rank sees the same all-reduced loss and norm,
-    so all skip alike. The schedule advances either way, as the HF Trainer's does.
+    Gradients are clipped to grad_clip by the optimizer (grad_scale). A non-finite loss or gradient norm
+    skips the update inside the fused AdamW (found_inf, as a GradScaler would tell it), on the device;
+    every rank sees the same all-reduced loss and norm, so all skip alike. The schedule advances
+    either way, as the HF Trainer's does.
     """
     micro_steps = tokens.shape[0]
     loss_sum = torch.zeros((), device=tokens.device)
@@ -427,7 +480,9 @@ def train_step(
                 _, loss = model(tokens[micro_step, :, :-1], tokens[micro_step, :, 1:])
             (loss / micro_steps).backward()  # the mean over the global batch
         loss_sum += loss.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)  # equal on all ranks after DDP
+    grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm(grads)  # equal on all ranks after DDP
+    optimizer.grad_scale = clip_divisor(grad_norm, grad_clip)
     if job.world_size > 1:
         dist.all_reduce(loss_sum)
     loss = loss_sum / (micro_steps * job.world_size)
@@ -437,6 +492,13 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     return torch.stack([loss, grad_norm, skipped])
+
+
+def clip_divisor(grad_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The fused AdamW's grad_scale that clips gradients of norm grad_norm to max_norm: its kernel divides
+    each gradient by it as it reads it, where clip_grad_norm_ would multiply every gradient by
+    max_norm / (norm + 1e-6) when below 1, in a pass of its own."""
+    return ((grad_norm + 1e-6) / max_norm).clamp(min=1)
 
 
 @torch.no_grad()
@@ -684,8 +746,10 @@ class Reporter:
 
 
 def flops_per_token(model: GPT, cfg: TrainConfig) -> float:
-    """nanoGPT's estimate: 6 flops per parameter per token (forward + backward) plus attention;
-    position embeddings are lookups, not matmuls."""
+    """nanoGPT's estimate: 6 flops per parameter per token (forward + backward) plus attention over the full
+    T x T scores (12 * n_layer * n_embd * block_size); position embeddings are lookups, not matmuls. Tools that
+    count causal attention only (half the scores, as llm.c does) report a lower MFU for the same tokens/s, so
+    across tools compare tokens/s."""
     matmul_params = model.num_params() - model.transformer.wpe.weight.numel()
     return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
@@ -694,7 +758,15 @@ def peak_bf16_flops(device: str) -> float | None:
     """The dense bf16 peak of the GPU (PEAK_BF16_FLOPS), None on a CPU or an unlisted GPU."""
     if not device.startswith("cuda"):
         return None
-    return next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in torch.cuda.get_device_name()), None)
+    return peak_bf16_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_bf16_flops_of(device_name: str) -> float | None:
+    """PEAK_BF16_FLOPS of the longest key that is whole words of device_name ("NVIDIA H100 NVL" -> "H100 NVL",
+    "NVIDIA A100-SXM4-80GB" -> "A100", "NVIDIA A10G" -> None); None if no key is."""
+    words = f" {' '.join(device_name.replace('-', ' ').split())} "
+    matches = [name for name in PEAK_BF16_FLOPS if f" {name} " in words]
+    return PEAK_BF16_FLOPS[max(matches, key=len)] if matches else None
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -786,7 +858,7 @@ def train(cfg: TrainConfig, job: Job) -> int:
     source = model_source(cfg, resume_from)
     raw_model = build_model(cfg, source, data.val.meta).to(cfg.device)
     cfg = with_model_shape(cfg, raw_model)
-    micro_batch_size = choose_micro_batch(cfg, job, raw_model, autocast)
+    micro_batch_size, predicted_peak = choose_micro_batch(cfg, job, raw_model, autocast)
     job.announce(f"config: {json.dumps(asdict(cfg))}")
     job.announce(f"model: {raw_model.num_params():,} parameters, {'from ' + str(source) if source else 'new'}")
     evaluator = Evaluator(cfg, job, raw_model, data, micro_batch_size, autocast)
@@ -814,6 +886,11 @@ def train(cfg: TrainConfig, job: Job) -> int:
         for step, tokens in enumerate(feed, start=state.step + 1):  # step: the number of steps done once this one is
             lr = scheduler.get_last_lr()[0]
             reporter.add_step(train_step(model, raw_model, optimizer, scheduler, tokens, autocast, cfg.grad_clip, job))
+            if predicted_peak and step == state.step + 2:  # the optimizer's state is allocated by now
+                job.announce(
+                    f"memory: peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB in the first steps, "
+                    f"{predicted_peak / 2**30:.1f} GiB predicted for micro-batch {micro_batch_size}"
+                )
             last_step = step == data.max_steps
             stop_signal = job.stop_signal() if not last_step else 0  # the last step ends the run anyway
             save = checkpointer.should_save(step, last_step=last_step, stopping=stop_signal > 0)

@@ -137,7 +137,7 @@ COSINE, GLOBAL_BATCH_ROWS, CONFIGURE_OPTIMIZERS, CLIP = (
     train.cosine_schedule,
     train.global_batch_rows,
     GPT.configure_optimizers,
-    torch.nn.utils.clip_grad_norm_,
+    train.clip_divisor,
 )
 DRIFTS = {
     "warmup steps rounded down": (
@@ -146,7 +146,7 @@ DRIFTS = {
         lambda opt, steps, ratio: COSINE(opt, steps, math.floor(steps * ratio) / steps),
     ),
     "weight decay on biases and LayerNorm too": (GPT, "configure_optimizers", weight_decay_on_every_parameter),
-    "no gradient clipping": (torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: CLIP(params, math.inf)),
+    "no gradient clipping": (train, "clip_divisor", lambda grad_norm, max_norm: CLIP(grad_norm, math.inf)),
     "every epoch in the first epoch's order": (train, "global_batch_rows", every_epoch_in_the_first_epochs_order),
 }
 
