@@ -687,8 +687,7 @@ def intact(out_dir: Path, shard: dict) -> bool:
         return False
 
 
-def main(argv):
-    cfg = configurator.parse_config(PrepareConfig, argv)
+def check_config(cfg: PrepareConfig) -> None:
     if not 0 <= cfg.val_fraction < 1 or min(cfg.shard_tokens, cfg.block_chars, cfg.workers) < 1:
         raise UserError("need 0 <= --val_fraction < 1 and --shard_tokens, --block_chars, --workers >= 1")
     max_id = get_tokenizer().max_token_value
@@ -697,13 +696,63 @@ def main(argv):
             f"the tokenizer has ids up to {max_id}, but shards store uint16 (at most 65535); "
             "use a GPT-2-sized vocabulary"
         )
-    replaced = collections.Counter()
-    name, source, documents, files, summary = open_source(cfg, replaced)
-    out_dir = Path(cfg.out_dir or ROOT / "data" / name)
+
+
+def check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out_dir={out_dir} is a file; pass a directory (it is created if missing)")
     if out_dir.is_dir() and not os.access(out_dir, os.R_OK | os.W_OK | os.X_OK):
         raise UserError(f"--out_dir={out_dir} is a directory you cannot read and write; pass another")
+
+
+def already_prepared(out_dir: Path, settings: dict) -> bool:
+    """Whether out_dir holds a finished preparation of these settings, its shards intact; one of other
+    settings is an error."""
+    if not (out_dir / "meta.json").exists():
+        return False
+    meta = read_meta(out_dir)
+    if changed := changed_settings(meta, settings):
+        raise other_settings(out_dir, meta, changed, settings)
+    for split in SPLITS:  # a finished preparation is only as good as its shards
+        for shard in meta["splits"].get(split, {}).get("shards", []):
+            open_shard(out_dir, shard, VOCAB_SIZE)
+    train_tokens = sum(shard["tokens"] for shard in meta["splits"].get("train", {}).get("shards", []))
+    print(f"{out_dir} is already prepared ({train_tokens:,} train tokens); --force rebuilds it")
+    return True
+
+
+def completed_shards(out_dir: Path, progress_path: Path, settings: dict) -> dict[str, list[dict]]:
+    """The shards of each split that an interrupted run of these settings completed and left intact;
+    none where there is no such run, the input changed or the progress file is damaged."""
+    completed = {split: [] for split in SPLITS}
+    if not progress_path.exists():
+        return completed
+    progress, problem = read_progress(progress_path)
+    changed = changed_settings(progress, settings) if progress else []
+    if set(changed) - {"input"}:
+        raise other_settings(out_dir, progress, changed, settings)
+    if problem:
+        print(f"{progress_path} is damaged ({problem}); starting over")
+    elif changed:
+        print(f"the input changed since the interrupted run ({input_change(progress, settings)}); starting over")
+    if problem or changed:
+        remove_own_files(out_dir, temps_only=False)
+        return completed
+    completed = {
+        split: list(itertools.takewhile(lambda shard: intact(out_dir, shard), progress["splits"][split]))
+        for split in SPLITS
+    }
+    print(f"resuming after {len(completed['train'])} train and {len(completed['val'])} val shards")
+    return completed
+
+
+def main(argv):
+    cfg = configurator.parse_config(PrepareConfig, argv)
+    check_config(cfg)
+    replaced = collections.Counter()
+    name, source, documents, files, summary = open_source(cfg, replaced)
+    out_dir = Path(cfg.out_dir or ROOT / "data" / name)
+    check_out_dir(out_dir)
     settings = {
         "format_version": FORMAT_VERSION,
         "tokenizer": "gpt2",
@@ -720,34 +769,9 @@ def main(argv):
     meta_path, progress_path = out_dir / "meta.json", out_dir / "progress.json"
     if cfg.force and out_dir.is_dir():
         remove_own_files(out_dir, temps_only=False)
-    if meta_path.exists():
-        meta = read_meta(out_dir)
-        if changed := changed_settings(meta, settings):
-            raise other_settings(out_dir, meta, changed, settings)
-        for split in SPLITS:  # a finished preparation is only as good as its shards
-            for shard in meta["splits"].get(split, {}).get("shards", []):
-                open_shard(out_dir, shard, VOCAB_SIZE)
-        train_tokens = sum(shard["tokens"] for shard in meta["splits"].get("train", {}).get("shards", []))
-        print(f"{out_dir} is already prepared ({train_tokens:,} train tokens); --force rebuilds it")
+    if already_prepared(out_dir, settings):
         return
-    completed = {split: [] for split in SPLITS}
-    if progress_path.exists():
-        progress, problem = read_progress(progress_path)
-        changed = changed_settings(progress, settings) if progress else []
-        if set(changed) - {"input"}:
-            raise other_settings(out_dir, progress, changed, settings)
-        if problem:
-            print(f"{progress_path} is damaged ({problem}); starting over")
-        elif changed:
-            print(f"the input changed since the interrupted run ({input_change(progress, settings)}); starting over")
-        if problem or changed:
-            remove_own_files(out_dir, temps_only=False)
-        else:
-            completed = {
-                split: list(itertools.takewhile(lambda shard: intact(out_dir, shard), progress["splits"][split]))
-                for split in SPLITS
-            }
-            print(f"resuming after {len(completed['train'])} train and {len(completed['val'])} val shards")
+    completed = completed_shards(out_dir, progress_path, settings)
     if out_dir.is_dir():
         remove_own_files(out_dir, temps_only=True)  # left by a killed run
 
@@ -772,7 +796,16 @@ def main(argv):
             writer.abort()
         raise
     seconds = time.perf_counter() - started
+    splits = finish(meta_path, progress_path, settings, writers, replaced)
+    print(
+        f"{out_dir}: {splits['train']['tokens']:,} train and {splits['val']['tokens']:,} val tokens "
+        f"({tokenized / seconds / 1e6:.1f}M tokens/s)"
+    )
 
+
+def finish(meta_path: Path, progress_path: Path, settings: dict, writers: dict, replaced: collections.Counter) -> dict:
+    """Writes meta.json, which marks the preparation finished, and removes the progress file; returns
+    meta.json's splits."""
     splits = {}
     for split, writer in writers.items():
         shards = [{key: shard[key] for key in ("file", "tokens", "documents")} for shard in writer.shards]
@@ -792,10 +825,7 @@ def main(argv):
             f"in {', '.join(replaced)}",
             file=sys.stderr,
         )
-    print(
-        f"{out_dir}: {splits['train']['tokens']:,} train and {splits['val']['tokens']:,} val tokens "
-        f"({tokenized / seconds / 1e6:.1f}M tokens/s)"
-    )
+    return splits
 
 
 if __name__ == "__main__":
