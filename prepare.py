@@ -34,9 +34,9 @@ characters). Inputs of 16 blocks or more are cut and drawn with the read-ahead c
 
 Speed and memory: the main thread reads and cuts blocks, `workers` threads tokenize them (tiktoken
 releases the GIL), at most 2 * workers blocks are in flight and shards stream to disk: peak RSS does
-not grow with the corpus. It is ~65 MB for text files, 350-450 MB for rows streamed through `datasets`
-(.jsonl, .parquet, the Hub), nearly all of it datasets and pyarrow decoding a Parquet row group at a
-time (measured on 200 MB of BookCorpus-like Parquet, 10k- and 100k-row groups).
+not grow with the corpus. Rows streamed through `datasets` (.jsonl, .parquet, the Hub) take several
+times the memory of text files, nearly all of it datasets and pyarrow decoding a Parquet row group at a
+time (BENCHMARKS.md has the figures).
 
 Crash safety: a shard is written under a temp name and renamed once complete, then progress.json records
 where it ended in the input, and the input files' names, sizes and modification times. A rerun over
@@ -272,7 +272,7 @@ def check_row_file(path: Path, text_column: str) -> None:
 
 def row_texts(dataset, source: str, text_column: str):
     """Yields the text column in batches (a str or None per row) through Arrow, as datasets' default
-    Python formatting goes row by row, 10x slower; refuses a column that is not strings."""
+    Python formatting goes row by row, far slower; refuses a column that is not strings."""
     import pyarrow as pa
 
     rows = 0

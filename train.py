@@ -214,7 +214,7 @@ def task_names(tasks: str) -> list[str]:
 
 def native_dtype(device: str) -> str:
     """bfloat16 where the device has bf16 matmuls (GPUs since Ampere; x86 CPUs with AVX512-BF16 or AMX),
-    float32 elsewhere: a CPU without them emulates bf16 ~20x slower than it runs fp32 (a 2-core AVX2 EPYC)."""
+    float32 elsewhere: a CPU without them emulates bf16, many times slower than it runs fp32 (BENCHMARKS.md)."""
     if device.startswith("cuda"):
         native = torch.cuda.is_bf16_supported(including_emulation=False)
     else:

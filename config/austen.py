@@ -1,10 +1,10 @@
-# A small GPT-2 on the six Austen novels (data/austen), sized for a 2-core CPU: ~13 min where it has
-# native bf16 (AVX512-BF16), ~20 min in fp32 (AVX2 only), about a minute on a GPU:
+# A small GPT-2 on the six Austen novels (data/austen), sized for a 2-core CPU (the README gives the
+# times measured on CPUs with and without native bf16), or a GPU:
 #   python prepare.py --dataset=austen && python train.py config/austen.py && python sample.py
 # The 50257-way output layer is most of the work at this width; one epoch is ~466 steps.
 # device, dtype and compile are TrainConfig's: a visible GPU, compiled, else the CPU, eager; bf16
-# autocast where the device runs it natively (GPUs, CPUs with AVX512-BF16 or AMX: ~3x fp32's speed
-# at this width), fp32 elsewhere (emulated bf16 is ~20x slower).
+# autocast where the device runs it natively (GPUs, CPUs with AVX512-BF16 or AMX), fp32 elsewhere
+# (emulated bf16 is many times slower).
 
 run_name = "austen"
 data_dir = "data/austen"
