@@ -41,13 +41,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import configurator
 import prepare
 import tokenizer
-import train
 from common import UserError, check_device
 from distributed import Job
 from model import GPT
@@ -299,6 +299,39 @@ def score_rows(model: GPT, rows: list[Row], device) -> tuple[list[float], list[b
     return loglikelihoods, greedy
 
 
+@torch.no_grad()
+def window_loss(
+    model, windows: TokenWindows, rows: np.ndarray, batch_size: int, device: str, autocast, job: Job
+) -> float:
+    """Mean loss over windows[rows] (train.py's val loss), split across ranks; every rank returns the same
+    value. Takes the plain model: ranks may run different numbers of batches, so no DDP forward. Runs in
+    eval mode and gives the model back in the mode it found it in."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # sum over windows of their mean loss
+    mine = rows[job.rank :: job.world_size]
+    for i in range(0, len(mine), batch_size):
+        tokens = torch.from_numpy(windows.batch(mine[i : i + batch_size])).to(device)  # (B, T + 1)
+        with autocast:
+            _, loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss_sum += loss.double() * len(tokens)
+    if job.world_size > 1:
+        dist.all_reduce(loss_sum)
+    model.train(was_training)
+    return loss_sum.item() / len(rows)
+
+
+def task_names(tasks: str) -> list[str]:
+    """The zero-shot tasks of the tasks key, each one eval.py scores."""
+    names = [name for name in tasks.split(",") if name]
+    if unknown := [name for name in names if name not in TASKS]:
+        raise UserError(
+            f"tasks={tasks}: {', '.join(unknown)} is no task here; pick from {', '.join(TASKS)} "
+            f"(lm_eval --model hf --model_args pretrained=CKPT runs the others on a checkpoint)"
+        )
+    return names
+
+
 def split_loss(model: GPT, cfg: EvalConfig, job: Job) -> tuple[dict[str, float], int]:
     """The mean loss over every window of block_size + 1 tokens of the split, as train.py evaluates it (its
     val loss for the same split, windows and model), and its perplexity; and the number of windows."""
@@ -314,8 +347,7 @@ def split_loss(model: GPT, cfg: EvalConfig, job: Job) -> tuple[dict[str, float],
             f"{model.config.vocab_size}; pass the data the model was trained on"
         )
     batch_size = max(1, cfg.batch_tokens // block_size)
-    loss = train.evaluate(model, windows, np.arange(len(windows)), batch_size, job.device, nullcontext(), job)
-    model.eval()  # train.evaluate hands the model back in train mode
+    loss = window_loss(model, windows, np.arange(len(windows)), batch_size, job.device, nullcontext(), job)
     return {"loss": loss, "perplexity": math.exp(loss)}, len(windows)
 
 

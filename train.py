@@ -187,7 +187,7 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
     if cfg.init_from == "resume":
         raise UserError("init_from='resume' is not a starting point; use --resume=auto (this run's newest checkpoint)")
     check_device(cfg.device)
-    task_names(cfg.tasks)
+    zero_shot.task_names(cfg.tasks)
     if cfg.dtype not in (None, "bfloat16", "float32"):
         raise UserError(f"dtype={cfg.dtype}: use bfloat16 (autocast) or float32; float16 would need loss scaling")
     if cfg.batch_size % world_size:
@@ -199,17 +199,6 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
             f"micro_batch_size={cfg.micro_batch_size} does not divide the {cfg.batch_size // world_size} sequences "
             f"per process (batch_size={cfg.batch_size} over {world_size}); pick a divisor"
         )
-
-
-def task_names(tasks: str) -> list[str]:
-    """The zero-shot tasks of the tasks key, each one eval.py scores."""
-    names = [name for name in tasks.split(",") if name]
-    if unknown := [name for name in names if name not in zero_shot.TASKS]:
-        raise UserError(
-            f"tasks={tasks}: {', '.join(unknown)} is no task here; pick from {', '.join(zero_shot.TASKS)} "
-            f"(lm_eval --model hf --model_args pretrained=CKPT runs the others on a checkpoint)"
-        )
-    return names
 
 
 def native_dtype(device: str) -> str:
@@ -501,26 +490,6 @@ def clip_divisor(grad_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     return ((grad_norm + 1e-6) / max_norm).clamp(min=1)
 
 
-@torch.no_grad()
-def evaluate(model, windows: TokenWindows, rows: np.ndarray, batch_size: int, device: str, autocast, job: Job) -> float:
-    """Mean loss over windows[rows], split across ranks; every rank returns the same value.
-
-    Takes the plain model: ranks may run different numbers of batches, so no DDP forward.
-    """
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # sum over windows of their mean loss
-    mine = rows[job.rank :: job.world_size]
-    for i in range(0, len(mine), batch_size):
-        tokens = torch.from_numpy(windows.batch(mine[i : i + batch_size])).to(device)  # (B, T + 1)
-        with autocast:
-            _, loss = model(tokens[:, :-1], tokens[:, 1:])
-        loss_sum += loss.double() * len(tokens)
-    if job.world_size > 1:
-        dist.all_reduce(loss_sum)
-    model.train()
-    return loss_sum.item() / len(rows)
-
-
 @dataclass
 class EvalResult:
     """One evaluation, as Reporter.log_eval prints and records it."""
@@ -560,9 +529,9 @@ class Evaluator:
     def __init__(self, cfg: TrainConfig, job: Job, model: GPT, data: RunData, micro_batch_size: int, autocast):
         self._cfg, self._job, self._model, self._autocast = cfg, job, model, autocast
         self._val = functools.partial(
-            evaluate, model, data.val, data.val_rows, micro_batch_size, cfg.device, autocast, job
+            zero_shot.window_loss, model, data.val, data.val_rows, micro_batch_size, cfg.device, autocast, job
         )
-        names = task_names(cfg.tasks)
+        names = zero_shot.task_names(cfg.tasks)
         tokens = data.val.meta.get("tokenizer")
         if names and tokens != "gpt2":
             raise UserError(
@@ -609,6 +578,7 @@ class Evaluator:
                 top_p=recipe.top_p,
                 generator=generator,
                 eos_token_id=tokenizer.EOT_ID,
+                vocab_size=tokenizer.VOCAB_SIZE,  # a padded vocabulary's extra ids are no tokens
             )
         self._model.clear_kv_cache()
         return self._cfg.sample_prompt + tokenizer.decode(ids[0, len(self._prompt) :].tolist())

@@ -127,6 +127,19 @@ def test_an_eval_leaves_the_model_and_the_random_streams_as_they_were(data, tmp_
     assert result.sample.startswith(PROMPT) and set(result.tasks) == {"hellaswag", "lambada_openai"}
 
 
+def test_the_eval_sample_of_a_padded_vocabulary_is_text(data, tmp_path):
+    """A model of a padded vocabulary (--vocab_size=50304) samples only ids the tokenizer has, even where
+    the padding ids would win every draw."""
+    cfg = configurator.parse_config(train.TrainConfig, args(data, tmp_path, "--vocab_size=50304", "--tasks="))
+    run_data = train.load_data(cfg)
+    model = train.build_model(cfg, None, run_data.val.meta)
+    with torch.no_grad():
+        model.lm_head.weight[: tokenizer.VOCAB_SIZE] = 0
+        model.lm_head.weight[tokenizer.VOCAB_SIZE :] = 100 * torch.randn(50304 - tokenizer.VOCAB_SIZE, cfg.n_embd)
+    evaluator = train.Evaluator(cfg, Job("cpu", timedelta(minutes=1)), model, run_data, 4, contextlib.nullcontext())
+    assert evaluator().sample.startswith(PROMPT)
+
+
 def test_a_checkpoint_opens_in_auto_tokenizer_and_pipeline(run):
     from transformers import AutoTokenizer, pipeline
 
