@@ -32,8 +32,8 @@ from filelock import FileLock, Timeout
 from safetensors import SafetensorError, safe_open
 
 import tokenizer
-from common import UserError, publish, temp_path
-from distributed import Job, one_line
+from common import UserError, first_sentence, publish, temp_path
+from distributed import Job
 
 CHECKPOINT_PATTERN = re.compile(r"ckpt_(\d+)")
 # The config keys a resumed run takes from its own config rather than the checkpoint's: AdamW's
@@ -130,11 +130,6 @@ def damage(checkpoint: Path) -> str | None:
         except Exception as e:  # noqa: BLE001 - each reader has its own errors for a damaged file
             return f"{path} is damaged ({first_sentence(e)})"
     return None
-
-
-def first_sentence(error: BaseException) -> str:
-    """A reader's error, short: torch's run on for lines of advice that do not fit a damaged file."""
-    return one_line(error).split(". ")[0]
 
 
 def refuse_damaged(path: Path, problem: str, run_dir: Path) -> UserError:
@@ -350,7 +345,7 @@ def write_checkpoint(run_dir: Path, model, optimizer, state: TrainerState, cfg) 
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(run_dir)
         raise UserError(
-            f"could not write {final} ({str(e).strip().splitlines()[0]}); free space in {run_dir} (or fix the disk), "
+            f"could not write {final} ({first_sentence(e)}); free space in {run_dir} (or fix the disk), "
             "then --resume=auto "
             + (
                 f"continues from {previous.name}, which is intact"

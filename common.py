@@ -11,6 +11,17 @@ class UserError(ValueError):
     line; any other exception is a bug and keeps its traceback."""
 
 
+def one_line(error: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def first_sentence(error: BaseException) -> str:
+    """A reader's error, short: torch's run on for lines of advice that do not fit a damaged file."""
+    return one_line(error).split(". ")[0]
+
+
 def temp_path(path: Path) -> Path:
     """Where path is written until it is complete: path + '.tmp'."""
     return path.with_name(path.name + ".tmp")

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common import UserError
+from common import UserError, one_line
 
 # SIGHUP: a closed terminal, which torchrun also passes on to its workers.
 STOP_SIGNALS = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
@@ -34,11 +34,6 @@ WATCH_SECONDS = 1.0  # how often each rank looks for another rank's failure
 
 class RankFailed(UserError):
     """Another rank failed and printed its own error; this one stops too."""
-
-
-def one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 class StopSignals:

@@ -5,11 +5,13 @@ Our parameter names are HF's; only HF's Conv1D weights, stored (in, out), are tr
 """
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from common import UserError
+from common import UserError, first_sentence
 from model import GPT, GPTConfig
 
 # Our Linear layers that are Conv1D in HF: their weights are stored transposed there.
@@ -146,11 +148,26 @@ def from_pretrained(path_or_name: str, dropout: float | None = None) -> GPT:
         raise UserError(
             f"{config_path} not found; expected an HF GPT-2 checkpoint directory (config.json and its weights)"
         )
-    config = config_from_hf(json.loads(config_path.read_text()))
+    try:
+        config = config_from_hf(json.loads(config_path.read_text()))
+        weights = read_weights(directory)
+    except (
+        json.JSONDecodeError,
+        UnicodeDecodeError,
+        KeyError,
+        SafetensorError,
+        pickle.UnpicklingError,
+        RuntimeError,
+    ) as e:
+        # a damaged file, or a config.json without a key GPT-2 needs; the readers have their own error types
+        raise UserError(
+            f"{directory}: its model does not load ({first_sentence(e)}); pass an intact HF GPT-2 directory "
+            "(a damaged ckpt_* directory: move it aside, and --resume=auto takes the one before)"
+        ) from None
     if dropout is not None:
         config.dropout = dropout
     model = GPT(config)
-    load_hf_state_dict(model, read_weights(directory))
+    load_hf_state_dict(model, weights)
     return model.eval()
 
 

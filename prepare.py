@@ -70,7 +70,7 @@ import numpy as np
 from tqdm import tqdm
 
 import configurator
-from common import UserError, atomic_write_bytes
+from common import UserError, atomic_write_bytes, first_sentence
 from shards import ShardWriter, is_count, open_shard, read_meta
 from tokenizer import EOT_ID, RANKS_SHA256, VOCAB_SIZE, get_tokenizer
 
@@ -200,7 +200,7 @@ def check_hub(repo: str, revision: str | None, hint: str) -> None:
     try:
         HfApi().dataset_info(repo, revision=revision, timeout=10)
     except HfHubHTTPError as e:  # the Hub answered: no such dataset or revision, gated, ...
-        raise UserError(f"--dataset={repo}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"--dataset={repo}: {first_sentence(e)}") from None
     except Exception as e:  # no answer; the transport's exception types vary across huggingface_hub versions
         raise UserError(f"cannot reach the Hugging Face Hub for {repo} ({type(e).__name__}: {e}); {hint}") from None
 

@@ -39,7 +39,6 @@ import functools
 import json
 import math
 import os
-import pickle
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -51,7 +50,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -63,7 +61,6 @@ from checkpoint import (
     Checkpointer,
     TrainerState,
     find_resume_checkpoint,
-    first_sentence,
     latest_checkpoint,
     make_dir,
     run_dir_lock,
@@ -272,13 +269,7 @@ def build_model(cfg: TrainConfig, source, meta: dict) -> GPT:
         check_model_fits_data(config, cfg, meta)
         torch.manual_seed(cfg.seed)  # the same initial weights whatever the number of ranks
         return GPT(config)
-    try:
-        model = GPT.from_pretrained(str(source), dropout=cfg.dropout).train()  # eval mode from from_pretrained, as HF's
-    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, pickle.UnpicklingError) as e:  # a damaged file
-        raise UserError(
-            f"{source}: its model does not load ({first_sentence(e)}); pass an intact HF GPT-2 directory "
-            "(a damaged ckpt_* directory: move it aside, and --resume=auto takes the one before)"
-        ) from None
+    model = GPT.from_pretrained(str(source), dropout=cfg.dropout).train()  # eval mode from from_pretrained, as HF's
     check_model_fits_data(model.config, cfg, meta)
     return model
 

@@ -220,3 +220,18 @@ def test_bad_prompt_files_are_one_line_errors(run_dir, tmp_path, monkeypatch, fl
     monkeypatch.setattr(Path, "read_bytes", denied)  # chmod 000 would not stop root
     with pytest.raises(UserError, match=f"{flag}{unreadable}: cannot read it \\(Permission denied\\)"):
         sample.main([f"--ckpt={run_dir}", f"{flag}{unreadable}"])
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]),
+        lambda d: (d / "config.json").write_text("{"),
+        lambda d: (d / "config.json").write_text('{"model_type": "gpt2"}'),  # no n_embd, n_positions, ...
+    ],
+)
+def test_a_damaged_model_directory_is_one_line(tmp_path, damage):
+    GPT(TINY).save_pretrained(tmp_path / "ckpt")
+    damage(tmp_path / "ckpt")
+    with pytest.raises(UserError, match="ckpt: its model does not load .*; pass an intact HF GPT-2 directory"):
+        sample.main([f"--ckpt={tmp_path / 'ckpt'}", "--max_new_tokens=2"])
