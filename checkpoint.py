@@ -252,7 +252,7 @@ class Checkpointer:
 
     def restore(self, resume_from: Checkpoint | None) -> tuple[TrainerState, dict]:
         """Loads the optimizer's moments and step counts from resume_from, continues the schedule from its
-        step and this rank's random streams from it; a new run (None) seeds them from (seed, rank).
+        step and this rank's random streams from it; a new run (None) seeds them from (seed, step, rank).
 
         AdamW's hyperparameters and the schedule are this run's (cfg), whatever the checkpoint's were, so
         that the config a run records is the one it trains with. Returns the trainer state the run

@@ -9,7 +9,8 @@ in the same tables as published GPT-2 results.
 
 Prints a table, then as its last line one JSON object: {"hellaswag": {"acc": ..., "acc_norm": ...},
 "lambada_openai": {"acc": ..., "perplexity": ...}}, with "val": {"loss": ..., "perplexity": ...} for --tasks=val
-(train.py's evaluation of the split's windows: the val loss that training logs, for any checkpoint).
+(train.py's evaluation of the split's windows: with --block_size=<the run's block_size>, the val loss
+that training logs, for any checkpoint).
 
 The rules are lm-eval's task configs and its HF backend (lm_eval/tasks/hellaswag, lm_eval/tasks/lambada,
 lm_eval/api/model.py _encode_pair, lm_eval/models/huggingface.py _loglikelihood_tokens):

@@ -210,14 +210,14 @@ class GPT(nn.Module):
             fused = all(p.device.type in ("cuda", "cpu") for p in params)
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
-    def setup_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> None:
+    def setup_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> None:
         """Gives every layer a KV cache for batch_size sequences of up to max_len tokens.
 
         Caches that already fit are kept (as in gpt-fast): a compiled decode step, which depends on
         the buffers it writes, then runs again without recompiling.
         """
         self.check_context(max_len)
-        dtype, device = dtype or self.lm_head.weight.dtype, torch.device(device or self.lm_head.weight.device)
+        dtype, device = dtype or self.lm_head.weight.dtype, self.lm_head.weight.device
         cache = self.transformer.h[0].attn.kv_cache
         if (
             cache is not None

@@ -1,7 +1,7 @@
 """Loss curves of a training run: train and val loss against tokens seen, as a PNG; below them, when the
 run scored zero-shot tasks (train.py's tasks key), their metrics against tokens seen.
 
-python plot.py out/austen        # writes out/austen/loss.png (train.py does this at the end)
+    python plot.py out/austen        # writes out/austen/loss.png (train.py does this at the end)
 """
 
 import io

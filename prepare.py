@@ -690,12 +690,6 @@ def intact(out_dir: Path, shard: dict) -> bool:
 def check_config(cfg: PrepareConfig) -> None:
     if not 0 <= cfg.val_fraction < 1 or min(cfg.shard_tokens, cfg.block_chars, cfg.workers) < 1:
         raise UserError("need 0 <= --val_fraction < 1 and --shard_tokens, --block_chars, --workers >= 1")
-    max_id = get_tokenizer().max_token_value
-    if max_id > np.iinfo(np.uint16).max:
-        raise UserError(
-            f"the tokenizer has ids up to {max_id}, but shards store uint16 (at most 65535); "
-            "use a GPT-2-sized vocabulary"
-        )
 
 
 def check_out_dir(out_dir: Path) -> None:

@@ -27,7 +27,7 @@ VOCAB_SIZE = 50257
 
 @functools.cache
 def get_tokenizer() -> tiktoken.Encoding:
-    """Returns the GPT-2 encoding; raises ValueError if the ranks file is damaged."""
+    """Returns the GPT-2 encoding; a damaged ranks file is a UserError naming the fix."""
     contents = RANKS_PATH.read_bytes()
     digest = hashlib.sha256(contents).hexdigest()
     if digest != RANKS_SHA256:

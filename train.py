@@ -65,7 +65,7 @@ from checkpoint import (
     make_dir,
     run_dir_lock,
 )
-from common import UserError, atomic_write_bytes, check_device
+from common import UserError, atomic_write_bytes, check_device, one_line
 from distributed import Job
 from loss import GPU_LOSS_CHUNK_ROWS
 from model import GPT, GPTConfig
@@ -809,6 +809,15 @@ def main(argv: list[str]) -> None:
         sys.exit(128 + stop_signal)
 
 
+def draw_loss_curves(run_dir: Path) -> None:
+    """loss.png of a finished run; a plot that fails (no losses logged, a matplotlib problem) is a warning,
+    never the run's failure."""
+    try:
+        print(f"loss curves: {plot_run(run_dir)}", flush=True)
+    except Exception as e:  # noqa: BLE001 - the run itself is complete and saved
+        print(f"warning: no loss curves ({one_line(e)}); `python plot.py {run_dir}` draws them", flush=True)
+
+
 def train(cfg: TrainConfig, job: Job) -> int:
     """Trains as cfg says (or, with eval_only, evaluates). Returns the stop signal that ended the run
     early, once its step is saved; 0 if none did."""
@@ -867,7 +876,7 @@ def train(cfg: TrainConfig, job: Job) -> int:
             if stop_signal:
                 job.announce(f"stopped by signal {stop_signal} at step {step}; continue with --resume=auto")
                 return stop_signal
-        job.on_rank0(lambda: print(f"loss curves: {plot_run(run_dir)}", flush=True))
+        job.on_rank0(lambda: draw_loss_curves(run_dir))
     return 0
 
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 import configurator
 import train
 from checkpoint import CHECKPOINT_PATTERN, TrainerState, latest_checkpoint
+from common import UserError
 from model import GPT
 from shards import TokenWindows
 
@@ -393,3 +394,13 @@ def test_batches_are_read_ahead_while_a_step_runs(data, monkeypatch):
 def test_default_dtype_is_bf16_only_where_the_cpu_runs_it_natively(capabilities, expected, monkeypatch):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
     assert train.native_dtype("cpu") == expected
+
+
+def test_a_plot_that_fails_is_a_warning_not_the_runs_failure(data, tmp_path, monkeypatch, capsys):
+    def failing_plot(run_dir):
+        raise UserError("no losses yet")
+
+    monkeypatch.setattr(train, "plot_run", failing_plot)
+    train.main(args(data, tmp_path, "--batch_size=8", "--max_steps=2"))
+    assert "warning: no loss curves (UserError: no losses yet)" in capsys.readouterr().out
+    assert latest_checkpoint(tmp_path / "run").name == "ckpt_0000002"
