@@ -70,7 +70,7 @@ import numpy as np
 from tqdm import tqdm
 
 import configurator
-from common import UserError, atomic_write_bytes, first_sentence
+from common import UserError, atomic_write_bytes, first_sentence, text_encoding
 from shards import ShardWriter, is_count, open_shard, read_meta
 from tokenizer import EOT_ID, RANKS_SHA256, VOCAB_SIZE, get_tokenizer
 
@@ -85,14 +85,6 @@ OFFLINE_HINT = "offline, use --dataset=austen (bundled) or --input=PATH (.txt, .
 ROW_FORMATS = {".jsonl": "json", ".parquet": "parquet"}  # the datasets builder for each
 FORMAT_VERSION = 1  # of meta.json
 READ_BYTES = 1 << 20
-# what a byte-order mark announces (UTF-32's before UTF-16's, which they start with); no mark: UTF-8
-BYTE_ORDER_MARKS = [
-    (codecs.BOM_UTF32_LE, "utf-32"),
-    (codecs.BOM_UTF32_BE, "utf-32"),
-    (codecs.BOM_UTF8, "utf-8-sig"),
-    (codecs.BOM_UTF16_LE, "utf-16"),
-    (codecs.BOM_UTF16_BE, "utf-16"),
-]
 MAX_NOT_TEXT = 0.25  # a file with more NUL or undecodable characters than this share is refused: not text
 INPUT_KINDS = "a .txt, .txt.gz, .jsonl or .parquet file"
 # what prepare writes in out_dir, with temp names: all it ever deletes there
@@ -148,7 +140,7 @@ def read_text_file(path: Path, replaced: collections.Counter):
     try:
         with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as f:
             data = f.read(READ_BYTES)
-            encoding = next((name for mark, name in BYTE_ORDER_MARKS if data.startswith(mark)), "utf-8")
+            encoding = text_encoding(data)
             decoder = codecs.getincrementaldecoder(encoding)(errors=REPLACED)
             while True:
                 before = replacements[0]
@@ -690,6 +682,12 @@ def intact(out_dir: Path, shard: dict) -> bool:
 def check_config(cfg: PrepareConfig) -> None:
     if not 0 <= cfg.val_fraction < 1 or min(cfg.shard_tokens, cfg.block_chars, cfg.workers) < 1:
         raise UserError("need 0 <= --val_fraction < 1 and --shard_tokens, --block_chars, --workers >= 1")
+    max_id = get_tokenizer().max_token_value
+    if max_id > np.iinfo(np.uint16).max:
+        raise UserError(
+            f"the tokenizer has ids up to {max_id}, but shards store uint16 (at most 65535); "
+            "use a GPT-2-sized vocabulary"
+        )
 
 
 def check_out_dir(out_dir: Path) -> None:

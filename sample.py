@@ -28,10 +28,9 @@ import torch
 import configurator
 import tokenizer
 from checkpoint import latest_checkpoint
-from common import UserError, check_device
+from common import UserError, check_device, text_encoding
 from generate import compile_decode_step, decode_step, use_onednn_linear
 from model import GPT, GPTConfig
-from prepare import BYTE_ORDER_MARKS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRAIN_HINT = (
@@ -91,7 +90,7 @@ def read_text(path: Path, arg: str) -> str:
         raise UserError(f"{arg} is a directory; pass a file") from None
     except OSError as e:
         raise UserError(f"{arg}: cannot read it ({e.strerror or e}); check that you may read it") from None
-    encoding = next((name for mark, name in BYTE_ORDER_MARKS if data.startswith(mark)), "utf-8")
+    encoding = text_encoding(data)
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as e:
