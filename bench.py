@@ -348,6 +348,8 @@ def bench_train(cfg):
                     "out_dir": tmp,
                     "run_name": run_name,
                     "device": cfg.device,
+                    "dtype": "bfloat16" if gpu else "float32",  # the Trainer's precision: bf16=gpu
+                    "sample_prompt": "",
                 }
                 stdout = run_train_py(overrides, plain_loss="F.cross_entropy" in name)
                 timed = timed_logs(Path(tmp) / run_name)
