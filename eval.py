@@ -403,17 +403,21 @@ def table(results: dict[str, dict[str, float]], counts: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
+def load_tasks(names: list[str], cfg, limit: int | None, job: Job) -> dict[str, list[Item]]:
+    """Each task's items, from its local file (cfg's `<task>_file`, EvalConfig's or TrainConfig's) or the
+    Hub: read by rank 0 alone (the Hub once; offline, one error line on every rank) and shared."""
+    return job.on_rank0(
+        lambda: {name: load_items(name, getattr(cfg, f"{name}_file"), limit) for name in names}, share=True
+    )
+
+
 def main(argv):
     cfg = configurator.parse_config(EvalConfig, argv)
     names = check_config(cfg)
     job = Job(cfg.device, timedelta(minutes=cfg.dist_timeout_minutes))
     clean = False
     try:
-        files = {"hellaswag": cfg.hellaswag_file, "lambada_openai": cfg.lambada_openai_file}
-        # Rank 0 reads the rows (the Hub once, one error line when offline) before the model loads.
-        items = job.on_rank0(
-            lambda: {name: load_items(name, files[name], cfg.limit) for name in names if name != VAL}, share=True
-        )
+        items = load_tasks([name for name in names if name != VAL], cfg, cfg.limit, job)  # before the model loads
         torch.manual_seed(0)  # --init=random: the same weights on every rank
         model = load_model(cfg).to(job.device, DTYPES[cfg.dtype]).eval()
         results, counts = {}, {}

@@ -532,10 +532,7 @@ class Evaluator:
         self._sampling = bool(cfg.sample_prompt) and tokens == "gpt2"
         if cfg.sample_prompt and not self._sampling:
             job.announce(f"no samples at evals: {cfg.data_dir} holds {tokens!r} tokens, not GPT-2's")
-        files = {"hellaswag": cfg.hellaswag_file, "lambada_openai": cfg.lambada_openai_file}
-        self._items = job.on_rank0(
-            lambda: {name: zero_shot.load_items(name, files[name], cfg.task_limit) for name in names}, share=True
-        )
+        self._items = zero_shot.load_tasks(names, cfg, cfg.task_limit, job)
         self._prompt = tokenizer.encode(cfg.sample_prompt)
         self._new_tokens = min(cfg.sample_tokens, model.config.block_size - len(self._prompt))
         if self._sampling and self._new_tokens < 1:
