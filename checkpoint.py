@@ -38,7 +38,9 @@ from distributed import Job
 CHECKPOINT_PATTERN = re.compile(r"ckpt_(\d+)")
 # The config keys a resumed run takes from its own config rather than the checkpoint's: AdamW's
 # hyperparameters, the clipping and the schedule (evaluated from the step reached on).
-OPTIMIZATION_KEYS = "learning_rate weight_decay beta1 beta2 eps grad_clip warmup_ratio max_steps epochs".split()
+OPTIMIZATION_KEYS = (
+    "learning_rate weight_decay beta1 beta2 eps grad_clip warmup_ratio lr_decay max_steps epochs".split()
+)
 
 
 @dataclass

@@ -1,8 +1,11 @@
 """What every module shares: the error for mistakes the user can fix and short forms of errors, the check
-of a --device, the encoding a text file announces, and writes that never leave half a file."""
+of a --device, the encoding a text file announces, writes that never leave half a file, and how the
+process's allocator keeps memory."""
 
 import codecs
+import ctypes
 import os
+import sys
 from pathlib import Path
 
 # what a byte-order mark announces (UTF-32's before UTF-16's, which they start with)
@@ -89,3 +92,19 @@ def check_device(device: str) -> None:
         raise UserError(f"device={device} but {count} GPUs are visible; use cuda:0 to cuda:{count - 1}")
     if parsed.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"device={device} but this machine has no MPS (Apple GPU); use --device=cpu")
+
+
+def keep_freed_memory() -> None:
+    """Makes glibc's malloc keep freed blocks up to 32 MB for reuse instead of handing them back to the
+    OS. A CPU training step allocates and frees tens of MB per output-layer chunk (loss.py); handed
+    back, each comes again as fresh pages that the kernel faults in and zeroes one by one, a large part
+    of a small model's step (BENCHMARKS.md). The process then holds its peak memory until it exits.
+    Elsewhere than Linux (macOS, Windows) it does nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    mallopt(m_mmap_threshold, 32 * 2**20)  # the largest glibc accepts: blocks above it stay mmap'd
+    mallopt(m_trim_threshold, 2**31 - 1)  # never trim the heap's free top

@@ -65,7 +65,7 @@ from checkpoint import (
     make_dir,
     run_dir_lock,
 )
-from common import UserError, atomic_write_bytes, check_device, one_line
+from common import UserError, atomic_write_bytes, check_device, keep_freed_memory, one_line
 from distributed import Job
 from loss import GPU_LOSS_CHUNK_ROWS
 from model import GPT, GPTConfig
@@ -124,13 +124,14 @@ class TrainConfig:
     micro_batch_size: int | None = None  # sequences per process per forward/backward; None: the largest that fits
     epochs: int = 1  # passes over the train split, when max_steps is None
     max_steps: int | None = None  # None: epochs x steps per epoch
-    # AdamW and schedule, as the HF Trainer: linear warmup then cosine to 0
+    # AdamW and schedule, as the HF Trainer: linear warmup then cosine (or linear) decay to 0
     learning_rate: float = 2.5e-4  # the peak, reached at the end of the warmup
     weight_decay: float = 0.01  # not on biases and LayerNorm weights
     beta1: float = 0.9  # AdamW's first-moment decay
     beta2: float = 0.999  # AdamW's second-moment decay
     eps: float = 1e-8  # AdamW's denominator term
     warmup_ratio: float = 0.05  # warmup steps = ceil(warmup_ratio x max_steps), as transformers
+    lr_decay: str = "cosine"  # after the warmup, down to 0 at max_steps: 'cosine' (the HF Trainer's) or 'linear'
     grad_clip: float = 1.0  # the largest gradient norm; larger ones are scaled down to it
     # eval, logging, checkpoints
     eval_interval: int = 500  # steps between evaluations on the val split (and at the last step)
@@ -179,6 +180,8 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
             raise UserError(f"{key}={value}: must be in [0, 1)")
     if not 0 <= cfg.warmup_ratio <= 1:
         raise UserError(f"warmup_ratio={cfg.warmup_ratio}: must be in [0, 1] (a fraction of the steps)")
+    if cfg.lr_decay not in ("cosine", "linear"):
+        raise UserError(f"lr_decay={cfg.lr_decay!r}: use 'cosine' or 'linear'")
     if cfg.run_name.strip() in ("", ".", ".."):
         raise UserError(f"run_name={cfg.run_name!r}: must name the run's own directory under out_dir, such as gpt2")
     if cfg.init_from == "resume":
@@ -316,13 +319,16 @@ def describe_batches(cfg: TrainConfig, job: Job, micro_batch_size: int, data: Ru
     )
 
 
-def cosine_schedule(optimizer, max_steps: int, warmup_ratio: float) -> LambdaLR:
-    """transformers' get_cosine_schedule_with_warmup, warmup steps rounded up as the Trainer does."""
+def lr_schedule(optimizer, max_steps: int, warmup_ratio: float, decay: str = "cosine") -> LambdaLR:
+    """transformers' get_cosine_schedule_with_warmup, or get_linear_schedule_with_warmup for decay='linear',
+    warmup steps rounded up as the Trainer does."""
     warmup_steps = math.ceil(max_steps * warmup_ratio)
 
     def lr_factor(step: int) -> float:
         if step < warmup_steps:
             return step / max(1, warmup_steps)
+        if decay == "linear":
+            return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
         progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
@@ -788,6 +794,7 @@ def main(argv: list[str]) -> None:
     128 + the signal."""
     cfg = configurator.parse_config(TrainConfig, argv)
     check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    keep_freed_memory()
     job = Job(cfg.device, timedelta(minutes=cfg.dist_timeout_minutes))
     clean, stop_signal = False, 0
     try:
@@ -838,7 +845,7 @@ def train(cfg: TrainConfig, job: Job) -> int:
     optimizer = raw_model.configure_optimizers(
         cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, fused=True
     )
-    scheduler = cosine_schedule(optimizer, data.max_steps, cfg.warmup_ratio)
+    scheduler = lr_schedule(optimizer, data.max_steps, cfg.warmup_ratio, cfg.lr_decay)
     checkpointer = Checkpointer(job, run_dir, cfg, raw_model, optimizer, scheduler, data.order)
     state, changes = checkpointer.restore(resume_from)
     with Reporter(cfg, job, run_dir, data.max_steps, state, flops_per_token(raw_model, cfg)) as reporter:

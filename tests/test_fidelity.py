@@ -134,7 +134,7 @@ def weight_decay_on_every_parameter(self, lr, weight_decay, *args, **kwargs):
 
 
 COSINE, GLOBAL_BATCH_ROWS, CONFIGURE_OPTIMIZERS, CLIP = (
-    train.cosine_schedule,
+    train.lr_schedule,
     train.global_batch_rows,
     GPT.configure_optimizers,
     train.clip_divisor,
@@ -142,7 +142,7 @@ COSINE, GLOBAL_BATCH_ROWS, CONFIGURE_OPTIMIZERS, CLIP = (
 DRIFTS = {
     "warmup steps rounded down": (
         train,
-        "cosine_schedule",
+        "lr_schedule",
         lambda opt, steps, ratio: COSINE(opt, steps, math.floor(steps * ratio) / steps),
     ),
     "weight decay on biases and LayerNorm too": (GPT, "configure_optimizers", weight_decay_on_every_parameter),

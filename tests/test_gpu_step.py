@@ -17,7 +17,7 @@ def test_clip_inside_adamw_equals_clip_grad_norm_then_adamw():
     reference = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16, dropout=0.0))
     ours = copy.deepcopy(reference)
     optimizers = [m.configure_optimizers(1e-2, 0.1, (0.9, 0.95), 1e-8, fused=True) for m in (reference, ours)]
-    schedulers = [train.cosine_schedule(o, 10, 0.0) for o in optimizers]
+    schedulers = [train.lr_schedule(o, 10, 0.0) for o in optimizers]
     job = train.Job("cpu", timedelta(minutes=1))
     no_autocast = torch.autocast("cpu", enabled=False)
     for step in range(4):

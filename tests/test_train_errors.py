@@ -49,6 +49,7 @@ def copy_run(finished, tmp_path) -> Path:
         ("--grad_clip=inf", "grad_clip=inf: must be a finite number"),
         ("--eps=nan", "eps=nan: must be a finite number"),
         ("--weight_decay=-0.1", "weight_decay=-0.1: must be 0 or more"),
+        ("--lr_decay=step", "lr_decay='step': use 'cosine' or 'linear'"),
         ("--dist_timeout_minutes=inf", "dist_timeout_minutes=inf: must be a finite number"),
         ("--run_name=", "run_name='': must name the run's own directory under out_dir"),
     ],
@@ -128,15 +129,17 @@ def test_a_second_process_leaves_the_first_alone_and_a_killed_one_leaves_no_lock
 def test_a_resume_trains_with_its_own_optimizer_settings_and_says_so(data, finished, tmp_path, capsys):
     run = copy_run(finished, tmp_path)
     changed = ["--learning_rate=5e-3", "--weight_decay=0.1", "--beta2=0.99", "--eps=1e-6", "--grad_clip=0.5"]
+    changed.append("--lr_decay=linear")
     capsys.readouterr()
     train.main(
         args(data, tmp_path, "--batch_size=8", "--max_steps=8", "--eval_interval=100", *changed, "--resume=auto")
     )
     out = capsys.readouterr().out
     assert "resumed with changes: learning_rate 0.01 -> 0.005" in out and "max_steps 4 -> 8" in out
-    # The schedule of an 8-step run with the new peak, from step 4 on (the old one had reached 0 at step 4).
+    assert "lr_decay cosine -> linear" in out
+    # The schedule of an 8-step run with the new peak and decay, from step 4 on (the old one had reached 0 at step 4).
     reference = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=5e-3)
-    schedule = train.cosine_schedule(reference, 8, 0.05)
+    schedule = train.lr_schedule(reference, 8, 0.05, "linear")
     expected_lrs = []
     for _ in range(8):
         expected_lrs.append(schedule.get_last_lr()[0])
