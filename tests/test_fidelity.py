@@ -133,7 +133,7 @@ def weight_decay_on_every_parameter(self, lr, weight_decay, *args, **kwargs):
     return optimizer
 
 
-COSINE, GLOBAL_BATCH_ROWS, CONFIGURE_OPTIMIZERS, CLIP = (
+LR_SCHEDULE, GLOBAL_BATCH_ROWS, CONFIGURE_OPTIMIZERS, CLIP = (
     train.lr_schedule,
     train.global_batch_rows,
     GPT.configure_optimizers,
@@ -143,7 +143,7 @@ DRIFTS = {
     "warmup steps rounded down": (
         train,
         "lr_schedule",
-        lambda opt, steps, ratio: COSINE(opt, steps, math.floor(steps * ratio) / steps),
+        lambda opt, steps, ratio, decay: LR_SCHEDULE(opt, steps, math.floor(steps * ratio) / steps, decay),
     ),
     "weight decay on biases and LayerNorm too": (GPT, "configure_optimizers", weight_decay_on_every_parameter),
     "no gradient clipping": (train, "clip_divisor", lambda grad_norm, max_norm: CLIP(grad_norm, math.inf)),
