@@ -128,8 +128,14 @@ def test_a_second_process_leaves_the_first_alone_and_a_killed_one_leaves_no_lock
 
 def test_a_resume_trains_with_its_own_optimizer_settings_and_says_so(data, finished, tmp_path, capsys):
     run = copy_run(finished, tmp_path)
-    changed = ["--learning_rate=5e-3", "--weight_decay=0.1", "--beta2=0.99", "--eps=1e-6", "--grad_clip=0.5"]
-    changed.append("--lr_decay=linear")
+    changed = [
+        "--learning_rate=5e-3",
+        "--weight_decay=0.1",
+        "--beta2=0.99",
+        "--eps=1e-6",
+        "--grad_clip=0.5",
+        "--lr_decay=linear",
+    ]
     capsys.readouterr()
     train.main(
         args(data, tmp_path, "--batch_size=8", "--max_steps=8", "--eval_interval=100", *changed, "--resume=auto")
