@@ -1,5 +1,7 @@
 """The output layer's loss, fused: cross-entropy of x @ weight.T without holding the (N, vocab) logits."""
 
+import math
+
 import torch
 
 IGNORE_INDEX = -100  # targets equal to this add nothing to the loss, as in HF
@@ -9,9 +11,72 @@ IGNORE_INDEX = -100  # targets equal to this add nothing to the loss, as in HF
 GPU_LOSS_CHUNK_ROWS = 4096
 
 
-def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+class CompactVocab:
+    """The softmax over the tokens the training data contains, with every other token in one column: the same
+    loss and gradients as over the whole vocabulary, to float rounding, for (seen + 1) / vocab of the work.
+
+    A token the training data never contains is never an input and never a target, so its row of the tied
+    embedding only ever gets the softmax's gradient sum_n p(token | n) x_n / N. Rows that start equal get
+    equal gradients and equal AdamW updates, so they stay equal, bit for bit (tie_unseen_rows starts a new
+    model's so). Then the K unseen tokens have one logit, x . w, and the softmax's sum holds K equal terms:
+    one column of logit x . w + log K, whose gradient, divided by K, is each of their rows' gradient.
+    A model whose unseen rows differ (a pretrained one) gets None from `of`: its softmax stays whole.
+    """
+
+    def __init__(self, seen: torch.Tensor):
+        """seen: (vocab,) bool, the tokens the training data contains; at least two must be unseen."""
+        seen_ids, self.unseen_ids = seen.nonzero().squeeze(1), (~seen).nonzero().squeeze(1)
+        self.ids = torch.cat([seen_ids, self.unseen_ids[:1]])  # (columns,): each column's row, the unseen last
+        self.column = torch.full_like(seen, len(seen_ids), dtype=torch.long)  # (vocab,): each token's column
+        self.column[seen_ids] = torch.arange(len(seen_ids), device=seen.device)
+        self.log_unseen = math.log(len(self.unseen_ids))
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, seen: torch.Tensor) -> "CompactVocab | None":
+        """The compact softmax for weight (vocab, C) and the training data's seen tokens, or None where the
+        unseen rows are not all equal or fewer than two."""
+        unseen = weight[~seen]
+        if len(unseen) < 2 or not (unseen == unseen[:1]).all():
+            return None
+        return cls(seen)
+
+    def columns(self, targets: torch.Tensor) -> torch.Tensor:
+        """targets (N,) as columns; IGNORE_INDEX stays."""
+        return torch.where(targets == IGNORE_INDEX, IGNORE_INDEX, self.column[targets.clamp(min=0)])
+
+
+def tie_unseen_rows(weight: torch.Tensor, seen: torch.Tensor) -> None:
+    """Gives every token the training data never contains the first such token's row of a new model's
+    weight (vocab, C), so that its training can take the CompactVocab softmax."""
+    with torch.no_grad():
+        unseen_ids = (~seen).nonzero().squeeze(1)
+        weight[unseen_ids] = weight[unseen_ids[:1]]
+
+
+class CompactRows(torch.autograd.Function):
+    """weight (vocab, C) -> the CompactVocab columns' rows (columns, C) = weight[ids]; backward gives each of
+    unseen_ids's rows 1/K of the last column's gradient."""
+
+    @staticmethod
+    def forward(ctx, weight, ids, unseen_ids):
+        ctx.save_for_backward(ids, unseen_ids)
+        ctx.vocab_size = weight.shape[0]
+        return weight.index_select(0, ids)
+
+    @staticmethod
+    def backward(ctx, grad_columns):
+        ids, unseen_ids = ctx.saved_tensors
+        grad = grad_columns.new_empty((ctx.vocab_size, grad_columns.shape[1]))
+        grad[ids[:-1]] = grad_columns[:-1]
+        grad[unseen_ids] = grad_columns[-1] / len(unseen_ids)
+        return grad, None, None
+
+
+def linear_cross_entropy(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab: CompactVocab | None = None
+) -> torch.Tensor:
     """F.cross_entropy(F.linear(x, weight), targets, ignore_index=IGNORE_INDEX), to float rounding,
-    gradients included, without ever holding the (N, vocab) logits.
+    gradients included, without ever holding the (N, vocab) logits; with vocab, over its columns.
 
     With a 50257-way output, the logits and their log-softmax cost more than the whole model at
     small widths (memory-bound passes over N * 50257 floats), and at GPT-2 small on a GPU they are
@@ -28,39 +93,57 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     in cache, at large ones the additions stay a small part of the matmuls (timings against the plain
     version: BENCHMARKS.md, train).
     """
-    chunk_rows = x.shape[1] if x.device.type == "cpu" else GPU_LOSS_CHUNK_ROWS
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return LinearCrossEntropy.apply(x, weight, targets, chunk_rows)
-    return _chunked_cross_entropy(x, weight, targets, chunk_rows)
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """linear_cross_entropy with gradients, computed in the forward pass while each chunk's logits are at hand."""
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, chunk_rows: int):
-        grad_x = torch.empty_like(x)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
-        loss = _chunked_cross_entropy(x, weight, targets, chunk_rows, grad_x, grad_weight)
-        ctx.save_for_backward(grad_x, grad_weight)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_x, grad_weight = ctx.saved_tensors
-        return grad_x * grad_loss, grad_weight * grad_loss, None, None
-
-
-def _chunked_cross_entropy(x, weight, targets, chunk_rows: int, grad_x=None, grad_weight=None) -> torch.Tensor:
-    """The mean loss, chunk_rows rows at a time; given grad_x and grad_weight, also fills in its gradients."""
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     counted = targets != IGNORE_INDEX
     # On a GPU an asynchronous check (a device-side assert, as F.cross_entropy's): no host read.
     torch._assert_async(
         ((targets >= 0) & (targets < weight.shape[0]) | ~counted).all(),
         f"cross-entropy targets must be in [0, {weight.shape[0]}) or {IGNORE_INDEX} (ignored)",
     )
+    chunk_rows = x.shape[1] if x.device.type == "cpu" else GPU_LOSS_CHUNK_ROWS
+    with_grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    log_unseen = None
+    if vocab is not None:
+        weight, targets, log_unseen = (
+            CompactRows.apply(weight, vocab.ids, vocab.unseen_ids),
+            vocab.columns(targets),
+            vocab.log_unseen,
+        )
+        if with_grads:  # an unseen target would give its row a gradient of its own: the rows would part
+            torch._assert_async(
+                ((targets < len(vocab.ids) - 1) | ~counted).all(),
+                "a target the training data never contains: the CompactVocab was made for other data",
+            )
+    if with_grads:
+        return LinearCrossEntropy.apply(x, weight, targets, chunk_rows, log_unseen)
+    return _chunked_cross_entropy(x, weight, targets, chunk_rows, log_unseen)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """linear_cross_entropy with gradients, computed in the forward pass while each chunk's logits are at hand."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk_rows: int, log_unseen: float | None):
+        grad_x = torch.empty_like(x)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        loss = _chunked_cross_entropy(x, weight, targets, chunk_rows, log_unseen, grad_x, grad_weight)
+        ctx.save_for_backward(grad_x, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_weight = ctx.saved_tensors
+        return grad_x * grad_loss, grad_weight * grad_loss, None, None, None
+
+
+def _chunked_cross_entropy(
+    x, weight, targets, chunk_rows: int, log_unseen: float | None = None, grad_x=None, grad_weight=None
+) -> torch.Tensor:
+    """The mean loss, chunk_rows rows at a time; given grad_x and grad_weight, also fills in its gradients.
+    With log_unseen, the last column stands for the CompactVocab's unseen tokens: their log-count joins
+    its logit in the softmax's sum, not in a target's own logit."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    counted = targets != IGNORE_INDEX
     n_counted = counted.sum()
     loss = torch.zeros((), dtype=torch.float32, device=x.device)
     weight = weight.to(dtype)  # cast once, not once per chunk
@@ -70,6 +153,8 @@ def _chunked_cross_entropy(x, weight, targets, chunk_rows: int, grad_x=None, gra
         target = targets[rows].clamp(min=0).unsqueeze(1)  # (n, 1); ignored rows are masked out below
         logits = (x_chunk @ weight.t()).float()  # (n, V)
         target_logit = logits.gather(1, target).squeeze(1)
+        if log_unseen is not None:
+            logits[:, -1] += log_unseen
         row_max = logits.amax(1, keepdim=True)
         probs = logits.sub_(row_max).exp_()  # unnormalized, in place: one exp per logit
         row_sum = probs.sum(1, keepdim=True)

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import UserError
-from loss import linear_cross_entropy
+from loss import CompactVocab, linear_cross_entropy
 
 
 @dataclass
@@ -126,6 +126,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied input and output embeddings
         self.apply(self._init_weights)
+        # The loss's softmax over the columns of the tokens the training data contains (loss.CompactVocab),
+        # set by train.py: it changes no value, and is in no state_dict or checkpoint.
+        self.compact_vocab: CompactVocab | None = None
 
     def _init_weights(self, module: nn.Module) -> None:
         """HF GPT-2's _init_weights: N(0, 0.02), residual projections N(0, 0.02/sqrt(2*n_layer))."""
@@ -169,7 +172,8 @@ class GPT(nn.Module):
         position's logits are computed (generation needs no others): (B, 1, vocab_size).
 
         Returns (logits (B, T, vocab_size), None) without targets, and (None, mean cross-entropy over
-        the counted targets) with them: the loss never materializes the logits (loss.py).
+        the counted targets) with them: the loss never materializes the logits (loss.py), and with
+        compact_vocab set, takes its softmax over the columns the training data uses, to the same value.
         """
         B, T = idx.shape
         self.check_context(T)
@@ -190,7 +194,7 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x), None
-        return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.compact_vocab)
 
     def configure_optimizers(
         self, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8, fused: bool | None = None

@@ -21,6 +21,7 @@ VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.uint16
+COUNT_CHUNK_TOKENS = 1 << 24  # tokens_present counts in int64 chunks of 128 MB
 
 
 class ShardWriter:
@@ -182,6 +183,14 @@ class TokenWindows:
         shard = int(np.searchsorted(self.starts, i, side="right")) - 1
         offset = (i - int(self.starts[shard])) * self.block_size
         return np.asarray(self.shards[shard][offset : offset + self.block_size + 1])
+
+    def tokens_present(self) -> np.ndarray:
+        """(vocab_size,) bool: which tokens the split's shards contain (a pass over them, in chunks)."""
+        present = np.zeros(self.meta["vocab_size"], dtype=bool)
+        for shard in self.shards:
+            for start in range(0, len(shard), COUNT_CHUNK_TOKENS):
+                present |= np.bincount(shard[start : start + COUNT_CHUNK_TOKENS], minlength=len(present)) > 0
+        return present
 
     def batch(self, indices) -> np.ndarray:
         """(len(indices), block_size + 1) int64, ready for torch.from_numpy."""

@@ -67,7 +67,7 @@ from checkpoint import (
 )
 from common import UserError, atomic_write_bytes, check_device, keep_freed_memory, one_line
 from distributed import Job
-from loss import GPU_LOSS_CHUNK_ROWS
+from loss import GPU_LOSS_CHUNK_ROWS, CompactVocab, tie_unseen_rows
 from model import GPT, GPTConfig
 from plot import plot_run
 from sample import SampleConfig
@@ -275,6 +275,24 @@ def build_model(cfg: TrainConfig, source, meta: dict) -> GPT:
     model = GPT.from_pretrained(str(source), dropout=cfg.dropout).train()  # eval mode from from_pretrained, as HF's
     check_model_fits_data(model.config, cfg, meta)
     return model
+
+
+def compact_output_layer(model: GPT, train: TokenWindows, new_model: bool) -> str:
+    """Gives the model's loss the softmax over the tokens the train split contains (loss.CompactVocab), a new
+    model's rows of the others tied first; says which softmax the model takes. A loaded model whose unseen
+    rows differ (a pretrained one) keeps the whole softmax."""
+    weight = model.lm_head.weight
+    seen = torch.from_numpy(train.tokens_present()).to(weight.device)
+    seen = torch.cat([seen, seen.new_zeros(len(weight) - len(seen))])  # a model vocabulary beyond the data's
+    if new_model and not seen.all():
+        tie_unseen_rows(weight, seen)
+    model.compact_vocab = CompactVocab.of(weight, seen)
+    if model.compact_vocab is None:
+        return f"softmax over all {len(weight):,} tokens"
+    return (
+        f"softmax over the {int(seen.sum()):,} tokens of the train split, the other {int((~seen).sum()):,} "
+        "(one shared row) as one column"
+    )
 
 
 def check_model_fits_data(config: GPTConfig, cfg: TrainConfig, meta: dict) -> None:
@@ -713,8 +731,10 @@ def flops_per_token(model: GPT, cfg: TrainConfig) -> float:
     """nanoGPT's estimate: 6 flops per parameter per token (forward + backward) plus attention over the full
     T x T scores (12 * n_layer * n_embd * block_size); position embeddings are lookups, not matmuls. Tools that
     count causal attention only (half the scores, as llm.c does) report a lower MFU for the same tokens/s, so
-    across tools compare tokens/s."""
-    matmul_params = model.num_params() - model.transformer.wpe.weight.numel()
+    across tools compare tokens/s. A compact softmax's output layer counts the columns it computes."""
+    vocab = model.compact_vocab
+    skipped_columns = model.config.vocab_size - len(vocab.ids) if vocab else 0  # the output layer's, not computed
+    matmul_params = model.num_params() - model.transformer.wpe.weight.numel() - skipped_columns * cfg.n_embd
     return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
 
@@ -832,9 +852,13 @@ def train(cfg: TrainConfig, job: Job) -> int:
     source = model_source(cfg, resume_from)
     raw_model = build_model(cfg, source, data.val.meta).to(cfg.device)
     cfg = with_model_shape(cfg, raw_model)
-    micro_batch_size, predicted_peak = choose_micro_batch(cfg, job, raw_model, autocast)
+    micro_batch_size, predicted_peak = choose_micro_batch(cfg, job, raw_model, autocast)  # the whole softmax's
+    softmax = compact_output_layer(raw_model, data.train, new_model=source is None) if data.train else None
     job.announce(f"config: {json.dumps(asdict(cfg))}")
-    job.announce(f"model: {raw_model.num_params():,} parameters, {'from ' + str(source) if source else 'new'}")
+    job.announce(
+        f"model: {raw_model.num_params():,} parameters, {'from ' + str(source) if source else 'new'}"
+        + (f"; {softmax}" if softmax else "")
+    )
     evaluator = Evaluator(cfg, job, raw_model, data, micro_batch_size, autocast)
     if cfg.eval_only:
         job.announce(f"{len(data.val_rows)} windows of {cfg.block_size} tokens: {evaluator().describe()}")

@@ -26,19 +26,20 @@ def dtype_is_pinned(request, monkeypatch):
 
 @pytest.fixture(scope="session")
 def make_token_data(tmp_path_factory):
-    """make_token_data(train_tokens=..., val_tokens=..., vocab_size=..., shards=...) -> data dir.
+    """make_token_data(train_tokens=..., val_tokens=..., vocab_size=..., shards=..., unused_tokens=...) -> data dir.
 
     Random token ids (seeded) split into `shards` train shards and one val shard, with the
-    meta.json fields that shards.TokenWindows reads.
+    meta.json fields that shards.TokenWindows reads. The last `unused_tokens` ids of the vocabulary
+    never occur, as most of GPT-2's never occur in a corpus: a new model trains with loss.CompactVocab.
     """
 
-    def make(train_tokens=4000, val_tokens=600, vocab_size=64, shards=2, seed=0):
+    def make(train_tokens=4000, val_tokens=600, vocab_size=64, shards=2, seed=0, unused_tokens=16):
         directory = tmp_path_factory.mktemp("data")
         rng = np.random.default_rng(seed)
         splits = {}
         for split, total, count in [("train", train_tokens, shards), ("val", val_tokens, 1)]:
             infos = []
-            for i, part in enumerate(np.array_split(rng.integers(0, vocab_size, total), count)):
+            for i, part in enumerate(np.array_split(rng.integers(0, vocab_size - unused_tokens, total), count)):
                 name = f"{split}_{i:06d}.bin"
                 write_shard(directory / name, part)
                 infos.append({"file": name, "tokens": len(part)})

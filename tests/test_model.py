@@ -294,3 +294,67 @@ def test_fused_loss_checks_targets_and_agrees_on_all_ignored_batches():
     ref_loss, ref_gx, ref_gw = loss_and_grads(plain_cross_entropy, x, weight, ignored)
     assert loss.isnan() and ref_loss.isnan() and linear_cross_entropy(x, weight, ignored).isnan()
     assert torch.equal(gx, ref_gx) and torch.equal(gw, ref_gw)  # zeros: nothing to learn from
+
+
+def tied_weight_and_seen(vocab_size=1000, seen_tokens=300, width=32):
+    """A weight (vocab_size, width) whose rows of the tokens outside `seen` are tied, as train.py starts them."""
+    from loss import tie_unseen_rows
+
+    torch.manual_seed(0)
+    seen = torch.zeros(vocab_size, dtype=torch.bool)
+    seen[torch.randperm(vocab_size)[:seen_tokens]] = True
+    weight = torch.randn(vocab_size, width) * 0.5
+    tie_unseen_rows(weight, seen)
+    return weight, seen
+
+
+@pytest.mark.parametrize("case", ["fp32", "bf16 autocast", "compiled"])
+def test_the_compact_softmax_is_the_whole_vocabularys(case):
+    from loss import CompactVocab, linear_cross_entropy
+
+    weight, seen = tied_weight_and_seen()
+    vocab = CompactVocab.of(weight, seen)
+    assert len(vocab.ids) == 301  # 300 seen tokens and one column for the other 700
+    seen_ids = seen.nonzero().squeeze(1)
+    x, targets = torch.randn(300, 32), seen_ids[torch.randint(0, 300, (300,))]
+    targets[::7] = -100
+    compact = (
+        torch.compile(linear_cross_entropy, backend="aot_eager", fullgraph=True)
+        if case == "compiled"
+        else linear_cross_entropy
+    )
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if case == "bf16 autocast" else contextlib.nullcontext()
+    with autocast:
+        loss, gx, gw = loss_and_grads(lambda x, w, t: compact(x, w, t, vocab), x, weight, targets)
+        ref_loss, ref_gx, ref_gw = loss_and_grads(plain_cross_entropy, x, weight, targets)
+    tolerance = 0.02 if case == "bf16 autocast" else 1e-5  # bf16: one rounded probability for 700
+    assert abs(loss.item() - ref_loss.item()) < tolerance * ref_loss.item()
+    assert (gx - ref_gx).abs().max() < tolerance * ref_gx.abs().max()
+    assert (gw - ref_gw).abs().max() < tolerance * ref_gw.abs().max()
+    unseen_grads = gw[~seen]
+    assert (unseen_grads == unseen_grads[0]).all() and unseen_grads.abs().sum() > 0  # the tied rows stay tied
+    # Evaluation may meet tokens the training data lacks: their logit is the shared row's, exactly.
+    anywhere = torch.randint(0, 1000, (300,))
+    assert (~seen[anywhere]).sum() > 100
+    with torch.no_grad(), autocast:
+        ref = plain_cross_entropy(x, weight, anywhere).item()
+        assert abs(linear_cross_entropy(x, weight, anywhere, vocab).item() - ref) < tolerance * ref
+
+
+def test_the_compact_softmax_needs_tied_rows_and_seen_targets():
+    from loss import CompactVocab, linear_cross_entropy
+
+    weight, seen = tied_weight_and_seen()
+    untied = weight.clone()
+    untied[(~seen).nonzero()[1]] += 1e-3
+    assert CompactVocab.of(untied, seen) is None  # a pretrained model's rows differ: the whole softmax
+    one_unseen = torch.ones(1000, dtype=torch.bool)
+    one_unseen[5] = False
+    assert CompactVocab.of(weight, one_unseen) is None  # nothing to gain
+    vocab = CompactVocab.of(weight, seen)
+    targets = seen.nonzero().squeeze(1)[:10].clone()
+    targets[3] = (~seen).nonzero()[0, 0]  # learning an unseen token would give its row a gradient of its own
+    with pytest.raises(RuntimeError, match="a target the training data never contains"):
+        linear_cross_entropy(torch.randn(10, 32, requires_grad=True), weight, targets, vocab)
+    with pytest.raises(RuntimeError, match=r"targets must be in \[0, 1000\) or -100"):
+        linear_cross_entropy(torch.randn(10, 32), weight, torch.full((10,), 1000), vocab)

@@ -21,7 +21,7 @@ import configurator
 import train
 from checkpoint import CHECKPOINT_PATTERN, TrainerState, latest_checkpoint
 from common import UserError
-from model import GPT
+from model import GPT, GPTConfig
 from shards import TokenWindows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,6 +181,28 @@ def test_checkpoint_loads_in_transformers_with_the_logged_val_loss(data, referen
     for source in ("--resume=auto", f"--init_from={checkpoint}"):
         train.main(args(data, reference, "--eval_only", source))
         assert f"val loss {logged:.4f}" in capsys.readouterr().out
+
+
+def test_a_new_models_unseen_tokens_share_a_row_and_a_column_pretrained_ones_keep_theirs(
+    data, reference, tmp_path, capsys
+):
+    """The data never contains tokens 48-63 (make_token_data): a new model starts their rows tied and its
+    loss takes the compact softmax (loss.CompactVocab), which keeps them tied, bit for bit; a model whose
+    rows differ (an HF GPT-2) keeps the whole softmax. test_fidelity compares the compact one with the
+    Trainer's whole softmax, step for step."""
+    shape = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16)
+    torch.manual_seed(train.TrainConfig.seed)  # as train.py builds a new model
+    initial = GPT(shape).transformer.wte.weight.detach()
+    trained = weights(latest_checkpoint(reference / "run"))["transformer.wte.weight"]
+    assert (trained[48:] == trained[48]).all() and not torch.allclose(trained[48], initial[48], atol=1e-3)
+    assert torch.equal(trained[:48] != initial[:48], torch.ones(48, 16, dtype=torch.bool))  # all seen rows learn
+    train.main(args(data, tmp_path, "--max_steps=1"))
+    out = capsys.readouterr().out
+    assert "softmax over the 48 tokens of the train split, the other 16 (one shared row) as one column" in out
+    pretrained = tmp_path / "pretrained"
+    GPT(shape).save_pretrained(pretrained)
+    train.main(args(data, tmp_path, "--run_name=tuned", f"--init_from={pretrained}", "--max_steps=1"))
+    assert "softmax over all 64 tokens" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

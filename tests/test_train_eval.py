@@ -158,8 +158,9 @@ def test_eval_py_val_equals_the_logged_val_loss(data, run):
         zero_shot.main([f"--ckpt={run / 'run'}", "--tasks=val", f"--data_dir={data[0]}", "--device=cpu"])
     result = json.loads(stdout.getvalue().splitlines()[-1])
     logged = evals(run)[-1]["val_loss"]
+    # training's evals take the compact softmax (loss.CompactVocab), eval.py the whole one: float rounding apart
     assert result["val"]["loss"] == pytest.approx(logged, rel=1e-6)
-    assert result["val"]["perplexity"] == pytest.approx(evals(run)[-1]["val_perplexity"], rel=1e-6)
+    assert result["val"]["perplexity"] == pytest.approx(evals(run)[-1]["val_perplexity"], rel=1e-5)
 
 
 @pytest.mark.parametrize(
