@@ -13,7 +13,8 @@ GPU_LOSS_CHUNK_ROWS = 4096
 
 class CompactVocab:
     """The softmax over the tokens the training data contains, with every other token in one column: the same
-    loss and gradients as over the whole vocabulary, to float rounding, for (seen + 1) / vocab of the work.
+    loss and gradients as over the whole vocabulary, to float rounding, for (seen + 1) / vocab of the output
+    layer's work.
 
     A token the training data never contains is never an input and never a target, so its row of the tied
     embedding only ever gets the softmax's gradient sum_n p(token | n) x_n / N. Rows that start equal get
@@ -26,9 +27,9 @@ class CompactVocab:
     def __init__(self, seen: torch.Tensor):
         """seen: (vocab,) bool, the tokens the training data contains; at least two must be unseen."""
         seen_ids, self.unseen_ids = seen.nonzero().squeeze(1), (~seen).nonzero().squeeze(1)
-        self.ids = torch.cat([seen_ids, self.unseen_ids[:1]])  # (columns,): each column's row, the unseen last
-        self.column = torch.full_like(seen, len(seen_ids), dtype=torch.long)  # (vocab,): each token's column
-        self.column[seen_ids] = torch.arange(len(seen_ids), device=seen.device)
+        self.column_rows = torch.cat([seen_ids, self.unseen_ids[:1]])  # (columns,): each column's row, the unseen last
+        self.token_column = torch.full_like(seen, len(seen_ids), dtype=torch.long)  # (vocab,)
+        self.token_column[seen_ids] = torch.arange(len(seen_ids), device=seen.device)
         self.log_unseen = math.log(len(self.unseen_ids))
 
     @classmethod
@@ -42,7 +43,7 @@ class CompactVocab:
 
     def columns(self, targets: torch.Tensor) -> torch.Tensor:
         """targets (N,) as columns; IGNORE_INDEX stays."""
-        return torch.where(targets == IGNORE_INDEX, IGNORE_INDEX, self.column[targets.clamp(min=0)])
+        return torch.where(targets == IGNORE_INDEX, IGNORE_INDEX, self.token_column[targets.clamp(min=0)])
 
 
 def tie_unseen_rows(weight: torch.Tensor, seen: torch.Tensor) -> None:
@@ -54,20 +55,20 @@ def tie_unseen_rows(weight: torch.Tensor, seen: torch.Tensor) -> None:
 
 
 class CompactRows(torch.autograd.Function):
-    """weight (vocab, C) -> the CompactVocab columns' rows (columns, C) = weight[ids]; backward gives each of
-    unseen_ids's rows 1/K of the last column's gradient."""
+    """weight (vocab, C) -> the CompactVocab columns' rows (columns, C) = weight[column_rows]; backward gives
+    each of unseen_ids's rows 1/K of the last column's gradient."""
 
     @staticmethod
-    def forward(ctx, weight, ids, unseen_ids):
-        ctx.save_for_backward(ids, unseen_ids)
+    def forward(ctx, weight, column_rows, unseen_ids):
+        ctx.save_for_backward(column_rows, unseen_ids)
         ctx.vocab_size = weight.shape[0]
-        return weight.index_select(0, ids)
+        return weight.index_select(0, column_rows)
 
     @staticmethod
     def backward(ctx, grad_columns):
-        ids, unseen_ids = ctx.saved_tensors
-        grad = grad_columns.new_empty((ctx.vocab_size, grad_columns.shape[1]))
-        grad[ids[:-1]] = grad_columns[:-1]
+        column_rows, unseen_ids = ctx.saved_tensors
+        grad = grad_columns.new_empty((ctx.vocab_size, grad_columns.shape[1]))  # every row is written below
+        grad[column_rows[:-1]] = grad_columns[:-1]
         grad[unseen_ids] = grad_columns[-1] / len(unseen_ids)
         return grad, None, None
 
@@ -76,7 +77,9 @@ def linear_cross_entropy(
     x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab: CompactVocab | None = None
 ) -> torch.Tensor:
     """F.cross_entropy(F.linear(x, weight), targets, ignore_index=IGNORE_INDEX), to float rounding,
-    gradients included, without ever holding the (N, vocab) logits; with vocab, over its columns.
+    gradients included, without ever holding the (N, vocab) logits. With vocab, over its columns: the same
+    value while its unseen tokens' rows are equal (CompactVocab.of checks, and training keeps them so as long
+    as no unseen token is an input or, with gradients, a target: that one is checked here).
 
     With a 50257-way output, the logits and their log-softmax cost more than the whole model at
     small widths (memory-bound passes over N * 50257 floats), and at GPT-2 small on a GPU they are
@@ -104,13 +107,13 @@ def linear_cross_entropy(
     log_unseen = None
     if vocab is not None:
         weight, targets, log_unseen = (
-            CompactRows.apply(weight, vocab.ids, vocab.unseen_ids),
+            CompactRows.apply(weight, vocab.column_rows, vocab.unseen_ids),
             vocab.columns(targets),
             vocab.log_unseen,
         )
         if with_grads:  # an unseen target would give its row a gradient of its own: the rows would part
             torch._assert_async(
-                ((targets < len(vocab.ids) - 1) | ~counted).all(),
+                ((targets < len(vocab.column_rows) - 1) | ~counted).all(),
                 "a target the training data never contains: the CompactVocab was made for other data",
             )
     if with_grads:

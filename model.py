@@ -127,7 +127,8 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # tied input and output embeddings
         self.apply(self._init_weights)
         # The loss's softmax over the columns of the tokens the training data contains (loss.CompactVocab),
-        # set by train.py: it changes no value, and is in no state_dict or checkpoint.
+        # set by train.py where the other tokens' rows are equal: the same values, fewer columns. In no
+        # state_dict or checkpoint.
         self.compact_vocab: CompactVocab | None = None
 
     def _init_weights(self, module: nn.Module) -> None:

@@ -277,14 +277,14 @@ def build_model(cfg: TrainConfig, source, meta: dict) -> GPT:
     return model
 
 
-def compact_output_layer(model: GPT, train: TokenWindows, new_model: bool) -> str:
-    """Gives the model's loss the softmax over the tokens the train split contains (loss.CompactVocab), a new
+def compact_output_layer(model: GPT, windows: TokenWindows, new_model: bool) -> str:
+    """Gives the model's loss the softmax over the tokens of the train windows (loss.CompactVocab), a new
     model's rows of the others tied first; says which softmax the model takes. A loaded model whose unseen
     rows differ (a pretrained one) keeps the whole softmax."""
     weight = model.lm_head.weight
-    seen = torch.from_numpy(train.tokens_present()).to(weight.device)
+    seen = torch.from_numpy(windows.tokens_present()).to(weight.device)
     seen = torch.cat([seen, seen.new_zeros(len(weight) - len(seen))])  # a model vocabulary beyond the data's
-    if new_model and not seen.all():
+    if new_model:
         tie_unseen_rows(weight, seen)
     model.compact_vocab = CompactVocab.of(weight, seen)
     if model.compact_vocab is None:
@@ -733,7 +733,9 @@ def flops_per_token(model: GPT, cfg: TrainConfig) -> float:
     count causal attention only (half the scores, as llm.c does) report a lower MFU for the same tokens/s, so
     across tools compare tokens/s. A compact softmax's output layer counts the columns it computes."""
     vocab = model.compact_vocab
-    skipped_columns = model.config.vocab_size - len(vocab.ids) if vocab else 0  # the output layer's, not computed
+    skipped_columns = (
+        model.config.vocab_size - len(vocab.column_rows) if vocab else 0
+    )  # the output layer's, not computed
     matmul_params = model.num_params() - model.transformer.wpe.weight.numel() - skipped_columns * cfg.n_embd
     return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
@@ -852,8 +854,9 @@ def train(cfg: TrainConfig, job: Job) -> int:
     source = model_source(cfg, resume_from)
     raw_model = build_model(cfg, source, data.val.meta).to(cfg.device)
     cfg = with_model_shape(cfg, raw_model)
-    micro_batch_size, predicted_peak = choose_micro_batch(cfg, job, raw_model, autocast)  # the whole softmax's
-    softmax = compact_output_layer(raw_model, data.train, new_model=source is None) if data.train else None
+    # measured with the whole softmax: an upper bound of the compact one's memory
+    micro_batch_size, predicted_peak = choose_micro_batch(cfg, job, raw_model, autocast)
+    softmax = compact_output_layer(raw_model, data.train, source is None) if data.train is not None else None
     job.announce(f"config: {json.dumps(asdict(cfg))}")
     job.announce(
         f"model: {raw_model.num_params():,} parameters, {'from ' + str(source) if source else 'new'}"

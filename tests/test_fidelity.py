@@ -45,11 +45,16 @@ OURS = [
 WEIGHT_TOLERANCE = 1e-5
 
 
-@pytest.fixture(scope="module")
-def data(make_token_data):
-    """Tokens 48-63 never occur: train.py's loss takes the compact softmax (loss.CompactVocab), the Trainer's
-    the whole one."""
-    return make_token_data(train_tokens=4000, val_tokens=600, vocab_size=SHAPE["vocab_size"], unused_tokens=16)
+SOFTMAX = {16: "softmax over the 48 tokens of the train split", 0: "softmax over all 64 tokens"}
+
+
+@pytest.fixture(scope="module", params=[16, 0], ids=["compact softmax", "whole softmax"])
+def data(make_token_data, request):
+    """With tokens 48-63 never in the data, a new model's loss takes the compact softmax (loss.CompactVocab),
+    with every token in it, the whole one; the Trainer's is always the whole one."""
+    return make_token_data(
+        train_tokens=4000, val_tokens=600, vocab_size=SHAPE["vocab_size"], unused_tokens=request.param
+    )
 
 
 def window_order(num_windows: int) -> np.ndarray:
@@ -70,10 +75,10 @@ def recipe(data, tmp_path_factory):
 
     torch.manual_seed(SEED)  # as train.py builds a new model
     ours = GPT(GPTConfig(**SHAPE))
-    train.compact_output_layer(ours, TokenWindows(data, "train", BLOCK), new_model=True)  # ties rows 48-63
+    windows = TokenWindows(data, "train", BLOCK)
+    train.compact_output_layer(ours, windows, new_model=True)  # ties the rows of tokens not in the data
     model = GPT2LMHeadModel(GPT2Config(**hf_config(ours.config)))
     model.load_state_dict(hf_state_dict(ours), strict=False)  # lm_head.weight is tied to wte
-    windows = TokenWindows(data, "train", BLOCK)
     args = recipe_arguments(
         tmp_path_factory.mktemp("trainer"),
         BATCH,
@@ -112,9 +117,10 @@ def largest_weight_difference(ours: dict, theirs: dict) -> float:
     return max(differences)
 
 
-def test_train_py_matches_the_trainer_step_for_step(data, recipe, tmp_path):
+def test_train_py_matches_the_trainer_step_for_step(data, recipe, tmp_path, capsys, request):
     theirs, their_logs = recipe
     ours, our_logs = train_py(data, tmp_path)
+    assert SOFTMAX[request.node.callspec.params["data"]] in capsys.readouterr().out
     assert len(our_logs) == len(their_logs) == STEPS
     # Clipping acted and the schedule warmed up over ceil(5% of 30) = 2 steps.
     assert sum(r["grad_norm"] > CLIP_AT for r in our_logs) > STEPS // 2
@@ -154,6 +160,7 @@ DRIFTS = {
 }
 
 
+@pytest.mark.parametrize("data", [16], indirect=True, ids=["compact softmax"])
 @pytest.mark.parametrize("drift", DRIFTS)
 def test_a_drift_from_the_trainer_is_caught(drift, data, recipe, tmp_path, monkeypatch):
     monkeypatch.setattr(*DRIFTS[drift])

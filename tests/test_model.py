@@ -314,7 +314,7 @@ def test_the_compact_softmax_is_the_whole_vocabularys(case):
 
     weight, seen = tied_weight_and_seen()
     vocab = CompactVocab.of(weight, seen)
-    assert len(vocab.ids) == 301  # 300 seen tokens and one column for the other 700
+    assert len(vocab.column_rows) == 301  # 300 seen tokens and one column for the other 700
     seen_ids = seen.nonzero().squeeze(1)
     x, targets = torch.randn(300, 32), seen_ids[torch.randint(0, 300, (300,))]
     targets[::7] = -100

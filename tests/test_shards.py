@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+import shards
 from common import UserError
 from shards import TokenWindows, write_shard
 
@@ -16,6 +17,14 @@ def test_token_ids_beyond_the_vocabulary_are_refused_when_the_shards_are_opened(
     with pytest.raises(UserError, match=r"train_000001\.bin: token id 64 is outside .*vocab_size 64.*--force"):
         TokenWindows(data, "train", block_size=16)
     assert len(TokenWindows(data, "val", block_size=16)) > 0  # the intact split still opens
+
+
+def test_tokens_present_are_those_of_every_shard_in_every_chunk(make_token_data, monkeypatch):
+    data = make_token_data(train_tokens=4000, vocab_size=64, shards=2, unused_tokens=16)  # ids 0-47
+    write_shard(data / "train_000001.bin", np.r_[np.arange(1999) % 40, 60])  # 60 only at the very end
+    monkeypatch.setattr(shards, "COUNT_CHUNK_TOKENS", 7)
+    present = TokenWindows(data, "train", block_size=16).tokens_present()
+    assert present.tolist() == [True] * 48 + [False] * 12 + [True] + [False] * 3
 
 
 @pytest.mark.parametrize(
