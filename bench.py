@@ -362,7 +362,12 @@ def bench_train(cfg):
                 mfu = sum(r["mfu"] for r in timed) / len(timed) if timed[0]["mfu"] else None  # the same records
                 if tokens_per_s > ours[name]["tokens_per_s"]:
                     micro = re.search(r"x (\d+) sequences", stdout).group(1)
-                    ours[name] = {"tokens_per_s": tokens_per_s, "mfu": mfu, "micro_batch_size": int(micro)}
+                    ours[name] = {
+                        "tokens_per_s": tokens_per_s,
+                        "mfu": mfu,
+                        "micro_batch_size": int(micro),
+                        "softmax": "compact" if "one shared row" in stdout else "whole",  # loss.CompactVocab or not
+                    }
             run = {
                 **shape,
                 "block_size": block_size,
@@ -382,7 +387,8 @@ def bench_train(cfg):
     for name, result in ours.items():
         mfu = f", MFU {result['mfu']:.1%}" if result["mfu"] else ""
         size, precision = "124M" if cfg.full else "small", "bf16" if gpu else "fp32"
-        what = f"train tok/s, {size}, {precision}, {name} (micro {result['micro_batch_size']}{mfu})"
+        step = f"micro {result['micro_batch_size']}, {result['softmax']} softmax{mfu}"
+        what = f"train tok/s, {size}, {precision}, {name} ({step})"
         rows.append({"what": what, "unit": "tok/s", "ours": result["tokens_per_s"], "reference": reference, **result})
     return rows
 
