@@ -33,7 +33,7 @@ from shards import TokenWindows
 
 @dataclass
 class BenchConfig:
-    sections: str = "prepare,train,generate"  # comma-separated: prepare, train, generate, fidelity (long)
+    sections: str = "prepare,train,generate"  # comma-separated: prepare, train, generate, fidelity, quickstart (long)
     full: bool = False  # the 124M config (slow on CPU) instead of small defaults
     fidelity_seeds: int = 5  # runs of each side in the fidelity section
     fidelity_steps: int = 200  # optimizer steps of each fidelity run
@@ -496,15 +496,19 @@ SECTIONS["fidelity"] = bench_fidelity
 
 # quickstart: the README's first run, `train.py config/austen.py` on the bundled corpus, against other
 # settings for it: each eval's val loss against the wall time since train.py started, and the time to
-# QUICKSTART_TARGET. Long (about 10 minutes a candidate on 2 cores), so on request; rerun it when the
+# QUICKSTART_TARGET. Long (3-6 minutes a candidate on 2 cores), so on request; rerun it when the
 # step changes. The reference is QUICKSTART_BEFORE, the settings the sweep in BENCHMARKS.md replaced.
 QUICKSTART_TARGET = 4.70
-QUICKSTART_BEFORE = dict(batch_size=4, max_steps=1866, learning_rate=2e-3, lr_decay="cosine", eval_interval=200)
+QUICKSTART_BEFORE = dict(batch_size=2, max_steps=2700, learning_rate=1.4e-3, eval_interval=450)
 QUICKSTART_CANDIDATES = {
     "config/austen.py": {},
-    "the same with cosine decay (the HF Trainer's)": dict(lr_decay="cosine"),
-    "width 96, 3 heads": dict(n_embd=96, n_head=3),
-    "4 x 256 per step, lr 2e-3, cosine, 2 epochs (before)": QUICKSTART_BEFORE,
+    "2 x 256 per step, lr 1.4e-3, 3,360 steps (the same time)": dict(
+        batch_size=2, learning_rate=1.4e-3, max_steps=3360
+    ),
+    "6 layers, 2 x 256 per step, lr 1.4e-3, 2,850 steps (the same time)": dict(
+        n_layer=6, batch_size=2, learning_rate=1.4e-3, max_steps=2850
+    ),
+    "2 x 256 per step, lr 1.4e-3, 2,700 steps (before)": QUICKSTART_BEFORE,
 }
 
 

@@ -732,11 +732,9 @@ def flops_per_token(model: GPT, cfg: TrainConfig) -> float:
     T x T scores (12 * n_layer * n_embd * block_size); position embeddings are lookups, not matmuls. Tools that
     count causal attention only (half the scores, as llm.c does) report a lower MFU for the same tokens/s, so
     across tools compare tokens/s. A compact softmax's output layer counts the columns it computes."""
-    vocab = model.compact_vocab
-    skipped_columns = (
-        model.config.vocab_size - len(vocab.column_rows) if vocab else 0
-    )  # the output layer's, not computed
-    matmul_params = model.num_params() - model.transformer.wpe.weight.numel() - skipped_columns * cfg.n_embd
+    columns = len(model.compact_vocab.column_rows) if model.compact_vocab else cfg.vocab_size  # the output layer's
+    skipped = (cfg.vocab_size - columns) * cfg.n_embd
+    matmul_params = model.num_params() - model.transformer.wpe.weight.numel() - skipped
     return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
 
