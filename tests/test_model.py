@@ -246,6 +246,19 @@ def plain_cross_entropy(x, weight, targets):
     return torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, weight).float(), targets, ignore_index=-100)
 
 
+def fused_loss_as_run_in(case: str):
+    """linear_cross_entropy compiled for the "compiled" case, and the autocast of the "bf16 autocast" case."""
+    from loss import linear_cross_entropy
+
+    fused = (
+        torch.compile(linear_cross_entropy, backend="aot_eager", fullgraph=True)
+        if case == "compiled"
+        else linear_cross_entropy
+    )
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if case == "bf16 autocast" else contextlib.nullcontext()
+    return fused, autocast
+
+
 @pytest.mark.parametrize(
     "case", ["chunks", "ignored targets", "fewer rows than a chunk", "bf16 autocast", "accumulation", "compiled"]
 )
@@ -258,12 +271,7 @@ def test_fused_loss_matches_cross_entropy(case):
     targets = torch.randint(0, 1000, (rows,))
     if case == "ignored targets":
         targets[::3] = -100
-    fused = (
-        torch.compile(linear_cross_entropy, backend="aot_eager", fullgraph=True)
-        if case == "compiled"
-        else linear_cross_entropy
-    )
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if case == "bf16 autocast" else contextlib.nullcontext()
+    fused, autocast = fused_loss_as_run_in(case)
     micro_steps = 2 if case == "accumulation" else 1
     with autocast:
         (loss, gx, gw), (ref_loss, ref_gx, ref_gw) = (
@@ -318,12 +326,7 @@ def test_the_compact_softmax_is_the_whole_vocabularys(case):
     seen_ids = seen.nonzero().squeeze(1)
     x, targets = torch.randn(300, 32), seen_ids[torch.randint(0, 300, (300,))]
     targets[::7] = -100
-    compact = (
-        torch.compile(linear_cross_entropy, backend="aot_eager", fullgraph=True)
-        if case == "compiled"
-        else linear_cross_entropy
-    )
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if case == "bf16 autocast" else contextlib.nullcontext()
+    compact, autocast = fused_loss_as_run_in(case)
     with autocast:
         loss, gx, gw = loss_and_grads(lambda x, w, t: compact(x, w, t, vocab), x, weight, targets)
         ref_loss, ref_gx, ref_gw = loss_and_grads(plain_cross_entropy, x, weight, targets)
