@@ -183,6 +183,14 @@ def test_checkpoint_loads_in_transformers_with_the_logged_val_loss(data, referen
         assert f"val loss {logged:.4f}" in capsys.readouterr().out
 
 
+def test_mfu_counts_the_output_layer_columns_computed(data, tmp_path):
+    cfg = configurator.parse_config(train.TrainConfig, args(data, tmp_path))
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16))
+    whole = train.flops_per_token(model, cfg)
+    train.compact_output_layer(model, TokenWindows(data, "train", 16), new_model=True)
+    assert whole - train.flops_per_token(model, cfg) == 6 * 15 * 16  # 49 of 64 columns: 15 rows of 16 fewer
+
+
 def test_a_new_models_unseen_tokens_share_a_row_and_a_column_pretrained_ones_keep_theirs(
     data, reference, tmp_path, capsys
 ):
