@@ -606,8 +606,19 @@ class Reporter:
     rank stops alike. Used as a context manager: its wandb run finishes on the way out.
     """
 
-    def __init__(self, cfg: TrainConfig, job: Job, run_dir: Path, max_steps: int, state: TrainerState, flops: float):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        job: Job,
+        run_dir: Path,
+        max_steps: int,
+        state: TrainerState,
+        flops: float,
+        memory: tuple[int, float] | None = None,
+    ):
+        """memory: (micro-batch, its predicted peak bytes) where choose_micro_batch measured them (a GPU)."""
         self._cfg, self._job, self._run_dir, self._max_steps = cfg, job, run_dir, max_steps
+        self._memory, self._steps_added = memory, 0
         self._flops_per_token, self._peak_flops = flops, peak_bf16_flops(cfg.device)
         self._tokens_per_step = cfg.batch_size * cfg.block_size
         self.nonfinite_steps = state.nonfinite_steps  # skipped steps in the whole run
@@ -634,8 +645,16 @@ class Reporter:
         return step % self._cfg.eval_interval == 0 or step == self._max_steps
 
     def add_step(self, result: torch.Tensor) -> None:
-        """A step's (loss, grad norm, skipped) as train_step returns it, unread."""
+        """A step's (loss, grad norm, skipped) as train_step returns it, unread. After this process's second
+        step (the optimizer's state is allocated by then), the peak memory against the prediction."""
         self._unread.append(result)
+        self._steps_added += 1
+        if self._memory and self._steps_added == 2:
+            micro_batch_size, predicted_peak = self._memory
+            self._job.announce(
+                f"memory: peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB in the first steps, "
+                f"{predicted_peak / 2**30:.1f} GiB predicted for micro-batch {micro_batch_size}"
+            )
 
     @contextmanager
     def read_back(self, step: int):
@@ -873,7 +892,8 @@ def train(cfg: TrainConfig, job: Job) -> int:
     scheduler = lr_schedule(optimizer, data.max_steps, cfg.warmup_ratio, cfg.lr_decay)
     checkpointer = Checkpointer(job, run_dir, cfg, raw_model, optimizer, scheduler, data.order)
     state, changes = checkpointer.restore(resume_from)
-    with Reporter(cfg, job, run_dir, data.max_steps, state, flops_per_token(raw_model, cfg)) as reporter:
+    memory = (micro_batch_size, predicted_peak) if predicted_peak else None
+    with Reporter(cfg, job, run_dir, data.max_steps, state, flops_per_token(raw_model, cfg), memory) as reporter:
         plan = describe_batches(cfg, job, micro_batch_size, data, state.step)
         job.announce(plan + (f" (resumed from {resume_from.path})" if resume_from else ""))
         reporter.log_changes(state.step, changes)
@@ -885,11 +905,6 @@ def train(cfg: TrainConfig, job: Job) -> int:
         for step, tokens in enumerate(feed, start=state.step + 1):  # step: the number of steps done once this one is
             lr = scheduler.get_last_lr()[0]
             reporter.add_step(train_step(model, raw_model, optimizer, scheduler, tokens, autocast, cfg.grad_clip, job))
-            if predicted_peak and step == state.step + 2:  # the optimizer's state is allocated by now
-                job.announce(
-                    f"memory: peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB in the first steps, "
-                    f"{predicted_peak / 2**30:.1f} GiB predicted for micro-batch {micro_batch_size}"
-                )
             last_step = step == data.max_steps
             stop_signal = job.stop_signal() if not last_step else 0  # the last step ends the run anyway
             save = checkpointer.should_save(step, last_step=last_step, stopping=stop_signal > 0)

@@ -183,6 +183,15 @@ def test_checkpoint_loads_in_transformers_with_the_logged_val_loss(data, referen
         assert f"val loss {logged:.4f}" in capsys.readouterr().out
 
 
+def test_the_predicted_memory_is_compared_once_after_the_second_step(data, tmp_path, monkeypatch, capsys):
+    """Where choose_micro_batch predicts a peak (a GPU), the Reporter sets the first steps' real peak beside
+    it once the optimizer's state exists; on this CPU-only run the real peak reads 0."""
+    monkeypatch.setattr(train, "choose_micro_batch", lambda *_: (8, 1.5 * 2**30))
+    train.main(args(data, tmp_path, "--batch_size=8", "--max_steps=4"))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("memory:")]
+    assert lines == ["memory: peak 0.0 GiB in the first steps, 1.5 GiB predicted for micro-batch 8"]
+
+
 def test_mfu_counts_the_output_layer_columns_computed(data, tmp_path):
     cfg = configurator.parse_config(train.TrainConfig, args(data, tmp_path))
     model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16))
