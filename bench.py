@@ -260,14 +260,15 @@ def train_with_plain_loss() -> None:
 
     import model
     import train
-    from loss import IGNORE_INDEX, CompactRows
+    from loss import IGNORE_INDEX
 
     def plain_cross_entropy(x, weight, targets, vocab=None):
         if vocab is None or not torch.is_grad_enabled():  # evaluations' targets may be unseen tokens
             return F.cross_entropy(F.linear(x, weight).float(), targets, ignore_index=IGNORE_INDEX)
-        logits = F.linear(x, CompactRows.apply(weight, vocab.column_rows, vocab.unseen_ids)).float()
+        weight, targets = vocab.select(weight, targets)
+        logits = F.linear(x, weight).float()
         logits = torch.cat([logits[:, :-1], logits[:, -1:] + vocab.log_unseen], 1)  # the unseen tokens' column
-        return F.cross_entropy(logits, vocab.columns(targets), ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
 
     model.linear_cross_entropy = plain_cross_entropy
     configurator.run(train.main)

@@ -41,9 +41,11 @@ class CompactVocab:
             return None
         return cls(seen)
 
-    def columns(self, targets: torch.Tensor) -> torch.Tensor:
-        """targets (N,) as columns; IGNORE_INDEX stays."""
-        return torch.where(targets == IGNORE_INDEX, IGNORE_INDEX, self.token_column[targets.clamp(min=0)])
+    def select(self, weight: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The columns' rows of weight (vocab, C) -> (columns, C), whose gradient reaches every row
+        (CompactRows), and targets (N,) as columns, IGNORE_INDEX kept."""
+        columns = torch.where(targets == IGNORE_INDEX, IGNORE_INDEX, self.token_column[targets.clamp(min=0)])
+        return CompactRows.apply(weight, self.column_rows, self.unseen_ids), columns
 
 
 def tie_unseen_rows(weight: torch.Tensor, seen: torch.Tensor) -> None:
@@ -106,11 +108,7 @@ def linear_cross_entropy(
     with_grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     log_unseen = None
     if vocab is not None:
-        weight, targets, log_unseen = (
-            CompactRows.apply(weight, vocab.column_rows, vocab.unseen_ids),
-            vocab.columns(targets),
-            vocab.log_unseen,
-        )
+        (weight, targets), log_unseen = vocab.select(weight, targets), vocab.log_unseen
         if with_grads:  # an unseen target would give its row a gradient of its own: the rows would part
             torch._assert_async(
                 ((targets < len(vocab.column_rows) - 1) | ~counted).all(),
