@@ -1,6 +1,8 @@
-"""Shared fixtures: tiny token-shard directories in the layout prepare.py writes."""
+"""Shared fixtures: tiny token-shard directories in the layout prepare.py writes; a Hub that never answers."""
 
 import json
+import socket
+import threading
 
 import numpy as np
 import pytest
@@ -49,3 +51,29 @@ def make_token_data(tmp_path_factory):
         return directory
 
     return make
+
+
+@pytest.fixture
+def silent_hub():
+    """A Hugging Face Hub endpoint on localhost that accepts each connection and closes it unanswered:
+    (its URL, for HF_ENDPOINT; a function giving the connections made so far). A client that retries, as
+    datasets does for ~25 s, makes more than one."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.1)
+    connections, closing = [], threading.Event()
+
+    def serve():
+        while not closing.is_set():
+            try:
+                connection, _ = server.accept()
+            except TimeoutError:
+                continue
+            connections.append(connection.getpeername())  # counted before the client can see the close
+            connection.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}", lambda: len(connections)
+    closing.set()
+    thread.join()
+    server.close()

@@ -34,13 +34,14 @@ def slow_batches():
 
 
 def slow_checkpoints():
-    """Rank 0 takes 3 s to write a checkpoint, as GPT-2 124M's 1.5 GB take on a real disk: a signal
-    sent again a second after the first lands mid-save."""
+    """Rank 0 takes 3 s to write a checkpoint, as GPT-2 124M's 1.5 GB take on a real disk, and marks
+    the start of each in <out_dir>/checkpoint_started: a signal sent once it shows lands mid-save."""
     write = checkpoint.write_checkpoint
 
-    def slow_write(*args, **kwargs):
+    def slow_write(run_dir, *args, **kwargs):
+        (run_dir.parent / "checkpoint_started").touch()
         time.sleep(3)
-        return write(*args, **kwargs)
+        return write(run_dir, *args, **kwargs)
 
     checkpoint.write_checkpoint = slow_write
 

@@ -22,8 +22,10 @@ from checkpoint import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 FAULTY_TRAIN = ROOT / "tests" / "faulty_train.py"
-# Every collective gives up after 30 s: a test that would otherwise hang fails instead.
-JOB = ["--run_name=run", "--log_interval=1", "--dist_timeout_minutes=0.5"]
+# A job that hangs is ended by finish() at its deadline and fails its test. Collectives keep train.py's
+# default timeout (10 min), past every deadline here: a rank slowed by a loaded machine (rank 0 writing
+# a checkpoint while the others wait) is never taken for a dead one.
+JOB = ["--run_name=run", "--log_interval=1"]
 STOP_TEST_STEPS = [
     "--max_steps=40",
     "--checkpoint_interval=1000",
@@ -78,10 +80,18 @@ def run_job(*args, **kwargs) -> str:
 
 
 def workers(job: subprocess.Popen, nproc=2) -> list[psutil.Process]:
-    deadline = time.time() + 60
-    while len(children := psutil.Process(job.pid).children()) < nproc and time.time() < deadline:
+    deadline = time.time() + 120
+    while len(children := psutil.Process(job.pid).children()) < nproc:
+        assert job.poll() is None and time.time() < deadline, f"{nproc} workers not started: {job.communicate()}"
         time.sleep(0.05)
     return children
+
+
+def wait_for_file(path: Path, job: subprocess.Popen, timeout=120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert job.poll() is None and time.time() < deadline, f"no {path.name}: {job.communicate()}"
+        time.sleep(0.05)
 
 
 def wait_for_step(out, step: int, job: subprocess.Popen, timeout=120) -> None:
@@ -143,14 +153,15 @@ def send(processes, signum):
 )
 def test_a_stop_saves_the_stop_step_and_resumes_bit_for_bit(data, uninterrupted, tmp_path, how):
     # Batches take 50 ms and rank 0's checkpoint 3 s, so the signals land mid-run and the second copy
-    # mid-save: a rank that left early, or a handler spent by the first copy, loses the save.
+    # (sent once the save has started) mid-save: a rank that left early, or a handler spent by the first
+    # copy, loses the save.
     job = torchrun(data, tmp_path, "--batch_size=4", *STOP_TEST_STEPS, fault="slow_batches,slow_checkpoints")
     ranks = workers(job)
     wait_for_step(tmp_path, 3, job)
     signum = signal.SIGINT if "SIGINT" in how else signal.SIGTERM
     if how == "SIGTERM twice to the workers":  # as when a signal misses the launcher, then a follow-up
         send(ranks, signum)
-        time.sleep(1.5)
+        wait_for_file(tmp_path / "checkpoint_started", job)
         send(ranks, signum)
     elif how == "SIGTERM to every process":  # as slurmstepd does on preemption: torchrun forwards its own copy too
         send([psutil.Process(job.pid), *ranks], signum)
@@ -184,7 +195,6 @@ def test_sigterm_to_every_process_saves_gpt2_124m(data, tmp_path):
 
 
 def test_a_failed_checkpoint_write_ends_the_job_and_the_previous_one_resumes(data, tmp_path, capsys):
-    started = time.time()
     job = torchrun(
         data,
         tmp_path,
@@ -194,7 +204,7 @@ def test_a_failed_checkpoint_write_ends_the_job_and_the_previous_one_resumes(dat
         fault="disk_full_at_second_checkpoint",
     )
     returncode, stdout, stderr = finish(job)
-    assert returncode != 0 and time.time() - started < 60  # not the process-group timeout
+    assert returncode != 0
     assert "train.py: error: could not write" in stderr and "ckpt_0000002, which is intact" in stderr, stderr[-3000:]
     assert "rank 1 stops: rank 0 failed" in stderr
     run = tmp_path / "run"
@@ -236,9 +246,8 @@ def test_rank0_holds_the_run_directory_for_its_job_and_a_second_job_is_refused(d
     wait_for_step(tmp_path, 2, first)
     with pytest.raises(Timeout):
         FileLock(tmp_path / "run.lock").acquire(timeout=0)
-    started = time.time()
     returncode, stdout, stderr = finish(torchrun(data, tmp_path, "--batch_size=4", "--max_steps=2", "--seed=7"))
-    assert returncode != 0 and time.time() - started < 60, stderr[-3000:]
+    assert returncode != 0, stderr[-3000:]
     assert "train.py: error: " in stderr and "is in use by another train.py" in stderr, stderr[-3000:]
     assert "rank 1 stops: rank 0 failed" in stderr
     assert metrics(tmp_path)[0]["step"] == 1 and first.poll() is None  # the first job's records and run go on
@@ -285,8 +294,8 @@ def test_two_nodes_train_as_one_process_with_the_same_global_batch(make_token_da
     assert val(tmp_path) == pytest.approx(val(reference), rel=1e-5)
 
 
-def test_a_failure_on_one_node_ends_the_other_within_seconds(data, tmp_path):
-    started = time.time()
+def test_a_failure_on_one_node_ends_the_other(data, tmp_path):
+    # rank 0 waits 600 s where no error reaches it: only the failure watcher ends it before finish's deadline
     results = [
         finish(node)
         for node in two_nodes(
@@ -298,7 +307,6 @@ def test_a_failure_on_one_node_ends_the_other_within_seconds(data, tmp_path):
             fault="rank1_fails_while_rank0_hangs",
         )
     ]
-    assert time.time() - started < 90  # rank 0 would otherwise wait out its 600 s
     assert all(returncode != 0 for returncode, _, _ in results)
     stderr = "".join(err for _, _, err in results)
     assert "simulated failure on rank 1" in stderr

@@ -107,7 +107,7 @@ def test_a_second_process_leaves_the_first_alone_and_a_killed_one_leaves_no_lock
     first = subprocess.Popen(long_run, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         metrics_path = tmp_path / "run" / "metrics.jsonl"
-        deadline = time.time() + 60
+        deadline = time.time() + 120
         while not (metrics_path.exists() and len(metrics_path.read_text().splitlines()) >= 2):
             assert first.poll() is None and time.time() < deadline
             time.sleep(0.1)
