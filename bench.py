@@ -35,8 +35,8 @@ from shards import TokenWindows
 class BenchConfig:
     sections: str = "prepare,train,generate"  # comma-separated: prepare, train, generate, fidelity, quickstart (long)
     full: bool = False  # the 124M config (slow on CPU) instead of small defaults
-    fidelity_seeds: int = 5  # runs of each side in the fidelity section
-    fidelity_steps: int = 200  # optimizer steps of each fidelity run
+    fidelity_seeds: int = 8  # runs of each side in the fidelity section
+    fidelity_steps: int = 300  # optimizer steps of each fidelity run
     device: str = field(default_factory=lambda: default_device())  # where both sides run: cuda if torch sees a GPU
     json_path: str = "bench.json"  # the rows are also written here
 
@@ -240,10 +240,10 @@ def prepare_austen(data_dir: Path) -> Path:
     return data_dir
 
 
-def run_train_py(overrides: dict, plain_loss: bool = False) -> str:
-    """Runs train.py with --key=value overrides in its own process (with plain_loss, as train_with_plain_loss);
-    returns what it printed."""
-    script = ["-c", "import bench; bench.train_with_plain_loss()"] if plain_loss else ["train.py"]
+def run_train_py(overrides: dict, variant: str = "") -> str:
+    """Runs train.py with --key=value overrides in its own process, or with variant, the name of one of the
+    train_with_* functions below, as that function runs it; returns what it printed."""
+    script = ["-c", f"import bench; bench.{variant}()"] if variant else ["train.py"]
     command = [sys.executable, *script, *(f"--{key}={value}" for key, value in overrides.items())]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if result.returncode:
@@ -271,6 +271,24 @@ def train_with_plain_loss() -> None:
         return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
 
     model.linear_cross_entropy = plain_cross_entropy
+    configurator.run(train.main)
+
+
+def train_with_independent_rows() -> None:
+    """train.py (arguments from sys.argv) with a new model's output rows all drawn on their own, as GPT-2
+    initializes them, instead of the unseen tokens' rows tied for loss.CompactVocab: the whole softmax."""
+    import train
+
+    train.tie_unseen_rows = lambda weight, seen: None
+    configurator.run(train.main)
+
+
+def train_with_freed_memory_returned() -> None:
+    """train.py (arguments from sys.argv) without common.keep_freed_memory: glibc's default, which hands freed
+    blocks back to the OS."""
+    import train
+
+    train.keep_freed_memory = lambda: None
     configurator.run(train.main)
 
 
@@ -320,6 +338,9 @@ def recipe_train(run_json: str) -> None:
     print(json.dumps({"tokens_per_s": run["batch_size"] * run["block_size"] * len(timed) / sum(timed)}))
 
 
+FREED_MEMORY_RETURNED = "freed memory handed back (glibc's default)"
+
+
 def bench_train(cfg):
     gpu = cfg.device.startswith("cuda")
     shape = dict(n_layer=12, n_head=12, n_embd=768) if cfg.full else dict(n_layer=4, n_head=4, n_embd=128)
@@ -328,22 +349,24 @@ def bench_train(cfg):
     rounds = 1 if gpu else 2  # CPU: ours, HF, ours, HF, best of each, so a busy minute slows both alike
     # Ours at the Trainer's batch; on a GPU also the recipe's 64 sequences per step in the micro-batch
     # train.py picks (the largest that fits), accumulating the rest.
-    variants = {f"{batch_size}x{block_size}": {"batch_size": batch_size, "micro_batch_size": batch_size}}
+    # name: (run_train_py's variant, overrides)
+    same_batch = {"batch_size": batch_size, "micro_batch_size": batch_size}
+    variants = {f"{batch_size}x{block_size}": ("", same_batch)}
     if gpu:  # the same step with the loss of the full logits, so that the fused loss is a measured choice
-        variants[f"{batch_size}x{block_size}, loss F.cross_entropy"] = {
-            "batch_size": batch_size,
-            "micro_batch_size": batch_size,
-        }
-        variants[f"64x{block_size} per step, micro-batch auto"] = {"batch_size": 64}
+        variants[f"{batch_size}x{block_size}, loss F.cross_entropy"] = ("train_with_plain_loss", same_batch)
+        variants[f"64x{block_size} per step, micro-batch auto"] = ("", {"batch_size": 64})
+    else:  # the same step with freed memory handed back to the OS, so that keep_freed_memory is a measured choice
+        returned = ("train_with_freed_memory_returned", same_batch)
+        variants[f"{batch_size}x{block_size}, {FREED_MEMORY_RETURNED}"] = returned
     ours, reference = {name: {"tokens_per_s": 0.0} for name in variants}, 0.0
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = prepare_austen(Path(tmp) / "data")
         for round_ in range(rounds):
-            for i, (name, variant) in enumerate(variants.items()):
+            for i, (name, (variant, settings)) in enumerate(variants.items()):
                 run_name = f"bench{round_}_{i}"
                 overrides = {
                     **shape,
-                    **variant,
+                    **settings,
                     "block_size": block_size,
                     "max_steps": steps,
                     "log_interval": warmup_steps,
@@ -357,7 +380,7 @@ def bench_train(cfg):
                     "dtype": "bfloat16" if gpu else "float32",  # the Trainer's precision: bf16=gpu
                     "sample_prompt": "",
                 }
-                stdout = run_train_py(overrides, plain_loss="F.cross_entropy" in name)
+                stdout = run_train_py(overrides, variant)
                 timed = timed_logs(Path(tmp) / run_name)
                 tokens_per_s = sum(r["tokens_per_s"] for r in timed) / len(timed)
                 mfu = sum(r["mfu"] for r in timed) / len(timed) if timed[0]["mfu"] else None  # the same records
@@ -391,6 +414,10 @@ def bench_train(cfg):
         step = f"micro {result['micro_batch_size']}, {result['softmax']} softmax{mfu}"
         what = f"train tok/s, {size}, {precision}, {name} ({step})"
         rows.append({"what": what, "unit": "tok/s", "ours": result["tokens_per_s"], "reference": reference, **result})
+    if not gpu:
+        kept, returned = (ours[name]["tokens_per_s"] for name in list(variants)[:2])
+        what = f"train tok/s, {size}, {precision}: common.keep_freed_memory against {FREED_MEMORY_RETURNED}"
+        rows.append({"what": what, "unit": "tok/s", "ours": kept, "reference": returned})
     return rows
 
 
@@ -417,6 +444,15 @@ def val_loss(model_dir: Path, windows: TokenWindows, device: str) -> float:
     return total / len(windows)
 
 
+# The sides: train.py as it is (a new model's unseen tokens' rows tied, loss.CompactVocab), train.py with
+# every row drawn on its own as GPT-2 draws them (the whole softmax), and the recipe.
+FIDELITY_SIDES = {
+    "ours": "train.py (compact softmax, unseen rows tied)",
+    "independent": "train.py, rows drawn independently (whole softmax)",
+    "recipe": "HF Trainer",
+}
+
+
 def bench_fidelity(cfg):
     from scipy import stats
 
@@ -439,58 +475,74 @@ def bench_fidelity(cfg):
         "eval_windows": 1,
         "checkpoint_interval": 10**9,
         "device": cfg.device,
+        "sample_prompt": "",
     }
     recipe_run = {**both, "steps": cfg.fidelity_steps, "warmup_steps": warmup_steps, "gpu": gpu, "save_model": True}
-    losses, seconds_per_step = {"ours": [], "recipe": []}, {"ours": [], "recipe": []}
+    losses, seconds_per_step = {side: [] for side in FIDELITY_SIDES}, {side: [] for side in FIDELITY_SIDES}
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = prepare_austen(Path(tmp) / "data")
         val = TokenWindows(data_dir, "val", block_size)
+        # our two sides seed by seed first: their paired difference is known before the recipe's runs start
         for seed in range(cfg.fidelity_seeds):
-            run_dir = Path(tmp) / f"ours{seed}"
-            run_train_py({**ours_run, "seed": seed, "data_dir": data_dir, "out_dir": tmp, "run_name": run_dir.name})
-            losses["ours"].append(val_loss(latest_checkpoint(run_dir), val, cfg.device))
-            seconds_per_step["ours"].append(8 * block_size / np.mean([r["tokens_per_s"] for r in timed_logs(run_dir)]))
+            for side, (variant, softmax) in {
+                "ours": ("", "one shared row"),
+                "independent": ("train_with_independent_rows", "softmax over all"),
+            }.items():
+                run_dir = Path(tmp) / f"{side}{seed}"
+                run = {**ours_run, "seed": seed, "data_dir": data_dir, "out_dir": tmp, "run_name": run_dir.name}
+                stdout = run_train_py(run, variant)
+                assert softmax in stdout, f"{side} did not take its softmax: {stdout[:2000]}"
+                losses[side].append(val_loss(latest_checkpoint(run_dir), val, cfg.device))
+                tokens_per_s = np.mean([r["tokens_per_s"] for r in timed_logs(run_dir)])
+                seconds_per_step[side].append(8 * block_size / tokens_per_s)
+                print(f"fidelity, seed {seed}: {FIDELITY_SIDES[side]}: val loss {losses[side][-1]:.4f}", flush=True)
+        for seed in range(cfg.fidelity_seeds):
             recipe_dir = Path(tmp) / f"recipe{seed}"
             recipe_settings = {**recipe_run, "seed": seed, "data_dir": str(data_dir), "out_dir": str(recipe_dir)}
             recipe = run_measured("recipe_train", json.dumps(recipe_settings))
             losses["recipe"].append(val_loss(recipe_dir, val, cfg.device))
             seconds_per_step["recipe"].append(8 * block_size / recipe["tokens_per_s"])
-            print(
-                f"fidelity, seed {seed}: val loss ours {losses['ours'][-1]:.4f}, recipe {losses['recipe'][-1]:.4f}; "
-                f"s/step ours {seconds_per_step['ours'][-1]:.3f}, recipe {seconds_per_step['recipe'][-1]:.3f}",
-                flush=True,
-            )
-    ours, recipe = np.array(losses["ours"]), np.array(losses["recipe"])
-    interval = stats.ttest_ind(ours, recipe, equal_var=False).confidence_interval(0.95)
+            print(f"fidelity, seed {seed}: {FIDELITY_SIDES['recipe']}: val loss {losses['recipe'][-1]:.4f}", flush=True)
     model = "124M" if cfg.full else "4x128"
     size = f"{model}, {block_size} tokens x 8, {cfg.fidelity_steps} steps, {cfg.fidelity_seeds} seeds"
-    print(
-        f"fidelity ({size}): final val loss ours {ours.mean():.4f} ± {ours.std(ddof=1):.4f}, "
-        f"recipe {recipe.mean():.4f} ± {recipe.std(ddof=1):.4f} (mean ± sd); ours - recipe "
-        f"{ours.mean() - recipe.mean():+.4f}, 95% CI [{interval.low:+.4f}, {interval.high:+.4f}] (Welch)"
-    )
-    for name, values in seconds_per_step.items():
-        print(f"fidelity: {name} {np.mean(values):.3f} s per step (mean of {len(values)} runs)")
-    steps_per_s = {name: 1 / np.mean(values) for name, values in seconds_per_step.items()}
-    return [
-        {
-            "what": f"fidelity val loss, {size} (lower is better)",
-            "unit": "loss",
-            "ours": ours.mean(),
-            "reference": recipe.mean(),
-            "ours_sd": ours.std(ddof=1),
-            "reference_sd": recipe.std(ddof=1),
-            "difference_ci95": [interval.low, interval.high],
-            "ours_runs": ours.tolist(),
-            "reference_runs": recipe.tolist(),
-        },
-        {
-            "what": f"fidelity steps/s, {size}",
-            "unit": "steps/s",
-            "ours": steps_per_s["ours"],
-            "reference": steps_per_s["recipe"],
-        },
-    ]
+    runs = {side: np.array(values) for side, values in losses.items()}
+    for side, values in runs.items():
+        print(
+            f"fidelity ({size}): {FIDELITY_SIDES[side]}: val loss {values.mean():.4f} ± {values.std(ddof=1):.4f} "
+            f"(mean ± sd), {np.mean(seconds_per_step[side]):.3f} s per step"
+        )
+    # Each difference's 95% confidence interval: Welch's t against the recipe (its own seeds draw other
+    # streams); paired t between our two sides, which share each seed's data order, dropout and seen rows.
+    comparisons = {
+        ("ours", "recipe"): stats.ttest_ind(runs["ours"], runs["recipe"], equal_var=False),
+        ("independent", "recipe"): stats.ttest_ind(runs["independent"], runs["recipe"], equal_var=False),
+        ("ours", "independent"): stats.ttest_rel(runs["ours"], runs["independent"]),
+    }
+    rows = []
+    for (side, reference), test in comparisons.items():
+        interval = test.confidence_interval(0.95)
+        difference = runs[side].mean() - runs[reference].mean()
+        print(
+            f"fidelity: {FIDELITY_SIDES[side]} - {FIDELITY_SIDES[reference]} = {difference:+.4f} "
+            f"({difference / runs[reference].mean():+.2%}), 95% CI [{interval.low:+.4f}, {interval.high:+.4f}], "
+            f"p = {test.pvalue:.3f} ({'paired' if reference != 'recipe' else 'Welch'})"
+        )
+        rows.append(
+            {
+                "what": f"fidelity val loss, {size}: {FIDELITY_SIDES[side]} vs {FIDELITY_SIDES[reference]}",
+                "unit": "loss",
+                "ours": runs[side].mean(),
+                "reference": runs[reference].mean(),
+                "ours_sd": runs[side].std(ddof=1),
+                "reference_sd": runs[reference].std(ddof=1),
+                "difference_ci95": [interval.low, interval.high],
+                "ours_runs": runs[side].tolist(),
+                "reference_runs": runs[reference].tolist(),
+            }
+        )
+    steps_per_s = {side: 1 / np.mean(values) for side, values in seconds_per_step.items()}
+    what = f"fidelity steps/s, {size}"
+    return [*rows, {"what": what, "unit": "steps/s", "ours": steps_per_s["ours"], "reference": steps_per_s["recipe"]}]
 
 
 SECTIONS["fidelity"] = bench_fidelity
