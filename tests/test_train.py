@@ -474,7 +474,9 @@ print(allocated.hblkhd - before.hblkhd, freed.arena - before.arena)
 """
 
 
-@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="glibc >= 2.33's malloc")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="glibc >= 2.33's malloc"
+)
 def test_kept_memory_serves_a_loss_chunk_from_the_heap_and_keeps_it_when_freed():
     """What keep_freed_memory promises, by glibc's own counters (the speed it buys is bench.py's train row):
     a block of a loss chunk's size comes from the heap, not from a mapping of its own, and stays with the
