@@ -3,7 +3,7 @@
     python bench.py                      # small defaults: a few minutes on a 2-core CPU
     python bench.py --full               # the 124M config
     python bench.py --sections=prepare   # any of: prepare,train,generate,fidelity
-    python bench.py --sections=fidelity  # train.py vs the Trainer, 5 seeds each: ~30 min on 2 cores
+    python bench.py --sections=fidelity  # train.py's two inits vs the Trainer, 8 seeds each: hours on 2 cores
 
 Absolute numbers on shared machines are noise; the ratio between two runs made back to back on
 the same machine is the number to read. Results are printed as a table and written as JSON.
