@@ -79,10 +79,24 @@ def run_job(*args, **kwargs) -> str:
     return stdout
 
 
+def give_up(job: subprocess.Popen, what: str) -> None:
+    """Fails the test with the job's output, its processes killed first (a live job's output never ends)."""
+    try:
+        os.killpg(job.pid, signal.SIGKILL)
+    except ProcessLookupError:  # not a session of its own (slurm.sbatch's bash)
+        job.kill()
+    try:
+        stdout, stderr = job.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # a process it started in a session of its own still holds the pipes
+        stdout, stderr = "", "(its output did not end)"
+    pytest.fail(f"{what}:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+
+
 def workers(job: subprocess.Popen, nproc=2) -> list[psutil.Process]:
     deadline = time.time() + 120
     while len(children := psutil.Process(job.pid).children()) < nproc:
-        assert job.poll() is None and time.time() < deadline, f"{nproc} workers not started: {job.communicate()}"
+        if job.poll() is not None or time.time() > deadline:
+            give_up(job, f"{nproc} workers not started")
         time.sleep(0.05)
     return children
 
@@ -90,7 +104,8 @@ def workers(job: subprocess.Popen, nproc=2) -> list[psutil.Process]:
 def wait_for_file(path: Path, job: subprocess.Popen, timeout=120) -> None:
     deadline = time.time() + timeout
     while not path.exists():
-        assert job.poll() is None and time.time() < deadline, f"no {path.name}: {job.communicate()}"
+        if job.poll() is not None or time.time() > deadline:
+            give_up(job, f"no {path.name}")
         time.sleep(0.05)
 
 
@@ -98,7 +113,8 @@ def wait_for_step(out, step: int, job: subprocess.Popen, timeout=120) -> None:
     path = Path(out) / "run" / "metrics.jsonl"
     deadline = time.time() + timeout
     while not (path.exists() and any(m.get("step", 0) >= step for m in metrics(out))):
-        assert job.poll() is None and time.time() < deadline, f"no step {step} logged: {job.communicate()}"
+        if job.poll() is not None or time.time() > deadline:
+            give_up(job, f"no step {step} logged")
         time.sleep(0.05)
 
 

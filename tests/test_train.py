@@ -269,7 +269,9 @@ def test_sigterm_saves_a_checkpoint_that_resumes(data, tmp_path):
     metrics_path = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
     while not (metrics_path.exists() and len(metrics_path.read_text().splitlines()) >= 3):
-        assert process.poll() is None and time.time() < deadline, f"no 3 steps logged: {process.communicate()}"
+        if process.poll() is not None or time.time() > deadline:
+            process.kill()
+            pytest.fail(f"no 3 steps logged: {process.communicate()}")
         time.sleep(0.1)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=60)
