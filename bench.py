@@ -3,7 +3,7 @@
     python bench.py                      # small defaults: a few minutes on a 2-core CPU
     python bench.py --full               # the 124M config
     python bench.py --sections=prepare   # any of: prepare,train,generate,fidelity
-    python bench.py --sections=fidelity  # train.py's two inits vs the Trainer, 8 seeds each: hours on 2 cores
+    python bench.py --sections=fidelity  # train.py's two starts vs the Trainer, 8 seeds each: hours on 2 cores
 
 Absolute numbers on shared machines are noise; the ratio between two runs made back to back on
 the same machine is the number to read. Results are printed as a table and written as JSON.
@@ -444,10 +444,10 @@ def val_loss(model_dir: Path, windows: TokenWindows, device: str) -> float:
     return total / len(windows)
 
 
-# The sides: train.py as it is (a new model's unseen tokens' rows tied, loss.CompactVocab), train.py with
+# The sides: train.py as it is (a new model's unseen tokens' rows at zero, loss.CompactVocab), train.py with
 # every row drawn on its own as GPT-2 draws them (the whole softmax), and the recipe.
 FIDELITY_SIDES = {
-    "ours": "train.py (compact softmax, unseen rows tied)",
+    "ours": "train.py (compact softmax, unseen rows at zero)",
     "independent": "train.py, rows drawn independently (whole softmax)",
     "recipe": "HF Trainer",
 }

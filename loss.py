@@ -49,11 +49,13 @@ class CompactVocab:
 
 
 def tie_unseen_rows(weight: torch.Tensor, seen: torch.Tensor) -> None:
-    """Gives every token the training data never contains the first such token's row of a new model's
-    weight (vocab, C), so that its training can take the CompactVocab softmax."""
+    """Zeroes the rows of a new model's weight (vocab, C) of every token the training data never contains, so
+    that its training can take the CompactVocab softmax, starting where GPT-2's independent draws start on
+    average. Their logits start at 0, the mean of independently drawn rows' logits, and they add nothing to
+    x's gradient, as K independent rows nearly do (their p-weighted sum averages out, ~1/sqrt(K)); rows tied
+    to one draw w would instead push every position along w, by K times one row's share, at the start."""
     with torch.no_grad():
-        unseen_ids = (~seen).nonzero().squeeze(1)
-        weight[unseen_ids] = weight[unseen_ids[:1]]
+        weight[~seen] = 0
 
 
 class CompactRows(torch.autograd.Function):

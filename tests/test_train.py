@@ -205,7 +205,7 @@ def test_mfu_counts_the_output_layer_columns_computed(data, tmp_path):
 def test_a_new_models_unseen_tokens_share_a_row_and_a_column_pretrained_ones_keep_theirs(
     data, reference, tmp_path, capsys
 ):
-    """The data never contains tokens 48-63 (make_token_data): a new model starts their rows tied and its
+    """The data never contains tokens 48-63 (make_token_data): a new model starts their rows at zero and its
     loss takes the compact softmax (loss.CompactVocab), which keeps them tied, bit for bit; a model whose
     rows differ (an HF GPT-2) keeps the whole softmax. test_fidelity compares the compact one with the
     Trainer's whole softmax, step for step."""
