@@ -10,7 +10,6 @@ the same machine is the number to read. Results are printed as a table and writt
 """
 
 import gzip
-import itertools
 import json
 import math
 import platform
@@ -76,39 +75,6 @@ def ours_prepare(corpus: str, out_dir: str) -> None:
     print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "tokens": tokens}))
 
 
-# The recipe: load_dataset("text") (a row per line, like BookCorpus' sentence rows), tokenize with
-# datasets.map and HF's GPT-2 fast tokenizer, concatenate and cut 1024-token chunks.
-def recipe_prepare(corpus: str, cache_dir: str) -> None:
-    """Child process (run_measured): the recipe's pipeline on the corpus; prints as ours_prepare."""
-    import datasets
-    import pyarrow.compute as pc
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    from tokenizer import EOT_TOKEN, GPT2_SPLIT_PATTERN, RANKS_PATH, get_tokenizer
-
-    converter = TikTokenConverter(
-        vocab_file=str(RANKS_PATH), pattern=GPT2_SPLIT_PATTERN, extra_special_tokens=[EOT_TOKEN]
-    )
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=converter.converted(), eos_token=EOT_TOKEN)
-    files = sorted(str(path) for path in Path(corpus).glob("*.txt"))
-    sample = Path(files[0]).read_text(encoding="utf-8")[:100_000]
-    assert tokenizer(sample)["input_ids"] == get_tokenizer().encode_ordinary(sample), "not the same tokenizer"
-
-    def group_texts(batch, block_size=1024):
-        joined = {key: list(itertools.chain(*batch[key])) for key in batch}
-        total = len(joined["input_ids"]) // block_size * block_size
-        return {key: [ids[i : i + block_size] for i in range(0, total, block_size)] for key, ids in joined.items()}
-
-    started, cpu_started = time.perf_counter(), time.process_time()
-    rows = datasets.load_dataset("text", data_files=files, split="train", cache_dir=cache_dir)
-    tokenized = rows.map(lambda batch: tokenizer(batch["text"]), batched=True, remove_columns=["text"])
-    tokenized.map(group_texts, batched=True)
-    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    tokens = pc.sum(pc.list_value_length(tokenized.data.column("input_ids"))).as_py()
-    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "tokens": tokens}))
-
-
 def write_austen_corpus(directory: Path, copies: int) -> Path:
     """The bundled novels as .txt, `copies` times over; each copy after the first shuffles the paragraphs."""
     directory.mkdir()
@@ -122,13 +88,14 @@ def write_austen_corpus(directory: Path, copies: int) -> Path:
 
 
 def run_measured(child: str, *args) -> dict:
-    """Runs bench.<child>(*args) in a process of its own, sampling the RSS of it and all its children;
-    returns the JSON it prints + peak_rss_mb. bench.py imports torch only inside the functions that need
-    it, so a child carries only what its own function imports."""
-    code = "import sys, bench; getattr(bench, sys.argv[1])(*sys.argv[2:])"
+    """Runs child, "module.function", with args in a process of its own, sampling the RSS of it and all its
+    children; returns the JSON it prints + peak_rss_mb. bench.py and recipe.py import torch only inside the
+    functions that need it, so a child carries only what its own function imports."""
+    module, function = child.rsplit(".", 1)
+    code = f"import sys, {module}; {module}.{function}(*sys.argv[1:])"
     with tempfile.TemporaryFile("w+") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-c", code, child, *map(str, args)],
+            [sys.executable, "-c", code, *map(str, args)],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=stderr,
@@ -156,8 +123,8 @@ def bench_prepare(cfg):
             rounds = 3 if copies == 1 else 1  # a second or two per run: best of interleaved rounds
             runs = {"ours": [], "recipe": []}
             for i in range(rounds):
-                runs["ours"].append(run_measured("ours_prepare", corpus, Path(tmp) / f"ours{copies}_{i}"))
-                runs["recipe"].append(run_measured("recipe_prepare", corpus, Path(tmp) / f"recipe{copies}_{i}"))
+                runs["ours"].append(run_measured("bench.ours_prepare", corpus, Path(tmp) / f"ours{copies}_{i}"))
+                runs["recipe"].append(run_measured("recipe.recipe_prepare", corpus, Path(tmp) / f"recipe{copies}_{i}"))
             best = {name: min(results, key=lambda r: r["seconds"]) for name, results in runs.items()}
             peak_rss_mb = {name: max(r["peak_rss_mb"] for r in results) for name, results in runs.items()}
             for name, result in best.items():
@@ -182,52 +149,6 @@ def bench_prepare(cfg):
 
 
 SECTIONS["prepare"] = bench_prepare
-
-
-# The recipe's side: GPT2LMHeadModel under the HF Trainer, set up as the blog recipe sets it up.
-class RecipeWindows:
-    """train.py's windows as the Trainer's examples, in `order` (default: as stored): the same block_size
-    inputs and next-token targets. The targets go in as shift_labels, which GPT2LMHeadModel's loss takes
-    as they are; `labels` (unshifted, as the recipe's) would drop each window's last target."""
-
-    def __init__(self, windows: TokenWindows, order=None):
-        self.windows, self.order = windows, np.arange(len(windows)) if order is None else order
-
-    def __len__(self):
-        return len(self.order)
-
-    def __getitem__(self, i):
-        import torch
-
-        window = torch.from_numpy(self.windows.batch([self.order[i]])[0])
-        return {"input_ids": window[:-1], "labels": window[:-1], "shift_labels": window[1:]}
-
-
-def recipe_arguments(out_dir, batch_size: int, steps: int, learning_rate: float, seed: int, gpu: bool, **overrides):
-    """The recipe's TrainingArguments for `steps` optimizer steps, with any `overrides`: AdamW
-    (transformers' default, fused; weight decay 0.01 off biases and LayerNorm), 5% linear warmup then
-    cosine, clipping at 1.0, bf16 on a GPU. train.py's defaults are these."""
-    from transformers import TrainingArguments
-
-    recipe = dict(
-        output_dir=str(out_dir),
-        per_device_train_batch_size=batch_size,
-        max_steps=steps,
-        learning_rate=learning_rate,
-        seed=seed,
-        weight_decay=0.01,
-        warmup_steps=0.05,
-        lr_scheduler_type="cosine",
-        max_grad_norm=1.0,
-        bf16=gpu,
-        use_cpu=not gpu,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to=[],
-        dataloader_drop_last=True,
-        remove_unused_columns=False,
-    )
-    return TrainingArguments(**{**recipe, **overrides})
 
 
 def prepare_austen(data_dir: Path) -> Path:
@@ -300,44 +221,6 @@ def timed_logs(run_dir: Path) -> list[dict]:
 
 # train: train.py (our model + loop) vs GPT2LMHeadModel under the HF Trainer (the recipe's loop), on
 # the same windows with the same batch, AdamW (fused), schedule, clipping and precision (bf16 on GPU).
-def recipe_train(run_json: str) -> None:
-    """Child process (run_measured): GPT2LMHeadModel under the Trainer as the recipe sets it up, with the
-    settings in run_json; prints its tokens/s after the untimed warm-up steps."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback
-
-    run = json.loads(run_json)
-    step_seconds = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            step_seconds.append(time.perf_counter() - self.started)
-
-    torch.manual_seed(run["seed"])
-    dropouts = dict.fromkeys(["resid_pdrop", "embd_pdrop", "attn_pdrop"], run["dropout"])
-    shape = dict(n_layer=run["n_layer"], n_head=run["n_head"], n_embd=run["n_embd"], n_positions=run["block_size"])
-    model = GPT2LMHeadModel(GPT2Config(**shape, **dropouts))
-    args = recipe_arguments(
-        run["out_dir"],
-        run["batch_size"],
-        run["steps"],
-        run["learning_rate"],
-        run["seed"],
-        run["gpu"],
-        logging_steps=run["steps"],
-    )
-    windows = RecipeWindows(TokenWindows(run["data_dir"], "train", run["block_size"]))
-    trainer = Trainer(model=model, args=args, train_dataset=windows, callbacks=[StepTimer()])
-    trainer.train()
-    if run["save_model"]:
-        trainer.save_model(run["out_dir"])
-    timed = step_seconds[run["warmup_steps"] :]
-    print(json.dumps({"tokens_per_s": run["batch_size"] * run["block_size"] * len(timed) / sum(timed)}))
-
-
 FREED_MEMORY_RETURNED = "freed memory handed back (glibc's default)"
 
 
@@ -406,7 +289,7 @@ def bench_train(cfg):
                 "gpu": gpu,
                 "save_model": False,
             }
-            reference = max(reference, run_measured("recipe_train", json.dumps(run))["tokens_per_s"])
+            reference = max(reference, run_measured("recipe.recipe_train", json.dumps(run))["tokens_per_s"])
     rows = []
     for name, result in ours.items():
         mfu = f", MFU {result['mfu']:.1%}" if result["mfu"] else ""
@@ -432,9 +315,9 @@ def val_loss(model_dir: Path, windows: TokenWindows, device: str) -> float:
     """Mean next-token loss of the HF GPT-2 directory's model over every window, in fp32."""
     import torch
 
-    from model import GPT
+    from hf import from_pretrained
 
-    model = GPT.from_pretrained(str(model_dir)).to(device)
+    model = from_pretrained(str(model_dir)).to(device)
     total = 0.0
     with torch.no_grad():
         for start in range(0, len(windows), 32):
@@ -499,7 +382,7 @@ def bench_fidelity(cfg):
         for seed in range(cfg.fidelity_seeds):
             recipe_dir = Path(tmp) / f"recipe{seed}"
             recipe_settings = {**recipe_run, "seed": seed, "data_dir": str(data_dir), "out_dir": str(recipe_dir)}
-            recipe = run_measured("recipe_train", json.dumps(recipe_settings))
+            recipe = run_measured("recipe.recipe_train", json.dumps(recipe_settings))
             losses["recipe"].append(val_loss(recipe_dir, val, cfg.device))
             seconds_per_step["recipe"].append(8 * block_size / recipe["tokens_per_s"])
             print(f"fidelity, seed {seed}: {FIDELITY_SIDES['recipe']}: val loss {losses['recipe'][-1]:.4f}", flush=True)
@@ -550,9 +433,9 @@ SECTIONS["fidelity"] = bench_fidelity
 # quickstart: the README's first run, `train.py config/austen.py` on the bundled corpus, against other
 # settings for it: each eval's val loss against the wall time since train.py started, and the time to
 # QUICKSTART_TARGET. Long (3-6 minutes a candidate on 2 cores), so on request; rerun it when the
-# step changes. The reference is QUICKSTART_BEFORE, the settings the sweep in BENCHMARKS.md replaced.
+# step changes. The reference is config/austen.py; the others are the settings the sweep in BENCHMARKS.md
+# weighed it against in the same wall time.
 QUICKSTART_TARGET = 4.70
-QUICKSTART_BEFORE = dict(batch_size=2, max_steps=2700, learning_rate=1.4e-3, eval_interval=450)
 QUICKSTART_CANDIDATES = {
     "config/austen.py": {},
     "2 x 256 per step, lr 1.4e-3, 3,360 steps (the same time)": dict(
@@ -561,7 +444,6 @@ QUICKSTART_CANDIDATES = {
     "6 layers, 2 x 256 per step, lr 1.4e-3, 2,850 steps (the same time)": dict(
         n_layer=6, batch_size=2, learning_rate=1.4e-3, max_steps=2850
     ),
-    "2 x 256 per step, lr 1.4e-3, 2,700 steps (before)": QUICKSTART_BEFORE,
 }
 
 
@@ -594,7 +476,7 @@ def bench_quickstart(cfg):
             results[name] = (reached, curve[-1][1])
             points = ", ".join(f"{seconds:.0f} s {loss:.3f}" for seconds, loss in curve)
             print(f"quickstart, {name}: val loss by wall time since train.py started: {points}", flush=True)
-    before = results[next(name for name, overrides in QUICKSTART_CANDIDATES.items() if overrides is QUICKSTART_BEFORE)]
+    reference = results["config/austen.py"]
     rows = []
     for name, (reached, final_loss) in results.items():
         what = f"quickstart, {name}"
@@ -603,7 +485,7 @@ def bench_quickstart(cfg):
                 "what": f"{what}: s to val {QUICKSTART_TARGET} (lower is better)",
                 "unit": "s",
                 "ours": reached,
-                "reference": before[0],
+                "reference": reference[0],
             }
         )
         rows.append(
@@ -611,7 +493,7 @@ def bench_quickstart(cfg):
                 "what": f"{what}: final val loss (lower is better)",
                 "unit": "loss",
                 "ours": final_loss,
-                "reference": before[1],
+                "reference": reference[1],
             }
         )
     return rows

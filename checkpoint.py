@@ -2,7 +2,7 @@
 
 out/<run>/ckpt_<step:07d>/ is written as ckpt_<step>.tmp and renamed once complete, so every ckpt_*
 directory is whole (a process killed mid-write leaves only a .tmp, cleared at the next write):
-    config.json, model.safetensors   the model in HF format (GPT.save_pretrained)
+    config.json, model.safetensors   the model in HF format (hf.save_pretrained)
     vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json, generation_config.json
                                       GPT-2's tokenizer and generation ids: a complete HF model directory
                                       that AutoTokenizer, pipeline("text-generation") and lm_eval open
@@ -34,13 +34,9 @@ from safetensors import SafetensorError, safe_open
 import tokenizer
 from common import UserError, first_sentence, publish, temp_path
 from distributed import Job
+from hf import save_pretrained
 
 CHECKPOINT_PATTERN = re.compile(r"ckpt_(\d+)")
-# The config keys a resumed run takes from its own config rather than the checkpoint's: AdamW's
-# hyperparameters, the clipping and the schedule (evaluated from the step reached on).
-OPTIMIZATION_KEYS = (
-    "learning_rate weight_decay beta1 beta2 eps grad_clip warmup_ratio lr_decay max_steps epochs".split()
-)
 
 
 @dataclass
@@ -163,37 +159,53 @@ def latest_checkpoint(run_dir) -> Path | None:
     return steps[max(steps)] if steps else None
 
 
-def find_resume_checkpoint(cfg, run_dir: Path, data_order: dict | None, max_steps: int) -> Checkpoint | None:
-    """The checkpoint a run (a TrainConfig) continues from, or None for a new run. Refuses to
-    overwrite a run's checkpoints, to continue one with another data order (None: not training) or
-    past the run's last step (max_steps), and a damaged one, naming the intact one to take instead.
+def then_resume(run_dir: Path, fix: str) -> str:
+    """The end of an error that stops a run in run_dir: what to fix, then where --resume=auto continues."""
+    newest = latest_checkpoint(run_dir)
+    where = f"continues from {newest}, which is intact" if newest else "starts the run again (no checkpoint yet)"
+    return f"{fix}, then --resume=auto {where}"
+
+
+def unwritable(run_dir: Path, error: OSError) -> UserError:
+    """The error for a run file that could not be written: a full disk, or something else at its path."""
+    return UserError(
+        f"could not write {error.filename2 or error.filename or run_dir} ({error.strerror or error}); "
+        + then_resume(run_dir, f"free space in {run_dir} (or move aside what is at that path)")
+    )
+
+
+def find_resume_checkpoint(
+    resume: str, eval_only: bool, run_dir: Path, data_order: dict | None, max_steps: int, steps_key: str
+) -> Checkpoint | None:
+    """The checkpoint a run continues from (resume: '' none, 'auto' the newest, or a checkpoint's path), or
+    None for a new run. Refuses to overwrite a run's checkpoints (unless eval_only), to continue one with
+    another data order (None: not training) or past the run's last step (max_steps, set by steps_key, a
+    flag), and a damaged one, naming the intact one to take instead.
 
     Rank 0 alone decides (Job.on_rank0) and reads its trainer state: on a shared filesystem with stale
     directory caches, ranks could list different newest checkpoints and continue from different steps.
     """
     existing = checkpoints(run_dir)
-    if cfg.resume == "":
-        if existing and not cfg.eval_only:
+    if resume == "":
+        if existing and not eval_only:
             raise UserError(
                 f"{run_dir} already has checkpoints (newest {existing[max(existing)].name}); "
                 "continue it with --resume=auto or pick another --run_name"
             )
         return None
-    if cfg.resume == "auto":
+    if resume == "auto":
         if not existing:
             return None
         path = existing[max(existing)]
     else:
-        path = Path(cfg.resume)
+        path = Path(resume)
         if not (path / "trainer_state.pt").is_file() and not CHECKPOINT_PATTERN.fullmatch(path.name):
-            raise UserError(
-                f"--resume={cfg.resume}: no trainer_state.pt there; pass a ckpt_* directory or --resume=auto"
-            )
+            raise UserError(f"--resume={resume}: no trainer_state.pt there; pass a ckpt_* directory or --resume=auto")
     if problem := damage(path):
         raise refuse_damaged(path, problem, run_dir)
     state = TrainerState.load(path)
     newer = [p.name for s, p in sorted(existing.items()) if s > state.step]
-    if newer and not cfg.eval_only:
+    if newer and not eval_only:
         raise UserError(
             f"{run_dir} has checkpoints newer than {path} ({newer[-1]}); "
             "resume into another --run_name so they stay apart"
@@ -206,7 +218,7 @@ def find_resume_checkpoint(cfg, run_dir: Path, data_order: dict | None, max_step
     if data_order is not None and state.step > max_steps:
         raise UserError(
             f"{path} is at step {state.step}, past this run's last step {max_steps} "
-            f"({f'max_steps={cfg.max_steps}' if cfg.max_steps else f'epochs={cfg.epochs}'}); pass a larger "
+            f"({steps_key}); pass a larger "
             f"--max_steps to train on (or --eval_only to evaluate it)"
         )
     return Checkpoint(path, state, json.loads((path / "train_config.json").read_text()))
@@ -243,30 +255,45 @@ def restore_rng(rng_by_rank: list[dict], job: Job, device: str, seed: int, step:
 
 
 class Checkpointer:
-    """A training run's side of its checkpoints: it saves every cfg.checkpoint_interval steps, at the
+    """A training run's side of its checkpoints: it saves every `interval` steps, at the
     last step and at a stop, and restores the one a run continues from into the model's optimizer,
     schedule and random streams."""
 
-    def __init__(self, job: Job, run_dir: Path, cfg, model, optimizer, scheduler, data_order: dict):
-        self.job, self.run_dir, self.cfg = job, run_dir, cfg
+    def __init__(
+        self,
+        job: Job,
+        run_dir: Path,
+        model,
+        optimizer,
+        scheduler,
+        data_order: dict,
+        config: dict,
+        seed: int,
+        interval: int,
+        keep: int,
+    ):
+        """config: the run's, written beside each checkpoint (train_config.json); seed: where a new run's
+        random streams start; keep: how many of the newest checkpoints stay."""
+        self.job, self.run_dir, self.config, self.seed = job, run_dir, config, seed
+        self.interval, self.keep = interval, keep
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.data_order = data_order
 
-    def restore(self, resume_from: Checkpoint | None) -> tuple[TrainerState, dict]:
+    def restore(self, resume_from: Checkpoint | None) -> tuple[TrainerState, float | None]:
         """Loads the optimizer's moments and step counts from resume_from, continues the schedule from its
         step and this rank's random streams from it; a new run (None) seeds them from (seed, step, rank).
 
-        AdamW's hyperparameters and the schedule are this run's (cfg), whatever the checkpoint's were, so
-        that the config a run records is the one it trains with. Returns the trainer state the run
-        continues with, and the OPTIMIZATION_KEYS whose values differ from the checkpoint's, as
-        {key: [checkpoint's, this run's]} with the learning rate at the step reached as 'lr'.
+        AdamW's hyperparameters and the schedule are this run's (the optimizer's and scheduler's as built),
+        whatever the checkpoint's were, so that the config a run records is the one it trains with. Returns
+        the trainer state the run continues with, and the learning rate the checkpoint's optimizer held
+        (None for a new run).
         """
         state = resume_from.state if resume_from else TrainerState()
-        changes = {}
+        saved_lr = None
         if resume_from:
             path = resume_from.path / "optimizer.pt"
             try:  # its zip directory was checked (damage); a member can still be corrupt
-                saved = torch.load(path, map_location=self.cfg.device, weights_only=True)
+                saved = torch.load(path, map_location=self.job.device, weights_only=True)
             except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
                 raise refuse_damaged(
                     resume_from.path, f"{path} is damaged ({first_sentence(e)})", self.run_dir
@@ -278,39 +305,29 @@ class Checkpointer:
             base_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]
             self.scheduler.load_state_dict({**state.scheduler, "base_lrs": base_lrs, "last_epoch": state.step - 1})
             self.scheduler.step()  # this run's schedule at the step reached: sets each group's lr
-            ours = asdict(self.cfg)
-            changes = {
-                key: [resume_from.config.get(key), ours[key]]
-                for key in OPTIMIZATION_KEYS
-                if resume_from.config.get(key) != ours[key]
-            }
-            if changes:
-                changes["lr"] = [saved_lr, self.scheduler.get_last_lr()[0]]
-        note = restore_rng(state.rng, self.job, self.cfg.device, self.cfg.seed, state.step)
+        note = restore_rng(state.rng, self.job, self.job.device, self.seed, state.step)
         if note:
             self.job.announce(f"{resume_from.path} was {note}")
-        return state, changes
+        return state, saved_lr
 
     def should_save(self, step: int, last_step: bool, stopping: bool) -> bool:
-        return step % self.cfg.checkpoint_interval == 0 or last_step or stopping
+        return step % self.interval == 0 or last_step or stopping
 
     def save(self, step: int, nonfinite_steps: int, wandb_run_id: str | None) -> Path:
         """Every rank hands its RNG state to rank 0, which writes the checkpoint; every rank returns once
         it is complete on disk (or raises if it could not be written)."""
-        rng_by_rank = self.job.gather(rng_state(self.cfg.device))
+        rng_by_rank = self.job.gather(rng_state(self.job.device))
 
         def write() -> Path:
             if broken := nonfinite_tensor(self.model, self.optimizer):
-                newest = latest_checkpoint(self.run_dir)
                 raise UserError(
                     f"step {step}: {broken} holds inf or NaN, so no checkpoint is written; "
-                    + (f"the newest finite one is {newest}" if newest else "no checkpoint was written before")
-                    + ": resume it with a lower learning_rate (or check the data)"
+                    + then_resume(self.run_dir, "lower learning_rate (or check the data)")
                 )
             state = TrainerState(
                 step, self.scheduler.state_dict(), rng_by_rank, self.data_order, nonfinite_steps, wandb_run_id
             )
-            return write_checkpoint(self.run_dir, self.model, self.optimizer, state, self.cfg)
+            return write_checkpoint(self.run_dir, self.model, self.optimizer, state, self.config, self.keep)
 
         path = self.job.on_rank0(write, share=True)
         self.job.announce(f"step {step}: saved {path}")
@@ -328,33 +345,28 @@ def nonfinite_tensor(model, optimizer) -> str | None:
     return next((name for name, tensor in tensors.items() if not bool(tensor.detach().isfinite().all())), None)
 
 
-def write_checkpoint(run_dir: Path, model, optimizer, state: TrainerState, cfg) -> Path:
-    """Writes ckpt_<step> under a temp name, renamed once complete; keeps the newest cfg.keep_checkpoints."""
+def write_checkpoint(run_dir: Path, model, optimizer, state: TrainerState, config: dict, keep: int) -> Path:
+    """Writes ckpt_<step> under a temp name, renamed once complete, with the run's config; keeps the newest
+    `keep` checkpoints."""
     final = run_dir / f"ckpt_{state.step:07d}"
     tmp = temp_path(final)
     for unfinished in run_dir.glob("ckpt_*.tmp"):  # left by a process killed mid-write
         shutil.rmtree(unfinished)
     try:
-        model.save_pretrained(tmp)
+        save_pretrained(model, tmp)
         tokenizer.save_hf_tokenizer(tmp, model_max_length=model.config.block_size)
         (tmp / "generation_config.json").write_text(json.dumps(tokenizer.hf_generation_config(), indent=2) + "\n")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         state.save(tmp)
-        (tmp / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        (tmp / "train_config.json").write_text(json.dumps(config, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)  # only when a run redoes a step it already saved
         publish(tmp, final)
     except (OSError, RuntimeError, SafetensorError) as e:  # a full or failing disk; each writer has its own error type
         shutil.rmtree(tmp, ignore_errors=True)
-        previous = latest_checkpoint(run_dir)
         raise UserError(
-            f"could not write {final} ({first_sentence(e)}); free space in {run_dir} (or fix the disk), "
-            "then --resume=auto "
-            + (
-                f"continues from {previous.name}, which is intact"
-                if previous
-                else "starts the run again (no earlier checkpoint)"
-            )
+            f"could not write {final} ({first_sentence(e)}); "
+            + then_resume(run_dir, f"free space in {run_dir} (or fix the disk)")
         ) from e
-    for _, old in sorted(checkpoints(run_dir).items())[: -cfg.keep_checkpoints]:
+    for _, old in sorted(checkpoints(run_dir).items())[:-keep]:
         shutil.rmtree(old)
     return final

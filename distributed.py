@@ -85,6 +85,16 @@ class Job:
                 dist.init_process_group("gloo", timeout=timeout)
             self.watcher = FailureWatcher(self.rank)
         self.stop_signals = None
+        self.stopped = False  # the ranks agreed on a stop signal (stop_signal)
+
+    def __enter__(self) -> "Job":
+        return self
+
+    def __exit__(self, exc_type, error, traceback) -> None:
+        """Ends this process's part in the job, telling the other ranks first if it ends in an error."""
+        if error is not None:
+            self.fail(error)
+        self.close(clean=error is None)
 
     def announce(self, text: str) -> None:
         """Prints text once for the job (on rank 0), flushed at once so that it keeps its place among stderr's lines."""
@@ -98,7 +108,9 @@ class Job:
 
     def stop_signal(self) -> int:
         """The stop signal that any rank has received, 0 for none; the same answer on every rank."""
-        return self.agree(self.stop_signals.signum, dist.ReduceOp.MAX)
+        signum = self.agree(self.stop_signals.signum, dist.ReduceOp.MAX)
+        self.stopped = signum > 0
+        return signum
 
     def agree(self, value: int, op: dist.ReduceOp) -> int:
         """op (MAX, MIN) over every rank's value: the same answer on every rank."""
@@ -143,7 +155,7 @@ class Job:
         if self.watcher and not isinstance(error, RankFailed):
             self.watcher.post(f"rank {self.rank} failed ({one_line(error)})")
 
-    def close(self, clean: bool, stopped: bool) -> None:
+    def close(self, clean: bool) -> None:
         """Ends this process's part in the job. After a failure the process group is left to the exit
         (destroying it can wait on a peer that is gone). After a stop under torchrun, stop signals are
         ignored from now on: torchrun signals the ranks still running as soon as one has exited, and
@@ -152,7 +164,7 @@ class Job:
             self.watcher.stop()
         if self.world_size > 1 and clean:
             dist.destroy_process_group()
-        if self.stop_signals and stopped and self.world_size > 1:
+        if self.stop_signals and self.stopped and self.world_size > 1:
             self.stop_signals.ignore()
         elif self.stop_signals:
             self.stop_signals.restore()

@@ -2,7 +2,7 @@
 sampling, the decode step (prefill is its first call), its attention mask over the cache, compiling it at the
 call site, and use_onednn_linear, the CPU inference transform that sample.py and bench.py apply to a model.
 
-    model = use_onednn_linear(GPT.from_pretrained("gpt2"))
+    model = use_onednn_linear(hf.from_pretrained("gpt2"))
     out = generate(model, idx, 100, top_k=10, top_p=0.95)                                 # eager
     out = generate(model, idx, 100, top_k=10, top_p=0.95, decode=compile_decode_step(model))  # compiled
 """
@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from common import UserError
 from model import GPT
 
+# The recipe's generate call's sampling: sample.py's defaults, and each of train.py's eval samples.
+RECIPE_SAMPLING = {"temperature": 1.0, "top_k": 10, "top_p": 0.95}
 # oneDNN's matmul as an op of its own (torch.compile's CPU backend calls it); missing from builds without oneDNN.
 ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 

@@ -6,8 +6,8 @@ import torch
 
 IGNORE_INDEX = -100  # targets equal to this add nothing to the loss, as in HF
 
-# Rows per chunk of the output layer's loss on a GPU (on CPU: n_embd, see linear_cross_entropy).
-# Chunk logits of 4096 x 50257 fp32 are 0.8 GB: large matmuls, a fixed and small part of memory.
+# Rows per chunk of the output layer's loss on a GPU (on CPU: n_embd, see linear_cross_entropy): chunk logits
+# of GPU_LOSS_CHUNK_ROWS x vocab make large matmuls in a fixed, small part of the GPU's memory.
 GPU_LOSS_CHUNK_ROWS = 4096
 
 
@@ -87,7 +87,7 @@ def linear_cross_entropy(
 
     With a 50257-way output, the logits and their log-softmax cost more than the whole model at
     small widths (memory-bound passes over N * 50257 floats), and at GPT-2 small on a GPU they are
-    13 GB at 64 x 1024 tokens in fp32. Here the rows go in chunks: each chunk's logits are computed,
+    the largest tensors of the step. Here the rows go in chunks: each chunk's logits are computed,
     softmaxed in place and, when gradients are needed, turned straight into the gradients
     (softmax - one_hot) / N @ weight and its transpose @ x, which backward only scales (so gradient
     accumulation's loss scaling reaches them). Under autocast the matmuls run in its dtype, as

@@ -33,6 +33,21 @@ class GPTConfig:
         if self.n_embd % self.n_head:
             raise UserError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; pick a multiple")
 
+    def check_data_fits(self, block_size: int, data_vocab_size: int, data_dir) -> None:
+        """Refuses windows of block_size tokens longer than the context, and data of more token ids than the
+        vocabulary (train.py, eval.py --tasks=val)."""
+        if block_size > self.block_size:
+            raise UserError(
+                f"block_size={block_size} is longer than the model's context of {self.block_size} positions; "
+                "lower block_size"
+            )
+        if data_vocab_size > self.vocab_size:
+            raise UserError(
+                f"{data_dir} uses a vocabulary of {data_vocab_size} tokens but the model has "
+                f"vocab_size={self.vocab_size}; set vocab_size={data_vocab_size} for a new model, or pass the data "
+                "this one was trained on"
+            )
+
 
 class KVCache(nn.Module):
     """Keys and values of the positions decoded so far, in buffers allocated once (as in gpt-fast).
@@ -238,24 +253,3 @@ class GPT(nn.Module):
         """Frees the KV caches."""
         for block in self.transformer.h:
             block.attn.kv_cache = None
-
-    # The API of the README and HF, kept on the model; the work is done in generate.py and hf.py.
-
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, **options) -> torch.Tensor:
-        """Continues each prompt of idx (B, T) by max_new_tokens tokens, as HF's generate: see generate.generate."""
-        from generate import generate
-
-        return generate(self, idx, max_new_tokens, **options)
-
-    def save_pretrained(self, directory) -> None:
-        """Writes config.json + model.safetensors that GPT2LMHeadModel.from_pretrained loads (hf.save_pretrained)."""
-        from hf import save_pretrained
-
-        save_pretrained(self, directory)
-
-    @classmethod
-    def from_pretrained(cls, path_or_name: str, dropout: float | None = None) -> "GPT":
-        """Loads an HF GPT-2 checkpoint directory or Hub name, in eval mode as HF's (hf.from_pretrained)."""
-        from hf import from_pretrained
-
-        return from_pretrained(path_or_name, dropout)

@@ -27,16 +27,10 @@ import torch
 
 import configurator
 import tokenizer
-from checkpoint import latest_checkpoint
 from common import UserError, check_device, text_encoding
-from generate import compile_decode_step, decode_step, use_onednn_linear
-from model import GPT, GPTConfig
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TRAIN_HINT = (
-    "train one with `python prepare.py --dataset=austen && python train.py config/austen.py`, "
-    "or pass --ckpt=DIR or --init=random"
-)
+from generate import RECIPE_SAMPLING, compile_decode_step, decode_step, generate, use_onednn_linear
+from inference import DTYPES, check_dtype, load_model
+from model import GPT
 
 
 @dataclass
@@ -47,36 +41,14 @@ class SampleConfig:
     prompts: str | None = None  # a file of prompts, one per line (blank lines skipped), continued in one batch
     num_samples: int = 1  # continuations made one after another
     max_new_tokens: int = 100  # tokens generated per continuation
-    temperature: float = 1.0  # divides the logits before sampling
-    top_k: int | None = 10  # sample among the k most likely tokens; None: all
-    top_p: float | None = 0.95  # then among the fewest whose probability reaches top_p; None: all
+    temperature: float = RECIPE_SAMPLING["temperature"]  # divides the logits before sampling
+    top_k: int | None = RECIPE_SAMPLING["top_k"]  # sample among the k most likely tokens; None: all
+    top_p: float | None = RECIPE_SAMPLING["top_p"]  # then among the fewest whose probability reaches top_p; None: all
     do_sample: bool = True  # False: greedy decoding
     seed: int = 1337  # torch seed: the same seed and weights give HF generate's tokens
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu, cuda or cuda:N
     dtype: str = "float32"  # float32, bfloat16 or float16
     compile: bool = False  # compile the one-token decode step (the first sample's time includes compiling)
-
-
-def newest_run(out_dir: Path) -> Path:
-    runs = [run for run in out_dir.glob("*/") if latest_checkpoint(run)] if out_dir.is_dir() else []
-    if not runs:
-        raise UserError(f"no checkpoint under {out_dir}/; {TRAIN_HINT}")
-    return max(runs, key=lambda run: latest_checkpoint(run).stat().st_mtime)
-
-
-def load_model(cfg: SampleConfig) -> GPT:
-    if cfg.init == "random":
-        return GPT(GPTConfig(dropout=0.0))
-    if cfg.init != "checkpoint":
-        raise UserError(f"--init={cfg.init}: expected checkpoint or random")
-    source = cfg.ckpt if cfg.ckpt is not None else str(newest_run(Path("out")))
-    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():  # a run directory: its newest checkpoint
-        checkpoint = latest_checkpoint(source)
-        if checkpoint is None:
-            raise UserError(f"{source} has neither config.json nor ckpt_* checkpoints; {TRAIN_HINT}")
-        source = str(checkpoint)
-    print(f"loading {source}", file=sys.stderr)
-    return GPT.from_pretrained(source, dropout=0.0)  # not a directory: a Hub name, as train.py's --init_from
 
 
 def read_text(path: Path, arg: str) -> str:
@@ -120,7 +92,8 @@ def stream(model: GPT, prompt: str, prompt_ids: list[int], cfg: SampleConfig, sa
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     print(prompt, end="", flush=True)
     idx = torch.tensor([prompt_ids], device=cfg.device)  # (1, T)
-    out = model.generate(
+    out = generate(
+        model,
         idx,
         cfg.max_new_tokens,
         **sampling,
@@ -143,7 +116,7 @@ def continue_batch(
     attention_mask = torch.tensor(
         [[0] * pad + [1] * len(ids) for pad, ids in zip(padding, prompt_ids, strict=True)], device=cfg.device
     )
-    out = model.generate(idx, cfg.max_new_tokens, **sampling, attention_mask=attention_mask)
+    out = generate(model, idx, cfg.max_new_tokens, **sampling, attention_mask=attention_mask)
     for i, (prompt, new) in enumerate(zip(prompts, out[:, longest:].tolist(), strict=True)):
         if tokenizer.EOT_ID in new:  # a finished sequence goes on with <|endoftext|>: print the first
             new = new[: new.index(tokenizer.EOT_ID) + 1]
@@ -168,8 +141,7 @@ def check_config(cfg: SampleConfig) -> None:
         )
     if not 0 <= cfg.seed < 2**64:
         raise UserError(f"--seed={cfg.seed}: expected a number from 0 to 2**64 - 1")
-    if cfg.dtype not in DTYPES:
-        raise UserError(f"--dtype={cfg.dtype}: expected one of {', '.join(DTYPES)}")
+    check_dtype(cfg.dtype)
     check_device(cfg.device)
 
 
@@ -181,7 +153,7 @@ def main(argv):
     if not all(prompt_ids):
         raise UserError("the prompt is empty; pass --start=TEXT or --start=FILE:prompt.txt")
     torch.manual_seed(cfg.seed)  # a random init is reproducible too
-    model = use_onednn_linear(load_model(cfg).to(cfg.device, DTYPES[cfg.dtype]).eval())
+    model = use_onednn_linear(load_model(cfg.ckpt, cfg.init).to(cfg.device, DTYPES[cfg.dtype]))
     # The KV caches every sample reuses, sized before anything is printed: a request beyond the context fails here.
     model.setup_kv_cache(len(prompts), max(map(len, prompt_ids)) + cfg.max_new_tokens)
     if cfg.compile:

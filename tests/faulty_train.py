@@ -16,6 +16,7 @@ sys.argv[0] = str(ROOT / "train.py")  # errors read "train.py: error: ...", as u
 
 import checkpoint  # noqa: E402
 import configurator  # noqa: E402
+import evaluator  # noqa: E402
 import shards  # noqa: E402
 import train  # noqa: E402
 
@@ -101,7 +102,7 @@ def rank1_fails_while_rank0_hangs():
             raise RuntimeError("simulated failure on rank 1")
         time.sleep(600)
 
-    train.zero_shot.window_loss = evaluate
+    evaluator.window_loss = evaluate
 
 
 FAULTS = {

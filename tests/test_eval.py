@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import eval as evaluation
+import eval
 import prepare
 import tokenizer
+import zero_shot
 from common import UserError
+from hf import from_pretrained, save_pretrained
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).parent.parent
@@ -172,7 +174,7 @@ def files(tmp_path_factory):
     """An HF model directory with our tokenizer files, and the rows of both tasks as JSONL."""
     directory = tmp_path_factory.mktemp("eval")
     torch.manual_seed(0)
-    GPT(TINY).save_pretrained(directory / "ckpt")
+    save_pretrained(GPT(TINY), directory / "ckpt")
     tokenizer.save_hf_tokenizer(directory / "ckpt", model_max_length=TINY.block_size)
     return {
         "ckpt": directory / "ckpt",
@@ -195,7 +197,7 @@ def ours(files) -> dict:
     """eval.py's JSON line, run in this process."""
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        evaluation.main(file_args(files))
+        eval.main(file_args(files))
     return json.loads(stdout.getvalue().splitlines()[-1])
 
 
@@ -206,7 +208,7 @@ def offline_env(tmp_path: Path, **env) -> dict:
 def test_scores_equal_lm_evaluation_harness(files, ours, tmp_path):
     # the long items are cut from the left: their tokens exceed the model's positions
     for name, row in [("hellaswag", HELLASWAG_ROWS[3]), ("lambada_openai", LAMBADA_ROWS[4])]:
-        item = evaluation.TASKS[name].item(row)
+        item = zero_shot.TASKS[name].item(row)
         assert len(tokenizer.encode(item.context + item.continuations[0])) > TINY.block_size + 1
 
     lm_eval_tasks(tmp_path, files["hellaswag"], files["lambada_openai"])
@@ -222,13 +224,15 @@ def test_scores_equal_lm_evaluation_harness(files, ours, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     reference = json.loads(done.stdout.splitlines()[-1])
 
-    model = GPT.from_pretrained(str(files["ckpt"]))
+    model = from_pretrained(str(files["ckpt"]))
     for name, rows in [("hellaswag", HELLASWAG_ROWS), ("lambada_openai", LAMBADA_ROWS)]:
         items = reference[name]["items"]
         assert len(items) == len(rows)
         for row, expected in zip(rows, items, strict=True):  # each continuation's (log-likelihood, greedy)
-            item = evaluation.TASKS[name].item(row)
-            loglikelihoods, greedy = evaluation.score_rows(model, evaluation.rows_of(item, TINY.block_size), "cpu")
+            item = zero_shot.TASKS[name].item(row)
+            loglikelihoods, greedy = zero_shot.score_candidates(
+                model, zero_shot.candidates_of(item, TINY.block_size), "cpu"
+            )
             assert loglikelihoods == pytest.approx([ll for ll, _ in expected], rel=1e-5, abs=1e-4)
             assert greedy == [is_greedy for _, is_greedy in expected]
         metrics = reference[name]["metrics"]
@@ -298,25 +302,25 @@ def test_hub_out_of_reach_is_one_line_naming_the_local_option(files, tmp_path, s
 )
 def test_bad_values_are_user_errors(args, message):
     with pytest.raises(UserError, match=message):
-        evaluation.main(["--device=cpu", *args])
+        eval.main(["--device=cpu", *args])
 
 
 def test_rows_of_another_dataset_are_refused(tmp_path):
     path = write_jsonl(tmp_path / "rows.jsonl", LAMBADA_ROWS)
     with pytest.raises(UserError, match="row 1 lacks activity_label, ctx_a, ctx_b, endings, label"):
-        evaluation.load_items("hellaswag", str(path), None)
+        zero_shot.load_items("hellaswag", str(path), None)
 
 
 def test_limit_takes_the_first_items(files):
-    items = evaluation.load_items("lambada_openai", str(files["lambada_openai"]), 2)
+    items = zero_shot.load_items("lambada_openai", str(files["lambada_openai"]), 2)
     assert [item.continuations for item in items] == [[" signs"], [" docks"]]
     assert items[1].context == "Give me a minute to change and I'll meet you at the"
 
 
 def test_trailing_space_of_the_context_moves_to_the_continuation():
-    item = evaluation.hellaswag_item(HELLASWAG_ROWS[2])
+    item = zero_shot.hellaswag_item(HELLASWAG_ROWS[2])
     assert item.context.endswith(". ")  # preprocess left it there
-    context, continuation = evaluation.encode_pair(item.context, item.continuations[0])
+    context, continuation = zero_shot.encode_pair(item.context, item.continuations[0])
     assert tokenizer.decode(context) == item.context[:-1]
     assert tokenizer.decode(continuation) == "  Pull it tight."
 
@@ -332,7 +336,7 @@ def test_trailing_space_of_the_context_moves_to_the_continuation():
 def test_bad_values_are_refused_before_the_rows_are_read(args, message):
     """The rows file does not exist: an error about it would mean the value was checked too late."""
     with pytest.raises(UserError, match=message):
-        evaluation.main(["--hellaswag_file=missing.jsonl", "--tasks=hellaswag", *args])
+        eval.main(["--hellaswag_file=missing.jsonl", "--tasks=hellaswag", *args])
 
 
 @pytest.mark.parametrize(
@@ -347,7 +351,7 @@ def test_malformed_row_files_are_one_line_errors(tmp_path, content, message):
     path = tmp_path / "rows.jsonl"
     (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
     with pytest.raises(UserError, match=message):
-        evaluation.load_items("lambada_openai", str(path), None)
+        zero_shot.load_items("lambada_openai", str(path), None)
 
 
 @pytest.mark.parametrize(
@@ -361,12 +365,12 @@ def test_malformed_row_files_are_one_line_errors(tmp_path, content, message):
 def test_hellaswag_rows_of_the_wrong_types_are_refused(tmp_path, column, value, message):
     path = write_jsonl(tmp_path / "rows.jsonl", [{**HELLASWAG_ROWS[0], column: value}])
     with pytest.raises(UserError, match=message):
-        evaluation.load_items("hellaswag", str(path), None)
+        zero_shot.load_items("hellaswag", str(path), None)
 
 
 def test_a_directory_or_an_unreadable_file_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=f"--hellaswag_file={tmp_path} is a directory; pass a file"):
-        evaluation.load_items("hellaswag", str(tmp_path), None)
+        zero_shot.load_items("hellaswag", str(tmp_path), None)
     path = write_jsonl(tmp_path / "rows.jsonl", HELLASWAG_ROWS)
 
     def denied(path):
@@ -374,7 +378,7 @@ def test_a_directory_or_an_unreadable_file_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Path, "read_bytes", denied)  # chmod 000 would not stop root
     with pytest.raises(UserError, match=f"--hellaswag_file={path}: cannot read it \\(Permission denied\\)"):
-        evaluation.load_items("hellaswag", str(path), None)
+        zero_shot.load_items("hellaswag", str(path), None)
 
 
 def test_hub_out_of_reach_ends_with_the_callers_hint(monkeypatch):
@@ -386,7 +390,7 @@ def test_hub_out_of_reach_ends_with_the_callers_hint(monkeypatch):
     with pytest.raises(UserError, match="cannot reach the Hugging Face Hub for owner/name .*; work offline$"):
         prepare.check_hub("owner/name", None, "work offline")
     with pytest.raises(UserError) as error:
-        evaluation.hub_rows("lambada_openai", evaluation.TASKS["lambada_openai"])
+        zero_shot.hub_rows("lambada_openai", zero_shot.TASKS["lambada_openai"])
     assert prepare.OFFLINE_HINT not in str(error.value)
     assert str(error.value).endswith(
         "; offline, pass --lambada_openai_file=PATH, a JSONL file of EleutherAI/lambada_openai's test rows"

@@ -13,13 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import batching
 import bench
 import train
-from bench import RecipeWindows, recipe_arguments
 from checkpoint import latest_checkpoint
 from common import UserError
 from hf import hf_config, hf_state_dict
 from model import GPT, GPTConfig
+from recipe import RecipeWindows, recipe_arguments
 from shards import TokenWindows
 
 SEED, BATCH, STEPS, BLOCK = 3, 8, 30, 32  # 2 epochs of 15 steps over 124 windows
@@ -132,7 +133,7 @@ def test_train_py_matches_the_trainer_step_for_step(data, recipe, tmp_path, caps
 
 
 def every_epoch_in_the_first_epochs_order(seed, step, steps_per_epoch, num_windows, batch_size):
-    return GLOBAL_BATCH_ROWS(seed, step % steps_per_epoch, steps_per_epoch, num_windows, batch_size)
+    return GLOBAL_BATCH_WINDOWS(seed, step % steps_per_epoch, steps_per_epoch, num_windows, batch_size)
 
 
 def weight_decay_on_every_parameter(self, lr, weight_decay, *args, **kwargs):
@@ -142,9 +143,9 @@ def weight_decay_on_every_parameter(self, lr, weight_decay, *args, **kwargs):
     return optimizer
 
 
-LR_SCHEDULE, GLOBAL_BATCH_ROWS, CONFIGURE_OPTIMIZERS, CLIP = (
+LR_SCHEDULE, GLOBAL_BATCH_WINDOWS, CONFIGURE_OPTIMIZERS, CLIP = (
     train.lr_schedule,
-    train.global_batch_rows,
+    batching.global_batch_windows,
     GPT.configure_optimizers,
     train.clip_divisor,
 )
@@ -156,7 +157,11 @@ DRIFTS = {
     ),
     "weight decay on biases and LayerNorm too": (GPT, "configure_optimizers", weight_decay_on_every_parameter),
     "no gradient clipping": (train, "clip_divisor", lambda grad_norm, max_norm: CLIP(grad_norm, math.inf)),
-    "every epoch in the first epoch's order": (train, "global_batch_rows", every_epoch_in_the_first_epochs_order),
+    "every epoch in the first epoch's order": (
+        batching,
+        "global_batch_windows",
+        every_epoch_in_the_first_epochs_order,
+    ),
 }
 
 

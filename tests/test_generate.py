@@ -11,6 +11,7 @@ from generate import (
     compile_decode_step,
     decode_mask,
     decode_step,
+    generate,
     sample_next_token,
     use_onednn_linear,
 )
@@ -31,7 +32,7 @@ def hf_generate(hf, idx, max_new_tokens, seed, attention_mask=None, **sampling):
 
 def our_generate(ours, idx, max_new_tokens, seed, **sampling):
     torch.manual_seed(seed)
-    return ours.generate(idx, max_new_tokens, **sampling)
+    return generate(ours, idx, max_new_tokens, **sampling)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -114,9 +115,9 @@ def test_finished_sequences_emit_eos_and_generation_stops_early():
 def test_each_prompt_of_a_batch_continues_as_if_alone(small_pair):
     _, ours = small_pair
     idx = tokens(101, 3, 6, seed=4)
-    batched = ours.generate(idx, 20, do_sample=False)
+    batched = generate(ours, idx, 20, do_sample=False)
     for row in range(3):
-        assert torch.equal(batched[row : row + 1], ours.generate(idx[row : row + 1], 20, do_sample=False))
+        assert torch.equal(batched[row : row + 1], generate(ours, idx[row : row + 1], 20, do_sample=False))
 
 
 @pytest.mark.parametrize("sampling", [RECIPE, dict(do_sample=False)], ids=["recipe", "greedy"])
@@ -130,23 +131,23 @@ def test_left_padded_prompts_give_hf_generates_tokens(small_pair, sampling):
     assert torch.equal(got, ref)
     if not sampling["do_sample"]:  # greedy: each prompt continues as it would alone, padding unseen
         for row, length in enumerate(lengths):
-            alone = ours.generate(idx[row : row + 1, 7 - length :], 30, do_sample=False)
+            alone = generate(ours, idx[row : row + 1, 7 - length :], 30, do_sample=False)
             assert torch.equal(got[row, 7:], alone[0, length:]), row
 
 
 def test_generate_is_in_eval_mode_whatever_the_caller_left(small_pair):
     _, ours = small_pair
     idx = tokens(101, 2, 5)
-    reference = ours.generate(idx, 20, do_sample=False)
+    reference = generate(ours, idx, 20, do_sample=False)
     for module in ours.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.5  # as if trained with dropout: in train mode it would change the tokens
     try:
         ours.train()
-        assert torch.equal(ours.generate(idx, 20, do_sample=False), reference)
+        assert torch.equal(generate(ours, idx, 20, do_sample=False), reference)
         assert ours.training  # the caller's mode is given back
         ours.eval()
-        ours.generate(idx, 20, do_sample=False)
+        generate(ours, idx, 20, do_sample=False)
         assert not ours.training
     finally:
         for module in ours.modules():
@@ -160,7 +161,7 @@ def test_generate_under_autocast_with_fp32_weights(small_pair):
     attention_mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for mask in (None, attention_mask):
-            assert ours.generate(idx, 10, attention_mask=mask, **RECIPE).shape == (2, 15)
+            assert generate(ours, idx, 10, attention_mask=mask, **RECIPE).shape == (2, 15)
             assert ours.transformer.h[0].attn.kv_cache.k.dtype == torch.bfloat16  # autocast's, not the weights'
     assert ours.lm_head.weight.dtype == torch.float32
 
@@ -168,7 +169,7 @@ def test_generate_under_autocast_with_fp32_weights(small_pair):
 def test_right_padding_is_refused(small_pair):
     _, ours = small_pair
     with pytest.raises(ValueError, match="pad prompts on the left"):
-        ours.generate(tokens(101, 2, 5), 3, attention_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]))
+        generate(ours, tokens(101, 2, 5), 3, attention_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]))
 
 
 @pytest.mark.parametrize(
@@ -211,8 +212,8 @@ def test_context_overflow_is_an_error_and_kv_cache_stays_out_of_checkpoints():
     _, ours = make_pair(**{**SMALL, "n_positions": 37})
     names = set(ours.state_dict())
     with pytest.raises(ValueError, match="38 tokens exceed the context of 37 tokens"):
-        ours.generate(tokens(101, 1, 30), 8)
-    assert ours.eval().generate(tokens(101, 1, 30), 7).shape == (1, 37)  # exactly the context is fine
+        generate(ours, tokens(101, 1, 30), 8)
+    assert generate(ours.eval(), tokens(101, 1, 30), 7).shape == (1, 37)  # exactly the context is fine
     assert set(ours.state_dict()) == names  # the caches, still allocated, are no part of checkpoints
     ours.clear_kv_cache()
     with pytest.raises(ValueError, match="call setup_kv_cache"):
@@ -223,11 +224,11 @@ def test_context_overflow_is_an_error_and_kv_cache_stays_out_of_checkpoints():
 
 def test_kv_caches_that_fit_are_reused(small_pair):
     _, ours = small_pair
-    ours.generate(tokens(101, 2, 5), 20)
+    generate(ours, tokens(101, 2, 5), 20)
     cache = ours.transformer.h[0].attn.kv_cache
-    ours.generate(tokens(101, 2, 9), 10)  # fits in the 25 positions: the compiled step keeps its buffers
+    generate(ours, tokens(101, 2, 9), 10)  # fits in the 25 positions: the compiled step keeps its buffers
     assert ours.transformer.h[0].attn.kv_cache is cache
-    ours.generate(tokens(101, 3, 5), 10)  # another batch size needs other buffers
+    generate(ours, tokens(101, 3, 5), 10)  # another batch size needs other buffers
     assert ours.transformer.h[0].attn.kv_cache.k.shape == (3, 3, 15, 16)
 
 

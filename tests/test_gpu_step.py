@@ -7,7 +7,9 @@ from datetime import timedelta
 import pytest
 import torch
 
+import batching
 import distributed
+import reporting
 import train
 from model import GPT, GPTConfig
 
@@ -69,23 +71,23 @@ def test_job_selects_the_cuda_device_it_is_given(monkeypatch):
     ],
 )
 def test_peak_table_matches_the_most_specific_name(name, peak):
-    assert train.peak_bf16_flops_of(name) == peak
+    assert reporting.peak_bf16_flops_of(name) == peak
 
 
 def test_probe_sizes_fill_a_loss_chunk_within_the_share():
-    assert train.probe_sizes(64, 1024) == (4, 8)  # 4096 rows: one whole loss chunk
-    assert train.probe_sizes(64, 256) == (16, 32)
-    assert train.probe_sizes(6, 1024) == (3, 6)
-    assert train.probe_sizes(2, 1024) == (1, 2)
+    assert batching.probe_sizes(64, 1024) == (4, 8)  # 4096 rows: one whole loss chunk
+    assert batching.probe_sizes(64, 256) == (16, 32)
+    assert batching.probe_sizes(6, 1024) == (3, 6)
+    assert batching.probe_sizes(2, 1024) == (1, 2)
 
 
 def test_micro_batch_from_probe_peaks_with_gradients_in_both():
     gib = 2**30
     # Peaks of GPT-2 small at T=1024 as the two probes see them: 3 GiB of model, gradients and loss chunk,
     # 1 GiB per sequence of activations.
-    fixed, per_sequence = train.memory_line((4, 8), [7 * gib, 11 * gib])
+    fixed, per_sequence = batching.memory_line((4, 8), [7 * gib, 11 * gib])
     assert (fixed, per_sequence) == (3 * gib, gib)
-    assert train.largest_micro_batch(64, fixed, per_sequence, budget_bytes=68 * gib) == 64
+    assert batching.largest_micro_batch(64, fixed, per_sequence, budget_bytes=68 * gib) == 64
     # Without the gradients in the first probe (its peak 0.5 GiB lower), the slope, and the choice, are off.
-    fixed, per_sequence = train.memory_line((4, 8), [6.5 * gib, 11 * gib])
-    assert train.largest_micro_batch(64, fixed, per_sequence, budget_bytes=68 * gib) == 32
+    fixed, per_sequence = batching.memory_line((4, 8), [6.5 * gib, 11 * gib])
+    assert batching.largest_micro_batch(64, fixed, per_sequence, budget_bytes=68 * gib) == 32

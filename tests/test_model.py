@@ -12,7 +12,15 @@ from huggingface_hub import save_torch_state_dict
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from common import UserError
-from hf import CONV1D_SUFFIXES, config_from_hf, hf_config, hf_state_dict, load_hf_state_dict
+from hf import (
+    CONV1D_SUFFIXES,
+    config_from_hf,
+    from_pretrained,
+    hf_config,
+    hf_state_dict,
+    load_hf_state_dict,
+    save_pretrained,
+)
 from model import GPT, GPTConfig
 
 # Deliberately odd shapes: 3 heads of width 16, 37 positions, a vocabulary of 101; one head; many.
@@ -97,7 +105,7 @@ def test_round_trips_give_equal_logits(tmp_path):
     back.load_state_dict(hf_state_dict(ours), strict=False)
     back.tie_weights()
     # ours -> save_pretrained -> GPT2LMHeadModel.from_pretrained
-    ours.save_pretrained(tmp_path)
+    save_pretrained(ours, tmp_path)
     loaded, info = GPT2LMHeadModel.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     with torch.no_grad():
@@ -127,7 +135,7 @@ def test_from_pretrained_reads_every_hf_layout(tmp_path):
     assert len(list((tmp_path / "safetensors-shards").glob("model-*.safetensors"))) > 1
     assert len(list((tmp_path / "bin-shards").glob("pytorch_model-*.bin"))) > 1
     for folder in ["safetensors", "safetensors-shards", "bin", "bin-shards", "compiled", "bare"]:
-        model = GPT.from_pretrained(tmp_path / folder)
+        model = from_pretrained(tmp_path / folder)
         assert not model.training  # eval mode, as HF's from_pretrained: the README's "same logits" as they are
         with torch.no_grad():
             assert (model(idx)[0] - ref).abs().max() < 1e-6, folder
@@ -163,7 +171,7 @@ def test_hub_models_fetch_config_and_one_format_of_weights(tmp_path, monkeypatch
         ("both", {"config.json", "model.safetensors"}),
         ("bin-shards", {p.name for p in (hub / "bin-shards").iterdir()}),
     ]:
-        model = GPT.from_pretrained(repo)
+        model = from_pretrained(repo)
         assert {p.name for p in (tmp_path / "cache" / repo).iterdir()} == fetched
         with torch.no_grad():
             assert (model(idx)[0] - ref).abs().max() < 1e-6, repo
@@ -226,9 +234,9 @@ def test_bad_input_gives_clear_errors(tmp_path):
         config_from_hf({**hf_config(GPTConfig()), "activation_function": "relu"})
     with pytest.raises(UserError, match="has none of model.safetensors, .*pytorch_model.bin"):
         (tmp_path / "config.json").write_text(json.dumps(hf_config(GPTConfig())))
-        GPT.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
     with pytest.raises(UserError, match="could not be fetched"):
-        GPT.from_pretrained("no-such-user/no-such-model")
+        from_pretrained("no-such-user/no-such-model")
     with pytest.raises(ValueError, match="not divisible"):
         GPTConfig(n_embd=50, n_head=3)
 

@@ -11,6 +11,8 @@ import torch
 import sample
 import tokenizer
 from common import UserError
+from generate import generate
+from hf import from_pretrained, save_pretrained
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).parent.parent
@@ -23,7 +25,7 @@ def run_dir(tmp_path_factory):
     run = tmp_path_factory.mktemp("out") / "tiny"
     for step in (10, 20):
         torch.manual_seed(step)
-        GPT(TINY).save_pretrained(run / f"ckpt_{step:07d}")
+        save_pretrained(GPT(TINY), run / f"ckpt_{step:07d}")
     return run
 
 
@@ -43,10 +45,10 @@ def test_streams_the_continuation_of_the_newest_checkpoint(run_dir):
     result = run_sample(f"--ckpt={run_dir}", f"--start={prompt}", "--max_new_tokens=12", "--seed=7")
     assert result.returncode == 0, result.stderr
     # The same generation in process, from the newest checkpoint and the same seed.
-    model = GPT.from_pretrained(run_dir / "ckpt_0000020").eval()
+    model = from_pretrained(run_dir / "ckpt_0000020").eval()
     torch.manual_seed(7)
     idx = torch.tensor([tokenizer.encode(prompt)])
-    out = model.generate(idx, 12, top_k=10, top_p=0.95, eos_token_id=tokenizer.EOT_ID)
+    out = generate(model, idx, 12, top_k=10, top_p=0.95, eos_token_id=tokenizer.EOT_ID)
     assert result.stdout == tokenizer.decode(out[0].tolist()) + "\n"
     assert "ckpt_0000020" in result.stderr and "tokens/s]" in result.stderr
 
@@ -57,12 +59,12 @@ def test_prints_only_whole_characters(monkeypatch, capsys, run_dir):
     ids = tokenizer.encode(text)
     assert "\ufffd" in tokenizer.decode(ids[-1:])  # the emoji's last token alone is no character
 
-    def scripted_generate(self, idx, max_new_tokens, callback, **sampling):
+    def scripted_generate(model, idx, max_new_tokens, callback, **sampling):
         for token in ids:
             callback(torch.tensor([token]))
         return torch.cat([idx, torch.tensor([ids])], dim=1)
 
-    monkeypatch.setattr(GPT, "generate", scripted_generate)
+    monkeypatch.setattr(sample, "generate", scripted_generate)
     sample.main([f"--ckpt={run_dir}", "--start=Hi"])
     assert capsys.readouterr().out == "Hi" + text + "\n"
 
@@ -173,7 +175,7 @@ def padded_run(tmp_path_factory):
         model.lm_head.weight[: tokenizer.VOCAB_SIZE] = 0
         model.lm_head.weight[tokenizer.VOCAB_SIZE :] = 100 * torch.randn(50304 - tokenizer.VOCAB_SIZE, TINY.n_embd)
     directory = tmp_path_factory.mktemp("padded") / "ckpt"
-    model.save_pretrained(directory)
+    save_pretrained(model, directory)
     return directory
 
 
@@ -231,7 +233,7 @@ def test_bad_prompt_files_are_one_line_errors(run_dir, tmp_path, monkeypatch, fl
     ],
 )
 def test_a_damaged_model_directory_is_one_line(tmp_path, damage):
-    GPT(TINY).save_pretrained(tmp_path / "ckpt")
+    save_pretrained(GPT(TINY), tmp_path / "ckpt")
     damage(tmp_path / "ckpt")
     with pytest.raises(UserError, match="ckpt: its model does not load .*; pass an intact HF GPT-2 directory"):
         sample.main([f"--ckpt={tmp_path / 'ckpt'}", "--max_new_tokens=2"])

@@ -3,6 +3,8 @@ import json
 import pytest
 
 import tokenizer
+from generate import generate
+from hf import save_pretrained
 from tokenizer import EOT_ID, VOCAB_SIZE, decode, encode, get_tokenizer
 
 
@@ -90,11 +92,11 @@ def test_a_model_directory_with_the_hf_files_generates_in_a_pipeline(tmp_path):
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, dropout=0.0)).eval()
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     tokenizer.save_hf_tokenizer(tmp_path, model_max_length=64)
     (tmp_path / "generation_config.json").write_text(json.dumps(tokenizer.hf_generation_config()))
     prompt = "I was telling her that"
-    ours = model.generate(torch.tensor([encode(prompt)]), max_new_tokens=8, do_sample=False)[0].tolist()
+    ours = generate(model, torch.tensor([encode(prompt)]), max_new_tokens=8, do_sample=False)[0].tolist()
     generated = pipeline("text-generation", model=str(tmp_path), device="cpu")(
         prompt, max_new_tokens=8, do_sample=False, return_full_text=True
     )

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +17,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import batching
 import common
 import configurator
+import reporting
 import train
 from checkpoint import CHECKPOINT_PATTERN, TrainerState, latest_checkpoint
 from common import UserError
+from hf import from_pretrained, save_pretrained
 from model import GPT, GPTConfig
 from shards import TokenWindows
 
@@ -169,7 +171,7 @@ def test_checkpoint_loads_in_transformers_with_the_logged_val_loss(data, referen
 
     checkpoint = latest_checkpoint(reference / "run")
     hf = GPT2LMHeadModel.from_pretrained(checkpoint).eval()
-    ours = GPT.from_pretrained(checkpoint).eval()
+    ours = from_pretrained(checkpoint).eval()
     val = TokenWindows(data, "val", 16)
     tokens = torch.from_numpy(val.batch(range(len(val))))  # (windows, 17)
     with torch.no_grad():
@@ -197,9 +199,11 @@ def test_the_predicted_memory_is_compared_once_after_the_second_step(data, tmp_p
 def test_mfu_counts_the_output_layer_columns_computed(data, tmp_path):
     cfg = configurator.parse_config(train.TrainConfig, args(data, tmp_path))
     model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16))
-    whole = train.flops_per_token(model, cfg)
+    whole = reporting.flops_per_token(model, cfg.block_size)
     train.compact_output_layer(model, TokenWindows(data, "train", 16), new_model=True)
-    assert whole - train.flops_per_token(model, cfg) == 6 * 15 * 16  # 49 of 64 columns: 15 rows of 16 fewer
+    assert (
+        whole - reporting.flops_per_token(model, cfg.block_size) == 6 * 15 * 16
+    )  # 49 of 64 columns: 15 rows of 16 fewer
 
 
 def test_a_new_models_unseen_tokens_share_a_row_and_a_column_pretrained_ones_keep_theirs(
@@ -219,7 +223,7 @@ def test_a_new_models_unseen_tokens_share_a_row_and_a_column_pretrained_ones_kee
     out = capsys.readouterr().out
     assert "softmax over the 48 tokens of the train split, the other 16 (one shared row) as one column" in out
     pretrained = tmp_path / "pretrained"
-    GPT(shape).save_pretrained(pretrained)
+    save_pretrained(GPT(shape), pretrained)
     train.main(args(data, tmp_path, "--run_name=tuned", f"--init_from={pretrained}", "--max_steps=1"))
     assert "softmax over all 64 tokens" in capsys.readouterr().out
 
@@ -342,7 +346,8 @@ def test_nonfinite_losses_in_a_row_stop_the_run(data, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["train.py", *args(data, tmp_path, "--max_steps=50", "--checkpoint_interval=2")])
     with pytest.raises(
         SystemExit,
-        match="^train.py: error: loss was non-finite for 5 steps in a row .* the last checkpoint is .*ckpt_0000006",
+        match="^train.py: error: loss was non-finite for 5 steps in a row .* lower learning_rate or check the data, "
+        "then --resume=auto continues from .*ckpt_0000006",
     ):
         configurator.run(train.main)
     run = tmp_path / "run"
@@ -355,27 +360,27 @@ def test_nonfinite_losses_in_a_row_stop_the_run(data, tmp_path, monkeypatch):
 def test_global_batches_do_not_depend_on_the_split(batch_size, steps_per_epoch):
     windows = batch_size * steps_per_epoch + 7  # the tail of an epoch is left out
     for step in range(2 * steps_per_epoch):  # across an epoch boundary
-        rows = train.global_batch_rows(42, step, steps_per_epoch, windows, batch_size)
+        rows = batching.global_batch_windows(42, step, steps_per_epoch, windows, batch_size)
         assert len(rows) == batch_size and len(set(rows)) == batch_size
         for world_size in (1, 2, 4):
             for micro in (m for m in range(1, batch_size // world_size + 1) if batch_size // world_size % m == 0):
-                shares = [train.rank_rows(rows, world_size, rank, micro) for rank in range(world_size)]
+                shares = [batching.rank_windows(rows, world_size, rank, micro) for rank in range(world_size)]
                 assert all(share.shape == (batch_size // world_size // micro, micro) for share in shares)
                 assert sorted(np.concatenate(shares, axis=None)) == sorted(rows)
     first_epoch = np.concatenate(
-        [train.global_batch_rows(42, s, steps_per_epoch, windows, batch_size) for s in range(steps_per_epoch)]
+        [batching.global_batch_windows(42, s, steps_per_epoch, windows, batch_size) for s in range(steps_per_epoch)]
     )
     assert len(set(first_epoch)) == len(first_epoch)  # an epoch visits each window at most once
 
 
 def test_the_automatic_micro_batch_is_the_largest_divisor_that_fits():
-    assert train.largest_micro_batch(64, fixed_bytes=10, bytes_per_sequence=1, budget_bytes=1000) == 64
+    assert batching.largest_micro_batch(64, fixed_bytes=10, bytes_per_sequence=1, budget_bytes=1000) == 64
     assert (
-        train.largest_micro_batch(64, fixed_bytes=10, bytes_per_sequence=1, budget_bytes=50) == 32
+        batching.largest_micro_batch(64, fixed_bytes=10, bytes_per_sequence=1, budget_bytes=50) == 32
     )  # 40 fits, is no divisor
-    assert train.largest_micro_batch(8, fixed_bytes=10, bytes_per_sequence=4, budget_bytes=25) == 2
+    assert batching.largest_micro_batch(8, fixed_bytes=10, bytes_per_sequence=4, budget_bytes=25) == 2
     assert (
-        train.largest_micro_batch(8, fixed_bytes=100, bytes_per_sequence=4, budget_bytes=25) == 1
+        batching.largest_micro_batch(8, fixed_bytes=100, bytes_per_sequence=4, budget_bytes=25) == 1
     )  # nothing fits: try 1
 
 
@@ -407,22 +412,24 @@ def test_training_steps_read_nothing_back_from_the_device(data, tmp_path, monkey
 
 def test_batches_are_read_ahead_while_a_step_runs(data, monkeypatch):
     windows = TokenWindows(data, "train", 16)
-    cfg = train.TrainConfig(data_dir=str(data), block_size=16, batch_size=4, device="cpu")
-    rows = [list(train.global_batch_rows(42, step, 10, len(windows), 4)) for step in (3, 4, 5)]
+    rows = [list(batching.global_batch_windows(42, step, 10, len(windows), 4)) for step in (3, 4, 5)]
     expected = [torch.from_numpy(windows.batch(r)).view(2, 2, 17) for r in rows]  # one process, micro-batches of 2
     requested = queue.Queue()
     batch = TokenWindows.batch
     monkeypatch.setattr(
         TokenWindows, "batch", lambda self, indices: requested.put(list(indices)) or batch(self, indices)
     )
-    feed = train.batches(
+    feed = batching.batches(
         windows,
-        cfg,
-        train.Job("cpu", timedelta(minutes=1)),
+        seed=42,
+        batch_size=4,
         micro_batch_size=2,
+        rank=0,
+        world_size=1,
         steps_per_epoch=10,
         start_step=3,
         max_steps=6,
+        device="cpu",
     )
     assert torch.equal(next(feed), expected[0])
     assert [requested.get(timeout=30) for _ in range(2)] == rows[:2]  # step 4 is read before the consumer asks for it

@@ -227,7 +227,7 @@ def test_a_checkpoint_is_never_written_with_nonfinite_weights(data, tmp_path, mo
     with pytest.raises(
         UserError,
         match="step 4: .*wte.weight holds inf or NaN, so no checkpoint is written; "
-        r"the newest finite one is .*ckpt_0000002",
+        r"lower learning_rate \(or check the data\), then --resume=auto continues from .*ckpt_0000002",
     ):
         train.main(args(data, tmp_path, "--max_steps=8", "--checkpoint_interval=2"))
     checkpoint = latest_checkpoint(tmp_path / "run")
