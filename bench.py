@@ -9,11 +9,8 @@ Absolute numbers on shared machines are noise; the ratio between two runs made b
 the same machine is the number to read. Results are printed as a table and written as JSON.
 """
 
-import gzip
 import json
 import math
-import platform
-import random
 import re
 import subprocess
 import sys
@@ -23,10 +20,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 import configurator
 from common import UserError
+from measure import (
+    ROOT,
+    default_device,
+    machine_name,
+    prepare_austen,
+    run_measured,
+    run_train_py,
+    timed_logs,
+    val_loss,
+    write_austen_corpus,
+)
 from shards import TokenWindows
 
 
@@ -40,26 +47,11 @@ class BenchConfig:
     json_path: str = "bench.json"  # the rows are also written here
 
 
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def machine_name(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
 # Each section returns rows: {"what", "unit", "ours", "reference", ...extra}; higher is better.
 SECTIONS = {}
 
 
 # prepare: prepare.py vs the recipe's pipeline, each in its own process so its memory is its own.
-ROOT = Path(__file__).parent
 
 
 def ours_prepare(corpus: str, out_dir: str) -> None:
@@ -73,45 +65,6 @@ def ours_prepare(corpus: str, out_dir: str) -> None:
     meta = json.loads((Path(out_dir) / "meta.json").read_text())
     tokens = sum(split["tokens"] for split in meta["splits"].values())
     print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "tokens": tokens}))
-
-
-def write_austen_corpus(directory: Path, copies: int) -> Path:
-    """The bundled novels as .txt, `copies` times over; each copy after the first shuffles the paragraphs."""
-    directory.mkdir()
-    rng = random.Random(0)
-    for path in sorted(ROOT.glob("assets/austen/*.txt.gz")):
-        paragraphs = gzip.open(path).read().decode().split("\n\n")
-        for copy in range(copies):
-            (directory / f"{copy:03d}_{path.name[:-3]}").write_text("\n\n".join(paragraphs), encoding="utf-8")
-            rng.shuffle(paragraphs)
-    return directory
-
-
-def run_measured(child: str, *args) -> dict:
-    """Runs child, "module.function", with args in a process of its own, sampling the RSS of it and all its
-    children; returns the JSON it prints + peak_rss_mb. bench.py and recipe.py import torch only inside the
-    functions that need it, so a child carries only what its own function imports."""
-    module, function = child.rsplit(".", 1)
-    code = f"import sys, {module}; {module}.{function}(*sys.argv[1:])"
-    with tempfile.TemporaryFile("w+") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-c", code, *map(str, args)],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-        )
-        root, peak = psutil.Process(process.pid), 0
-        while process.poll() is None:
-            try:
-                peak = max(peak, sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]))
-            except psutil.NoSuchProcess:  # a child ended between listing and reading
-                pass
-            time.sleep(0.02)
-        if process.returncode:
-            stderr.seek(0)
-            raise RuntimeError(f"benchmark child failed: {stderr.read()[-2000:]}")
-        return {**json.loads(process.stdout.read().splitlines()[-1]), "peak_rss_mb": peak / 2**20}
 
 
 def bench_prepare(cfg):
@@ -149,27 +102,6 @@ def bench_prepare(cfg):
 
 
 SECTIONS["prepare"] = bench_prepare
-
-
-def prepare_austen(data_dir: Path) -> Path:
-    subprocess.run(
-        [sys.executable, "prepare.py", "--dataset=austen", f"--out_dir={data_dir}"],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    )
-    return data_dir
-
-
-def run_train_py(overrides: dict, variant: str = "") -> str:
-    """Runs train.py with --key=value overrides in its own process, or with variant, the name of one of the
-    train_with_* functions below, as that function runs it; returns what it printed."""
-    script = ["-c", f"import bench; bench.{variant}()"] if variant else ["train.py"]
-    command = [sys.executable, *script, *(f"--{key}={value}" for key, value in overrides.items())]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    if result.returncode:
-        raise RuntimeError(f"train.py failed: {result.stderr[-2000:]}")
-    return result.stdout
 
 
 def train_with_plain_loss() -> None:
@@ -213,12 +145,6 @@ def train_with_freed_memory_returned() -> None:
     configurator.run(train.main)
 
 
-def timed_logs(run_dir: Path) -> list[dict]:
-    """train.py's log records with its own clock's tokens/s, after the first (which holds the warm-up)."""
-    logs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in logs if "tokens_per_s" in r][1:]
-
-
 # train: train.py (our model + loop) vs GPT2LMHeadModel under the HF Trainer (the recipe's loop), on
 # the same windows with the same batch, AdamW (fused), schedule, clipping and precision (bf16 on GPU).
 FREED_MEMORY_RETURNED = "freed memory handed back (glibc's default)"
@@ -236,10 +162,10 @@ def bench_train(cfg):
     same_batch = {"batch_size": batch_size, "micro_batch_size": batch_size}
     variants = {f"{batch_size}x{block_size}": ("", same_batch)}
     if gpu:  # the same step with the loss of the full logits, so that the fused loss is a measured choice
-        variants[f"{batch_size}x{block_size}, loss F.cross_entropy"] = ("train_with_plain_loss", same_batch)
+        variants[f"{batch_size}x{block_size}, loss F.cross_entropy"] = ("bench.train_with_plain_loss", same_batch)
         variants[f"64x{block_size} per step, micro-batch auto"] = ("", {"batch_size": 64})
     else:  # the same step with freed memory handed back to the OS, so that keep_freed_memory is a measured choice
-        returned = ("train_with_freed_memory_returned", same_batch)
+        returned = ("bench.train_with_freed_memory_returned", same_batch)
         variants[f"{batch_size}x{block_size}, {FREED_MEMORY_RETURNED}"] = returned
     ours, reference = {name: {"tokens_per_s": 0.0} for name in variants}, 0.0
     with tempfile.TemporaryDirectory() as tmp:
@@ -308,25 +234,9 @@ SECTIONS["train"] = bench_train
 
 
 # fidelity: does train.py learn what the recipe learns? Each side trains from seeds of its own (initial
-# weights, window order, dropout) with the same data, hyperparameters and steps; one evaluation then
-# scores every final model on the same val windows. The controlled twin (same weights and order, no
-# dropout, agreeing to float rounding) is tests/test_fidelity.py.
-def val_loss(model_dir: Path, windows: TokenWindows, device: str) -> float:
-    """Mean next-token loss of the HF GPT-2 directory's model over every window, in fp32."""
-    import torch
-
-    from hf import from_pretrained
-
-    model = from_pretrained(str(model_dir)).to(device)
-    total = 0.0
-    with torch.no_grad():
-        for start in range(0, len(windows), 32):
-            rows = range(start, min(start + 32, len(windows)))
-            tokens = torch.from_numpy(windows.batch(rows)).to(device)  # (B, T + 1)
-            total += model(tokens[:, :-1], tokens[:, 1:])[1].item() * len(tokens)
-    return total / len(windows)
-
-
+# weights, window order, dropout) with the same data, hyperparameters and steps; one evaluation
+# (measure.val_loss) then scores every final model on the same val windows. The controlled twin (same
+# weights and order, no dropout, agreeing to float rounding) is tests/test_fidelity.py.
 # The sides: train.py as it is (a new model's unseen tokens' rows at zero, loss.CompactVocab), train.py with
 # every row drawn on its own as GPT-2 draws them (the whole softmax), and the recipe.
 FIDELITY_SIDES = {
@@ -369,7 +279,7 @@ def bench_fidelity(cfg):
         for seed in range(cfg.fidelity_seeds):
             for side, (variant, softmax) in {
                 "ours": ("", "one shared row"),
-                "independent": ("train_with_independent_rows", "softmax over all"),
+                "independent": ("bench.train_with_independent_rows", "softmax over all"),
             }.items():
                 run_dir = Path(tmp) / f"{side}{seed}"
                 run = {**ours_run, "seed": seed, "data_dir": data_dir, "out_dir": tmp, "run_name": run_dir.name}
@@ -479,23 +389,10 @@ def bench_quickstart(cfg):
     reference = results["config/austen.py"]
     rows = []
     for name, (reached, final_loss) in results.items():
-        what = f"quickstart, {name}"
-        rows.append(
-            {
-                "what": f"{what}: s to val {QUICKSTART_TARGET} (lower is better)",
-                "unit": "s",
-                "ours": reached,
-                "reference": reference[0],
-            }
-        )
-        rows.append(
-            {
-                "what": f"{what}: final val loss (lower is better)",
-                "unit": "loss",
-                "ours": final_loss,
-                "reference": reference[1],
-            }
-        )
+        what = f"quickstart, {name} (lower is better)"
+        for measure, unit, ours, theirs in [(f"s to val {QUICKSTART_TARGET}", "s", reached, reference[0]),
+                                            ("final val loss", "loss", final_loss, reference[1])]:  # fmt: skip
+            rows.append({"what": f"{what}: {measure}", "unit": unit, "ours": ours, "reference": theirs})
     return rows
 
 
@@ -504,7 +401,6 @@ SECTIONS["quickstart"] = bench_quickstart
 # generate: generate.generate on a model with generate.use_onednn_linear applied (fp32, bf16, eager and
 # with the decode step compiled) and the bare matvecs of one token, each against GPT2LMHeadModel.generate
 # in fp32 on the same weights; batch 1, the recipe's sampling.
-RECIPE_SAMPLING = dict(do_sample=True, top_k=10, top_p=0.95)
 GENERATE_NEW_TOKENS = 100
 
 
@@ -527,7 +423,7 @@ def bench_generate(cfg):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     import tokenizer
-    from generate import compile_decode_step, decode_step, generate, use_onednn_linear
+    from generate import RECIPE_SAMPLING, compile_decode_step, decode_step, generate, use_onednn_linear
     from hf import config_from_hf, load_hf_state_dict
     from model import GPT
 
@@ -550,7 +446,11 @@ def bench_generate(cfg):
     idx = torch.tensor([tokenizer.encode("I was telling her that")], device=cfg.device)
     runs = {
         "HF fp32": lambda: hf.generate(
-            idx, attention_mask=torch.ones_like(idx), max_new_tokens=GENERATE_NEW_TOKENS, **RECIPE_SAMPLING
+            idx,
+            attention_mask=torch.ones_like(idx),
+            max_new_tokens=GENERATE_NEW_TOKENS,
+            do_sample=True,
+            **RECIPE_SAMPLING,
         )
     }
     for name, model in ours.items():
