@@ -18,9 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tiktoken
+from conftest import write_shard
 
 import prepare
-from shards import TokenWindows, write_shard
+from shards import TokenWindows
 from tokenizer import EOT_ID, get_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
