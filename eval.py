@@ -47,13 +47,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import configurator
-import prepare
 import tokenizer
 from common import UserError, check_device
 from distributed import Job
 from model import GPT
 from sample import DTYPES, load_model, read_text
 from shards import TokenWindows
+from sources import check_hub
 
 VAL = "val"  # the --tasks name of the loss on a prepared split
 
@@ -196,7 +196,7 @@ def hub_rows(name: str, task: Task) -> list[dict]:
     """The task's rows from the Hub through `datasets` (Parquet, cached); unreachable: a fast one-line error."""
     repo, config, split = task.hub
     hint = f"offline, pass --{name}_file=PATH, a JSONL file of {repo}'s {split} rows"
-    prepare.check_hub(repo, None, hint)
+    check_hub(repo, None, hint)
     import datasets  # slow to import: only for the Hub
 
     try:

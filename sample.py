@@ -28,9 +28,10 @@ import torch
 import configurator
 import tokenizer
 from checkpoint import latest_checkpoint
-from common import UserError, check_device, text_encoding
+from common import UserError, check_device
 from generate import compile_decode_step, decode_step, use_onednn_linear
 from model import GPT, GPTConfig
+from sources import read_text
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRAIN_HINT = (
@@ -77,27 +78,6 @@ def load_model(cfg: SampleConfig) -> GPT:
         source = str(checkpoint)
     print(f"loading {source}", file=sys.stderr)
     return GPT.from_pretrained(source, dropout=0.0)  # not a directory: a Hub name, as train.py's --init_from
-
-
-def read_text(path: Path, arg: str) -> str:
-    """A prompt file's text, decoded as its byte-order mark says (UTF-8, UTF-16, UTF-32; none: UTF-8), as
-    prepare.py decodes its input; arg is the argument that named it, for the errors."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{arg}: no such file; check the path") from None
-    except IsADirectoryError:
-        raise UserError(f"{arg} is a directory; pass a file") from None
-    except OSError as e:
-        raise UserError(f"{arg}: cannot read it ({e.strerror or e}); check that you may read it") from None
-    encoding = text_encoding(data)
-    try:
-        return data.decode(encoding)
-    except UnicodeDecodeError as e:
-        raise UserError(
-            f"{arg} is not {encoding.upper().removesuffix('-SIG')} text ({e.reason} at byte {e.start}); "
-            "convert it to UTF-8"
-        ) from None
 
 
 def read_prompt(start: str) -> str:

@@ -16,6 +16,7 @@ import torch
 
 import eval as evaluation
 import prepare
+import sources
 import tokenizer
 from common import UserError
 from model import GPT, GPTConfig
@@ -384,7 +385,7 @@ def test_hub_out_of_reach_ends_with_the_callers_hint(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     with pytest.raises(UserError, match="cannot reach the Hugging Face Hub for owner/name .*; work offline$"):
-        prepare.check_hub("owner/name", None, "work offline")
+        sources.check_hub("owner/name", None, "work offline")
     with pytest.raises(UserError) as error:
         evaluation.hub_rows("lambada_openai", evaluation.TASKS["lambada_openai"])
     assert prepare.OFFLINE_HINT not in str(error.value)
