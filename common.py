@@ -1,32 +1,16 @@
 """What every module shares: the error for mistakes the user can fix and short forms of errors, the check
-of a --device, the encoding a text file announces, writes that never leave half a file, and how the
-process's allocator keeps memory."""
+of a --device, writes that never leave half a file, and how the process's allocator keeps memory."""
 
-import codecs
 import ctypes
 import os
 import sys
 from pathlib import Path
-
-# what a byte-order mark announces (UTF-32's before UTF-16's, which they start with)
-BYTE_ORDER_MARKS = [
-    (codecs.BOM_UTF32_LE, "utf-32"),
-    (codecs.BOM_UTF32_BE, "utf-32"),
-    (codecs.BOM_UTF8, "utf-8-sig"),
-    (codecs.BOM_UTF16_LE, "utf-16"),
-    (codecs.BOM_UTF16_BE, "utf-16"),
-]
 
 
 class UserError(ValueError):
     """A mistake or an environment problem the user fixes (a bad value, a missing file, the Hub out of
     reach, a full disk); the message names the problem and the fix. configurator.run prints it as one
     line; any other exception is a bug and keeps its traceback."""
-
-
-def text_encoding(data: bytes) -> str:
-    """The encoding the start of a text file announces with a byte-order mark; without one, UTF-8."""
-    return next((name for mark, name in BYTE_ORDER_MARKS if data.startswith(mark)), "utf-8")
 
 
 def one_line(error: BaseException) -> str:

@@ -20,15 +20,15 @@ from shards import TokenWindows
 
 @torch.no_grad()
 def window_loss(
-    model, windows: TokenWindows, rows: np.ndarray, batch_size: int, device: str, autocast, job: Job
+    model, windows: TokenWindows, indices: np.ndarray, batch_size: int, device: str, autocast, job: Job
 ) -> float:
-    """Mean loss over windows[rows] (train.py's val loss), split across ranks; every rank returns the same
+    """Mean loss over windows[indices] (train.py's val loss), split across ranks; every rank returns the same
     value. Takes the plain model: ranks may run different numbers of batches, so no DDP forward. Runs in
     eval mode and gives the model back in the mode it found it in."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # sum over windows of their mean loss
-    mine = rows[job.rank :: job.world_size]
+    mine = indices[job.rank :: job.world_size]
     for i in range(0, len(mine), batch_size):
         tokens = torch.from_numpy(windows.batch(mine[i : i + batch_size])).to(device)  # (B, T + 1)
         with autocast:
@@ -37,7 +37,7 @@ def window_loss(
     if job.world_size > 1:
         dist.all_reduce(loss_sum)
     model.train(was_training)
-    return loss_sum.item() / len(rows)
+    return loss_sum.item() / len(indices)
 
 
 @dataclass

@@ -8,35 +8,32 @@
 Writes data/<name>/{train,val}_NNNNNN.bin in llm.c's format (shards.py) and meta.json. Each document
 starts with <|endoftext|>, as in llm.c; BookCorpus rows are sentences of one running text, joined by spaces.
 
-Input: --input takes a file, a glob, or a directory and all files under it but hidden ones, with
-extensions in any case, and prints how many files it reads and what it skips, and why. Text is UTF-8
-unless a byte-order mark says UTF-16 or UTF-32; undecodable bytes become U+FFFD (counted, warned), and
-a file that is mostly NUL or undecodable (binary, UTF-16 without a mark) is refused. Row files are
-checked before they are read together: .jsonl by a pass of pyarrow's parser (every text a string),
-.parquet by its schema. A damaged file is one line naming it, and the line of a .jsonl at fault.
+Input (sources.py reads it): --input takes a file, a glob, or a directory and all files under it but
+hidden ones. Text is UTF-8 unless a byte-order mark says UTF-16 or UTF-32; undecodable bytes become
+U+FFFD (counted, warned), and a file that is mostly NUL or undecodable is refused. Row files are checked
+before they are read together; a damaged file is one line naming it, and the line of a .jsonl at fault.
 
-Validation: the text goes in blocks of ~block_chars characters (small documents whole, large ones cut
+Validation: the text goes in chunks of ~block_chars characters (small documents whole, large ones cut
 before a space between two non-space characters, where GPT-2's pre-tokenizer splits anyway, so tokens
-are exactly those of the whole document). Each block is held out with probability val_fraction, drawn
-from a generator seeded with `seed`; the first block always trains. Blocks are contiguous text, so
-nothing is in both splits; text that resumes after the other split's blocks starts with <|endoftext|>.
+are exactly those of the whole document). Each chunk is held out with probability val_fraction, drawn
+from a generator seeded with `seed`; the first chunk always trains. Chunks are contiguous text, so
+nothing is in both splits; text that resumes after the other split's chunks starts with <|endoftext|>.
 
 The share held out suits the input's size, which a stream does not tell up front; two rules settle it
 in one pass, in bounded memory:
-- Read-ahead: the first MIN_BLOCKS (16) blocks are read before any is assigned. An input that ends
-  within them is small, and wholly in memory: it is cut again into blocks of 1/16 of its size.
-- Fallback: when the input ends with less than half a block held out, the last block is held out,
-  and the one before it too if the last is under half a block (the last two blocks wait for this).
-So an input under 16 blocks (4M characters, ~1M tokens) holds out 3-9% of itself, a larger one at
-least half a block, and from ~1/val_fraction blocks on (170M characters) the draws take over: 0.15%
-of BookCorpus. Inputs under MIN_CHARS are refused. The read-ahead holds at most 16 blocks (4M
-characters). Inputs of 16 blocks or more are cut and drawn with the read-ahead changing nothing.
+- Read-ahead: the first MIN_CHUNKS chunks are read before any is assigned. An input that ends within
+  them is small, and wholly in memory: it is cut again into MIN_CHUNKS chunks of equal size.
+- Fallback: when the input ends with less than half a chunk held out, the last chunk is held out,
+  and the one before it too if the last is under half a chunk (the last two chunks wait for this).
+So a small input holds out a few percent of itself, a larger one at least half a chunk, and one of
+~1/val_fraction chunks or more about val_fraction, from the draws (BENCHMARKS.md has the shares at the
+defaults). Inputs under MIN_CHARS are refused. The read-ahead holds at most MIN_CHUNKS chunks; inputs
+of MIN_CHUNKS chunks or more are cut and drawn with the read-ahead changing nothing.
 
-Speed and memory: the main thread reads and cuts blocks, `workers` threads tokenize them (tiktoken
-releases the GIL), at most 2 * workers blocks are in flight and shards stream to disk: peak RSS does
+Speed and memory: the main thread reads and cuts chunks, `workers` threads tokenize them (tiktoken
+releases the GIL), at most 2 * workers chunks are in flight and shards stream to disk: peak RSS does
 not grow with the corpus. Rows streamed through `datasets` (.jsonl, .parquet, the Hub) take several
-times the memory of text files, nearly all of it datasets and pyarrow decoding a Parquet row group at a
-time (BENCHMARKS.md has the figures).
+times the memory of text files: pyarrow decodes a Parquet row group at a time (BENCHMARKS.md).
 
 Crash safety: a shard is written under a temp name and renamed once complete, then progress.json records
 where it ended in the input, and the input files' names, sizes and modification times. A rerun over
@@ -46,21 +43,16 @@ written last, marks a finished preparation, whose shards a rerun checks; --force
 Only prepare's own files (OWN_FILE) are ever deleted in the output directory.
 """
 
-import codecs
 import collections
 import errno
-import glob
-import gzip
 import hashlib
 import itertools
 import json
-import logging
 import os
 import random
 import re
 import sys
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,27 +62,29 @@ import numpy as np
 from tqdm import tqdm
 
 import configurator
-from common import UserError, atomic_write_bytes, first_sentence, text_encoding
+from common import UserError, atomic_write_bytes
 from shards import ShardWriter, is_count, open_shard, read_meta
+from sources import (
+    PARQUET_EXPORT,
+    ROW_FORMATS,
+    dataset_documents,
+    input_kind,
+    local_files,
+    text_file_pieces,
+)
 from tokenizer import EOT_ID, RANKS_SHA256, VOCAB_SIZE, get_tokenizer
 
 ROOT = Path(__file__).parent
 AUSTEN_GLOB = "assets/austen/*.txt.gz"
-# datasets 4+ no longer runs loading scripts, and bookcorpus/bookcorpus has one. The Hub's dataset
-# viewer publishes every public dataset as Parquet on its `refs/convert/parquet` branch, which
-# load_dataset reads like any Parquet dataset: https://huggingface.co/docs/dataset-viewer/parquet
+# datasets 4+ no longer runs loading scripts, and bookcorpus/bookcorpus has one: its Parquet export is read
 BOOKCORPUS = "bookcorpus/bookcorpus"
-BOOKCORPUS_REVISION = "refs/convert/parquet"
+BOOKCORPUS_REVISION = PARQUET_EXPORT
 OFFLINE_HINT = "offline, use --dataset=austen (bundled) or --input=PATH (.txt, .jsonl or .parquet files)"
-ROW_FORMATS = {".jsonl": "json", ".parquet": "parquet"}  # the datasets builder for each
 FORMAT_VERSION = 1  # of meta.json
-READ_BYTES = 1 << 20
-MAX_NOT_TEXT = 0.25  # a file with more NUL or undecodable characters than this share is refused: not text
-INPUT_KINDS = "a .txt, .txt.gz, .jsonl or .parquet file"
 # what prepare writes in out_dir, with temp names: all it ever deletes there
 OWN_FILE = re.compile(r"((train|val)_\d{6}\.bin|(meta|progress)\.json)(\.tmp)?")
 SPLITS = ("train", "val")
-MIN_BLOCKS = 16  # an input of fewer blocks is cut into this many smaller ones (see the docstring)
+MIN_CHUNKS = 16  # an input of fewer chunks is cut into this many smaller ones (see the docstring)
 MIN_CHARS = 4096  # ~1k tokens: less cannot give both splits something to work with
 # the CPUs this process may use (as os.process_cpu_count of Python 3.13; affinity is Linux-only)
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -104,286 +98,31 @@ class PrepareConfig:
     split: str = "train"  # Hub datasets: the split to read; validation is carved out of it here
     revision: str | None = None  # Hub datasets: branch or commit (bookcorpus: refs/convert/parquet)
     out_dir: str = ""  # where the shards go; empty: data/<name of the dataset or input>
-    val_fraction: float = 0.0015  # chance that a block of text is held out for validation (see the module docstring)
+    val_fraction: float = 0.0015  # chance that a chunk of text is held out for validation (see the module docstring)
     seed: int = 1337  # seeds the validation draws: the same seed and input give the same split
     shard_tokens: int = 100_000_000  # tokens per shard file (the last of each split holds the rest)
-    block_chars: int = 1 << 18  # text per validation draw and per tokenizer task
+    block_chars: int = 1 << 18  # characters per chunk of text: a validation draw and a tokenizer task
     workers: int = CPUS  # tokenizer threads; default: the CPUs this process may use
     force: bool = False  # delete this dataset's shards and rebuild
 
 
+def check_config(cfg: PrepareConfig) -> None:
+    if not 0 <= cfg.val_fraction < 1 or min(cfg.shard_tokens, cfg.block_chars, cfg.workers) < 1:
+        raise UserError("need 0 <= --val_fraction < 1 and --shard_tokens, --block_chars, --workers >= 1")
+    max_id = get_tokenizer().max_token_value
+    if max_id > np.iinfo(np.uint16).max:
+        raise UserError(
+            f"the tokenizer has ids up to {max_id}, but shards store uint16 (at most 65535); "
+            "use a GPT-2-sized vocabulary"
+        )
+
+
 class Unit(NamedTuple):
+    """A chunk, numbered in input order and assigned to a split: one tokenizer task."""
+
     index: int
     split: str
     pieces: list[tuple[bool, str]]  # (starts with <|endoftext|>, text)
-
-
-REPLACED = "prepare.replace_counted"  # a codecs error handler: errors="replace", each replacement counted
-replacements = [0]  # how many it made, in this process (only the main thread decodes)
-
-
-def replace_counted(error: UnicodeDecodeError):
-    replacements[0] += 1
-    return "\ufffd", error.end
-
-
-codecs.register_error(REPLACED, replace_counted)
-
-
-def read_text_file(path: Path, replaced: collections.Counter):
-    """Yields a file's text in pieces, decoded as its byte-order mark says (UTF-8, UTF-16, UTF-32; none: UTF-8).
-
-    Undecodable bytes become U+FFFD and are counted per file. A file whose text is more than MAX_NOT_TEXT
-    NUL or undecodable characters is refused: binary data, UTF-16 without a mark, another encoding.
-    """
-    chars = not_text = 0
-    try:
-        with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as f:
-            data = f.read(READ_BYTES)
-            encoding = text_encoding(data)
-            decoder = codecs.getincrementaldecoder(encoding)(errors=REPLACED)
-            while True:
-                before = replacements[0]
-                text = decoder.decode(data, final=not data)
-                if count := replacements[0] - before:
-                    replaced[str(path)] += count
-                chars += len(text)
-                not_text += count + text.count("\x00")
-                if not_text > MAX_NOT_TEXT * chars:
-                    raise UserError(
-                        f"{path} is not {encoding.upper().removesuffix('-SIG')} text: {not_text:,} of its first "
-                        f"{chars:,} characters are NUL or undecodable; convert it to UTF-8 (UTF-16 needs a "
-                        "byte-order mark) or leave it out of --input"
-                    )
-                yield text
-                if not data:
-                    return
-                data = f.read(READ_BYTES)
-    except gzip.BadGzipFile as e:
-        raise UserError(
-            f"{path} is not gzip data ({e}); if it is plain text, rename it to .txt, "
-            "else get it again or leave it out of --input"
-        ) from None
-    except (EOFError, zlib.error) as e:
-        raise UserError(
-            f"{path} is truncated or damaged gzip data ({e}); download or compress it again, or leave it out of --input"
-        ) from None
-    except OSError as e:
-        raise UserError(f"reading {path} failed: {e.strerror or e}; check that it is a file you can read") from None
-
-
-def joined_rows(batches):
-    """BookCorpus: rows are consecutive sentences of one running text, so they are joined with a space."""
-    separator = ""
-    for texts in batches:
-        if text := " ".join(filter(None, texts)):
-            yield separator + text
-            separator = " "
-
-
-def check_hub(repo: str, revision: str | None, hint: str) -> None:
-    """Fails in a second when the Hub is unreachable, where load_dataset retries for ~25 s; the error
-    ends with hint, the caller's way to work offline."""
-    from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import HfHubHTTPError
-
-    if constants.HF_HUB_OFFLINE:  # datasets then reads its cache, or says it can't
-        return
-    try:
-        HfApi().dataset_info(repo, revision=revision, timeout=10)
-    except HfHubHTTPError as e:  # the Hub answered: no such dataset or revision, gated, ...
-        raise UserError(f"--dataset={repo}: {first_sentence(e)}") from None
-    except Exception as e:  # no answer; the transport's exception types vary across huggingface_hub versions
-        raise UserError(f"cannot reach the Hugging Face Hub for {repo} ({type(e).__name__}: {e}); {hint}") from None
-
-
-def is_text_type(arrow_type) -> bool:
-    import pyarrow as pa
-
-    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or pa.types.is_null(arrow_type)
-
-
-def jsonl_problem(path: Path, text_column: str) -> tuple[str, bool]:
-    """The error path of check_row_file: (the first line at fault, counted from 1, or "" if none), and whether
-    the file has any rows. Python's json, a line at a time, names the line that pyarrow's error does not."""
-    rows = 0
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            rows += 1
-            try:
-                row = json.loads(line)
-            except ValueError as e:  # not JSON, or not UTF-8
-                return f"line {number} is not JSON ({e})", True
-            if not isinstance(row, dict):
-                return f"line {number} is not a JSON object", True
-            if (value := row.get(text_column)) is not None and not isinstance(value, str):
-                return f"line {number}: '{text_column}' is {json.dumps(value)[:40]}, not a string", True
-    return "", rows > 0
-
-
-def check_row_file(path: Path, text_column: str) -> None:
-    """Refuses a row file that does not parse, or whose text is not strings, naming it (and the line): read
-    with others, datasets casts a file's 12345 to "12345" after another file's strings, and it quotes every
-    row as JSON in a file that mixes types. Parquet: the schema in its footer; .jsonl: a pass of pyarrow's parser."""
-    import pyarrow as pa
-    import pyarrow.json as pj
-    import pyarrow.parquet as pq
-
-    if input_kind(path) == ".parquet":
-        try:
-            schema = pq.read_schema(path)
-        except (pa.ArrowException, OSError) as e:
-            raise UserError(
-                f"{path} is not a readable Parquet file ({e}); download or write it again, or leave it out of --input"
-            ) from None
-        if text_column not in schema.names:
-            raise UserError(
-                f"{path} has no column '{text_column}' (it has {', '.join(schema.names)}); pass --text_column=NAME"
-            )
-        if not is_text_type(schema.field(text_column).type):
-            raise UserError(
-                f"{path}: column '{text_column}' holds {schema.field(text_column).type}, not strings; "
-                "pass --text_column=NAME of a column of strings"
-            )
-        return
-    options = pj.ParseOptions(
-        explicit_schema=pa.schema([(text_column, pa.string())]), unexpected_field_behavior="ignore"
-    )
-    try:
-        for _ in pj.open_json(path, parse_options=options):
-            pass
-    except pa.ArrowInvalid as e:
-        problem, has_rows = jsonl_problem(path, text_column)
-        if problem or has_rows:  # pyarrow refuses a file of blank lines only, which holds no rows
-            raise UserError(
-                f"{path}: {problem or f'cannot be read as rows ({e})'}; fix the file or leave it out of --input"
-            ) from None
-
-
-def row_texts(dataset, source: str, text_column: str):
-    """Yields the text column in batches (a str or None per row) through Arrow, as datasets' default
-    Python formatting goes row by row, far slower; refuses a column that is not strings."""
-    import pyarrow as pa
-
-    rows = 0
-    try:
-        for table in dataset.select_columns([text_column]).with_format("arrow").iter(batch_size=1000):
-            column = table[text_column]
-            if not is_text_type(column.type):  # datasets gives JSON of mixed types as JSON text, strings quoted
-                raise UserError(
-                    f"{source}: column '{text_column}' holds {column.type}, not strings (rows {rows + 1:,} on); "
-                    "pass --text_column=NAME of a column of strings"
-                )
-            yield column.to_pylist()
-            rows += len(table)
-    except UserError:
-        raise
-    except (pa.ArrowException, ValueError) as e:  # what pyarrow and datasets raise for data that does not parse
-        raise UserError(
-            f"{source}: cannot be read as rows ({type(e).__name__}: {e}); the data is damaged, get it again"
-        ) from None
-
-
-def dataset_documents(path: str, source: str, text_column: str, sentences: bool, files: list[Path], **load_args):
-    """Streams rows with `datasets`, from the Hub or (data_files) local row `files`, each checked first:
-    a document per row, or (sentences) one document of them all.
-
-    A generator, so nothing is imported, read or fetched until the text is needed.
-    """
-    for file in files:
-        check_row_file(file, text_column)
-    if not files:
-        check_hub(path, load_args.get("revision"), OFFLINE_HINT)
-    import datasets  # slow to import: only for row files and the Hub
-
-    logging.getLogger("datasets").setLevel(logging.CRITICAL)  # its log of a parse error repeats ours
-    try:
-        dataset = datasets.load_dataset(path, streaming=True, **load_args)
-    except ConnectionError as e:
-        raise UserError(f"cannot reach the Hugging Face Hub for {path} ({e}); {OFFLINE_HINT}") from None
-    except RuntimeError as e:  # a loading script, which datasets no longer runs
-        raise UserError(
-            f"--dataset={path}: {e}; its Parquet export may work: --revision={BOOKCORPUS_REVISION}"
-        ) from None
-    if dataset.column_names and text_column not in dataset.column_names:
-        raise UserError(
-            f"{source} has no column '{text_column}' (it has {', '.join(dataset.column_names)}); "
-            "pass --text_column=NAME"
-        )
-    batches = row_texts(dataset, source, text_column)
-    if sentences:
-        yield joined_rows(batches)
-    else:
-        yield from ([text] for texts in batches for text in texts if text)
-
-
-def input_kind(path: Path) -> str | None:
-    """'text' for .txt(.gz), the suffix for row files, in any case; None for files prepare does not read."""
-    name = path.name.lower()
-    if name.endswith((".txt", ".txt.gz")):
-        return "text"
-    return Path(name).suffix if Path(name).suffix in ROW_FORMATS else None
-
-
-def unlisted(error: OSError):
-    raise UserError(
-        f"cannot list {error.filename}: {error.strerror}; check its permissions, or leave it out of --input"
-    )
-
-
-def under(directory: Path, skipped: dict[str, list[Path]]) -> list[Path]:
-    """The files under a directory, its subdirectories included, sorted. Hidden names (.git, .DS_Store) and
-    links to directories (which may loop) are not followed: they go to skipped["hidden"] and
-    skipped["links to directories"]."""
-    found = []
-    for parent, subdirectories, names in os.walk(directory, onerror=unlisted):  # does not descend into links
-        skipped["hidden"].extend(Path(parent, name) for name in subdirectories + names if name.startswith("."))
-        subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
-        skipped["links to directories"].extend(
-            Path(parent, name) for name in subdirectories if os.path.islink(os.path.join(parent, name))
-        )
-        found.extend(Path(parent, name) for name in names if not name.startswith("."))
-    return sorted(found)
-
-
-def local_files(pattern: str) -> tuple[list[Path], str]:
-    """The files --input names (a file, a glob, or a directory with all under it), and a line saying
-    how many are read and which are skipped, and why: users see what their shards hold."""
-    if any(c in pattern for c in "*?["):
-        matches = [Path(p) for p in sorted(glob.glob(pattern, recursive=True))]
-    elif Path(pattern).exists():
-        matches = [Path(pattern)]
-    else:
-        raise UserError(f"--input={pattern}: no such file or directory")
-    skipped = {f"not {INPUT_KINDS}": [], "not regular files": [], "empty": [], "hidden": [], "links to directories": []}
-    files = []
-    for path in itertools.chain.from_iterable(under(p, skipped) if p.is_dir() else [p] for p in matches):
-        if not input_kind(path):
-            skipped[f"not {INPUT_KINDS}"].append(path)
-        elif not path.is_file():  # a broken link, a device
-            skipped["not regular files"].append(path)
-        elif input_kind(path) != "text" and path.stat().st_size == 0:  # no rows, and datasets fails on it
-            skipped["empty"].append(path)
-        else:
-            files.append(path)
-    said = ", ".join(
-        f"{len(paths)} {why} ({', '.join(path.name for path in paths[:3])}{', ...' * (len(paths) > 3)})"
-        for why, paths in skipped.items()
-        if paths
-    )
-    if not files:
-        raise UserError(
-            f"--input={pattern}: no .txt, .txt.gz, .jsonl or .parquet files there{f' (skipped {said})' * bool(said)}; "
-            "pass a file, directory or glob that holds some"
-        )
-    kinds = {input_kind(path) for path in files}
-    if len(kinds) > 1:
-        raise UserError(f"--input={pattern} mixes text and row files; prepare one kind at a time")
-    kind = "text" if kinds == {"text"} else kinds.pop().lstrip(".")
-    summary = f"--input={pattern}: reading {len(files)} {kind} file{'s' * (len(files) != 1)}"
-    return files, summary + f"; skipped {said}" * bool(said)
 
 
 def input_fingerprint(files: list[Path]) -> dict:
@@ -405,24 +144,16 @@ def open_source(cfg: PrepareConfig, replaced: collections.Counter):
         kind = input_kind(files[0])
         if kind in ROW_FORMATS:
             source = f"{cfg.input} column {cfg.text_column}"
-            documents = dataset_documents(
-                ROW_FORMATS[kind],
-                source,
-                cfg.text_column,
-                sentences=False,
-                files=files,
-                data_files=[str(f) for f in files],
-                split="train",
-            )
+            rows = dict(files=files, hint=OFFLINE_HINT, data_files=[str(f) for f in files], split="train")
+            documents = dataset_documents(ROW_FORMATS[kind], source, cfg.text_column, sentences=False, **rows)
             return name, source, documents, files, summary
-        return name, cfg.input or AUSTEN_GLOB, (read_text_file(f, replaced) for f in files), files, summary
+        return name, cfg.input or AUSTEN_GLOB, (text_file_pieces(f, replaced) for f in files), files, summary
     bookcorpus = cfg.dataset == "bookcorpus"
     repo = BOOKCORPUS if bookcorpus else cfg.dataset
     revision = cfg.revision or (BOOKCORPUS_REVISION if bookcorpus else None)
     source = f"hf://datasets/{repo}@{revision or 'main'} split {cfg.split} column {cfg.text_column}"
-    documents = dataset_documents(
-        repo, source, cfg.text_column, sentences=bookcorpus, files=[], revision=revision, split=cfg.split
-    )
+    rows = dict(files=[], hint=OFFLINE_HINT, revision=revision, split=cfg.split)
+    documents = dataset_documents(repo, source, cfg.text_column, sentences=bookcorpus, **rows)
     return repo.split("/")[-1], source, documents, None, None
 
 
@@ -434,41 +165,41 @@ def safe_cut(text: str, start: int, end: int) -> int:
     return i if i > start else end
 
 
-def cut_blocks(documents, block_chars: int):
-    """Yields blocks of about block_chars characters, as lists of (starts_document, text).
+def cut_chunks(documents, chunk_chars: int):
+    """Yields chunks of about chunk_chars characters, as lists of (starts_document, text).
 
-    Small documents share a block (fewer, larger tokenizer tasks); a large one is cut into several.
+    Small documents share a chunk (fewer, larger tokenizer tasks); a large one is cut into several.
     """
-    block, size = [], 0  # the documents that ended since the last block
+    chunk, size = [], 0  # the documents that ended since the last chunk
     for document in documents:
         rest, starts_document = "", True
         for piece in document:
             text, start = rest + piece, 0
-            while size + len(text) - start >= block_chars:
-                if block:  # cut between documents rather than inside this one
-                    yield block
-                    block, size = [], 0
+            while size + len(text) - start >= chunk_chars:
+                if chunk:  # cut between documents rather than inside this one
+                    yield chunk
+                    chunk, size = [], 0
                     continue
-                cut = safe_cut(text, start, start + block_chars)
+                cut = safe_cut(text, start, start + chunk_chars)
                 yield [(starts_document, text[start:cut])]
                 starts_document, start = False, cut
             rest = text[start:]
         if rest:
-            block.append((starts_document, rest))
+            chunk.append((starts_document, rest))
             size += len(rest)
-    if block:
-        yield block
+    if chunk:
+        yield chunk
 
 
-def block_chars_of(block) -> int:
-    return sum(len(text) for _, text in block)
+def chunk_chars_of(chunk) -> int:
+    return sum(len(text) for _, text in chunk)
 
 
-def documents_of(blocks):
-    """The documents that cut_blocks cut these blocks from, each as a list of pieces."""
+def documents_of(chunks):
+    """The documents that cut_chunks cut these chunks from, each as a list of pieces."""
     document = []
-    for block in blocks:
-        for starts_document, text in block:
+    for chunk in chunks:
+        for starts_document, text in chunk:
             if starts_document and document:
                 yield document
                 document = []
@@ -477,13 +208,13 @@ def documents_of(blocks):
         yield document
 
 
-def sized_blocks(documents, block_chars: int):
-    """cut_blocks at a length that suits the input's size (the docstring's read-ahead); returns (blocks, length)."""
-    blocks = cut_blocks(documents, block_chars)
-    head = list(itertools.islice(blocks, MIN_BLOCKS))
-    if len(head) == MIN_BLOCKS:
-        return itertools.chain(head, blocks), block_chars
-    chars = sum(map(block_chars_of, head))
+def sized_chunks(documents, chunk_chars: int):
+    """cut_chunks at a length that suits the input's size (the docstring's read-ahead); returns (chunks, length)."""
+    chunks = cut_chunks(documents, chunk_chars)
+    head = list(itertools.islice(chunks, MIN_CHUNKS))
+    if len(head) == MIN_CHUNKS:
+        return itertools.chain(head, chunks), chunk_chars
+    chars = sum(map(chunk_chars_of, head))
     if chars == 0:
         raise UserError("the input has no text; check the files (or --text_column)")
     if chars < MIN_CHARS:
@@ -491,37 +222,37 @@ def sized_blocks(documents, block_chars: int):
             f"the input has {chars:,} characters, too little to hold out validation text; "
             f"prepare at least {MIN_CHARS:,}"
         )
-    small = -(-chars // MIN_BLOCKS)
-    return cut_blocks(documents_of(head), small), small
+    small = -(-chars // MIN_CHUNKS)
+    return cut_chunks(documents_of(head), small), small
 
 
-def held_out_blocks(blocks, block_chars: int, val_fraction: float, seed: int):
-    """Yields (block, whether it is held out): the seeded draws, then the docstring's fallback."""
+def held_out_chunks(chunks, chunk_chars: int, val_fraction: float, seed: int):
+    """Yields (chunk, whether it is held out): the seeded draws, then the docstring's fallback."""
     rng = random.Random(seed)
-    last_two = collections.deque()  # [index, block, held out], still open to the fallback
+    last_two = collections.deque()  # [index, chunk, held out], still open to the fallback
     held_out_chars = 0
-    for index, block in enumerate(blocks):
+    for index, chunk in enumerate(chunks):
         held_out = rng.random() < val_fraction and index > 0
-        held_out_chars += held_out * block_chars_of(block)
-        last_two.append([index, block, held_out])
+        held_out_chars += held_out * chunk_chars_of(chunk)
+        last_two.append([index, chunk, held_out])
         if len(last_two) > 2:
             yield last_two.popleft()[1:]
     for entry in reversed(last_two):
-        index, block, held_out = entry
-        if held_out_chars >= block_chars / 2 or index == 0:
+        index, chunk, held_out = entry
+        if held_out_chars >= chunk_chars / 2 or index == 0:
             break
         if not held_out:
             entry[2] = True
-            held_out_chars += block_chars_of(block)
+            held_out_chars += chunk_chars_of(chunk)
     yield from (entry[1:] for entry in last_two)
 
 
-def split_blocks(blocks, block_chars: int, val_fraction: float, seed: int):
-    """Numbers the blocks and assigns each to a split, as the module docstring says."""
+def split_chunks(chunks, chunk_chars: int, val_fraction: float, seed: int):
+    """Numbers the chunks and assigns each to a split, as the module docstring says."""
     previous_split = None
-    for index, (block, held_out) in enumerate(held_out_blocks(blocks, block_chars, val_fraction, seed)):
+    for index, (chunk, held_out) in enumerate(held_out_chunks(chunks, chunk_chars, val_fraction, seed)):
         split = "val" if held_out else "train"
-        (starts_document, text), *others = block
+        (starts_document, text), *others = chunk
         yield Unit(index, split, [(starts_document or split != previous_split, text), *others])
         previous_split = split
 
@@ -573,10 +304,10 @@ class SplitWriter:
                 if self.shard is None:
                     self.out_dir.mkdir(parents=True, exist_ok=True)
                     self.shard, self.documents = ShardWriter(self.next_path()), 0
-                chunk = tokens[offset : offset + self.shard_tokens - self.shard.tokens]
-                self.shard.write(chunk)
-                self.documents += int(np.count_nonzero(chunk == EOT_ID))
-                offset += len(chunk)
+                part = tokens[offset : offset + self.shard_tokens - self.shard.tokens]
+                self.shard.write(part)
+                self.documents += int(np.count_nonzero(part == EOT_ID))
+                offset += len(part)
                 if self.shard.tokens == self.shard_tokens:
                     self.close_shard(end=[index, offset])
                     completed = True
@@ -679,17 +410,6 @@ def intact(out_dir: Path, shard: dict) -> bool:
         return False
 
 
-def check_config(cfg: PrepareConfig) -> None:
-    if not 0 <= cfg.val_fraction < 1 or min(cfg.shard_tokens, cfg.block_chars, cfg.workers) < 1:
-        raise UserError("need 0 <= --val_fraction < 1 and --shard_tokens, --block_chars, --workers >= 1")
-    max_id = get_tokenizer().max_token_value
-    if max_id > np.iinfo(np.uint16).max:
-        raise UserError(
-            f"the tokenizer has ids up to {max_id}, but shards store uint16 (at most 65535); "
-            "use a GPT-2-sized vocabulary"
-        )
-
-
 def check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out_dir={out_dir} is a file; pass a directory (it is created if missing)")
@@ -738,6 +458,31 @@ def completed_shards(out_dir: Path, progress_path: Path, settings: dict) -> dict
     return completed
 
 
+def finish(meta_path: Path, progress_path: Path, settings: dict, writers: dict, replaced: collections.Counter) -> dict:
+    """Writes meta.json, which marks the preparation finished, and removes the progress file; returns
+    meta.json's splits."""
+    splits = {}
+    for split, writer in writers.items():
+        shards = [{key: shard[key] for key in ("file", "tokens", "documents")} for shard in writer.shards]
+        splits[split] = {
+            "tokens": sum(s["tokens"] for s in shards),
+            "documents": sum(s["documents"] for s in shards),
+            "shards": shards,
+        }
+    write_json(meta_path, {**settings, "replaced_undecodable": sum(replaced.values()), "splits": splits})
+    try:
+        progress_path.unlink(missing_ok=True)
+    except OSError as e:
+        raise UserError(f"removing {progress_path} failed: {e.strerror or e}; remove it yourself") from None
+    if replaced:
+        print(
+            f"warning: replaced {sum(replaced.values()):,} undecodable byte sequences with U+FFFD "
+            f"in {', '.join(replaced)}",
+            file=sys.stderr,
+        )
+    return splits
+
+
 def main(argv):
     cfg = configurator.parse_config(PrepareConfig, argv)
     check_config(cfg)
@@ -768,10 +513,10 @@ def main(argv):
         remove_own_files(out_dir, temps_only=True)  # left by a killed run
 
     writers = {split: SplitWriter(out_dir, split, cfg.shard_tokens, completed[split]) for split in SPLITS}
-    blocks, block_chars = sized_blocks(documents, cfg.block_chars)
+    chunks, chunk_chars = sized_chunks(documents, cfg.block_chars)
     if summary:
         print(summary)
-    units = split_blocks(blocks, block_chars, cfg.val_fraction, cfg.seed)
+    units = split_chunks(chunks, chunk_chars, cfg.val_fraction, cfg.seed)
     todo = (unit for unit in units if unit.index >= writers[unit.split].resume[0])
     started, tokenized = time.perf_counter(), 0
     try:
@@ -793,31 +538,6 @@ def main(argv):
         f"{out_dir}: {splits['train']['tokens']:,} train and {splits['val']['tokens']:,} val tokens "
         f"({tokenized / seconds / 1e6:.1f}M tokens/s)"
     )
-
-
-def finish(meta_path: Path, progress_path: Path, settings: dict, writers: dict, replaced: collections.Counter) -> dict:
-    """Writes meta.json, which marks the preparation finished, and removes the progress file; returns
-    meta.json's splits."""
-    splits = {}
-    for split, writer in writers.items():
-        shards = [{key: shard[key] for key in ("file", "tokens", "documents")} for shard in writer.shards]
-        splits[split] = {
-            "tokens": sum(s["tokens"] for s in shards),
-            "documents": sum(s["documents"] for s in shards),
-            "shards": shards,
-        }
-    write_json(meta_path, {**settings, "replaced_undecodable": sum(replaced.values()), "splits": splits})
-    try:
-        progress_path.unlink(missing_ok=True)
-    except OSError as e:
-        raise UserError(f"removing {progress_path} failed: {e.strerror or e}; remove it yourself") from None
-    if replaced:
-        print(
-            f"warning: replaced {sum(replaced.values()):,} undecodable byte sequences with U+FFFD "
-            f"in {', '.join(replaced)}",
-            file=sys.stderr,
-        )
-    return splits
 
 
 if __name__ == "__main__":

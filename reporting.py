@@ -106,10 +106,10 @@ class Reporter:
         """Reads the steps up to `step` (waiting for the device, which ends their training time), records
         each skipped one and raises after too many in a row; the block's time (logging, evaluating,
         saving) is not training time."""
-        rows = torch.stack(self._unread).tolist() if self._unread else []
+        results = torch.stack(self._unread).tolist() if self._unread else []
         self._unread = []
         self._seconds += time.perf_counter() - self._clock_from
-        for s, (loss, grad_norm, skipped) in enumerate(rows, start=step - len(rows) + 1):
+        for s, (loss, grad_norm, skipped) in enumerate(results, start=step - len(results) + 1):
             if skipped:
                 self._skipped(s, loss, grad_norm)
             else:

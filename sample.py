@@ -27,10 +27,11 @@ import torch
 
 import configurator
 import tokenizer
-from common import UserError, check_device, text_encoding
+from common import UserError, check_device
 from generate import RECIPE_SAMPLING, compile_decode_step, decode_step, generate, use_onednn_linear
 from inference import DTYPES, check_dtype, load_model
 from model import GPT
+from sources import read_text
 
 
 @dataclass
@@ -49,27 +50,6 @@ class SampleConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cpu, cuda or cuda:N
     dtype: str = "float32"  # float32, bfloat16 or float16
     compile: bool = False  # compile the one-token decode step (the first sample's time includes compiling)
-
-
-def read_text(path: Path, arg: str) -> str:
-    """A prompt file's text, decoded as its byte-order mark says (UTF-8, UTF-16, UTF-32; none: UTF-8), as
-    prepare.py decodes its input; arg is the argument that named it, for the errors."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{arg}: no such file; check the path") from None
-    except IsADirectoryError:
-        raise UserError(f"{arg} is a directory; pass a file") from None
-    except OSError as e:
-        raise UserError(f"{arg}: cannot read it ({e.strerror or e}); check that you may read it") from None
-    encoding = text_encoding(data)
-    try:
-        return data.decode(encoding)
-    except UnicodeDecodeError as e:
-        raise UserError(
-            f"{arg} is not {encoding.upper().removesuffix('-SIG')} text ({e.reason} at byte {e.start}); "
-            "convert it to UTF-8"
-        ) from None
 
 
 def read_prompt(start: str) -> str:

@@ -70,11 +70,6 @@ class ShardWriter:
             self.abort()
 
 
-def write_shard(path: Path, tokens: np.ndarray) -> None:
-    with ShardWriter(path) as shard:
-        shard.write(tokens)
-
-
 REFRESH = "rerun prepare.py with the same arguments and --force"
 
 

@@ -262,7 +262,7 @@ def build_model(cfg: TrainConfig, source, meta: dict) -> GPT:
 
 def compact_output_layer(model: GPT, windows: TokenWindows, new_model: bool) -> str:
     """Gives the model's loss the softmax over the tokens of the train windows (loss.CompactVocab), a new
-    model's rows of the others tied first; says which softmax the model takes. A loaded model whose unseen
+    model's rows of the others tied (at zero) first; says which softmax the model takes. A loaded model whose unseen
     rows differ (a pretrained one) keeps the whole softmax."""
     weight = model.lm_head.weight
     seen = torch.from_numpy(windows.tokens_present()).to(weight.device)

@@ -2,7 +2,6 @@
 and the scoring that eval.py and train.py's evaluations share (eval.py's docstring states the rules).
 """
 
-import json
 import math
 import re
 import sys
@@ -14,12 +13,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import prepare
 import tokenizer
 from common import UserError
 from distributed import Job
 from model import GPT
-from sample import read_text
+from sources import hub_rows, read_jsonl
 
 # Padded tokens per forward pass, by default: its (tokens x vocab) logits, which training never holds, fit any device.
 BATCH_TOKENS = 4096
@@ -124,42 +122,16 @@ def argmax(values: list[float]) -> int:
 # ---- rows --------------------------------------------------------------------------------------
 
 
-def read_jsonl(path: str, flag: str) -> list[dict]:
-    rows = []
-    for number, line in enumerate(read_text(Path(path), f"{flag}={path}").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UserError(
-                    f"{flag}={path}, line {number}: not JSON ({e}); write one JSON object per line"
-                ) from None
-            if not isinstance(rows[-1], dict):
-                raise UserError(
-                    f"{flag}={path}, line {number}: a JSON {type(rows[-1]).__name__}, not an object; "
-                    "write one JSON object per line"
-                )
-    return rows
-
-
-def hub_rows(name: str, task: Task) -> list[dict]:
-    """The task's rows from the Hub through `datasets` (Parquet, cached); unreachable: a fast one-line error."""
-    repo, config, split = task.hub
-    hint = f"offline, pass --{name}_file=PATH, a JSONL file of {repo}'s {split} rows"
-    prepare.check_hub(repo, None, hint)
-    import datasets  # slow to import: only for the Hub
-
-    try:
-        return datasets.load_dataset(repo, config, split=split).to_list()
-    except ConnectionError as e:  # HF_HUB_OFFLINE=1 without a cached copy
-        raise UserError(f"cannot load {repo} ({e}); {hint}") from None
+def offline_hint(name: str) -> str:
+    repo, _, split = TASKS[name].hub
+    return f"offline, pass --{name}_file=PATH, a JSONL file of {repo}'s {split} rows"
 
 
 def load_items(name: str, path: str | None, limit: int | None) -> list[Item]:
     """The first `limit` items of a task (all for None), from a local JSONL file or else the Hub."""
     task = TASKS[name]
     source = f"--{name}_file={path}" if path else task.hub[0]
-    rows = read_jsonl(path, f"--{name}_file") if path else hub_rows(name, task)
+    rows = read_jsonl(Path(path), source) if path else hub_rows(*task.hub, offline_hint(name))
     rows = rows[:limit]
     for number, row in enumerate(rows, 1):
         missing = [column for column in task.columns if column not in row]

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny token-shard directories in the layout prepare.py writes; a Hub that never answers."""
+"""Shared fixtures: tiny token-shard directories in the layout prepare.py writes; a Hub that never answers;
+write_shard, a whole shard in one call."""
 
 import json
 import socket
@@ -8,7 +9,13 @@ import numpy as np
 import pytest
 
 import train
-from shards import write_shard
+from shards import ShardWriter
+
+
+def write_shard(path, tokens) -> None:
+    """A shard of these tokens at path, written as prepare.py writes one."""
+    with ShardWriter(path) as shard:
+        shard.write(tokens)
 
 
 @pytest.fixture(autouse=True)

@@ -16,6 +16,7 @@ import torch
 
 import eval
 import prepare
+import sources
 import tokenizer
 import zero_shot
 from common import UserError
@@ -388,10 +389,10 @@ def test_hub_out_of_reach_ends_with_the_callers_hint(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     with pytest.raises(UserError, match="cannot reach the Hugging Face Hub for owner/name .*; work offline$"):
-        prepare.check_hub("owner/name", None, "work offline")
+        sources.check_hub("owner/name", None, "work offline")
     with pytest.raises(UserError) as error:
-        zero_shot.hub_rows("lambada_openai", zero_shot.TASKS["lambada_openai"])
-    assert prepare.OFFLINE_HINT not in str(error.value)
+        zero_shot.load_items("lambada_openai", None, None)
+    assert prepare.OFFLINE_HINT not in str(error.value) and "--lambada_openai_file=PATH" in str(error.value)
     assert str(error.value).endswith(
         "; offline, pass --lambada_openai_file=PATH, a JSONL file of EleutherAI/lambada_openai's test rows"
     )

@@ -5,10 +5,11 @@ import json
 
 import numpy as np
 import pytest
+from conftest import write_shard
 
 import shards
 from common import UserError
-from shards import TokenWindows, write_shard
+from shards import TokenWindows
 
 
 def test_token_ids_beyond_the_vocabulary_are_refused_when_the_shards_are_opened(make_token_data):
