@@ -146,6 +146,37 @@ def train_with_freed_memory_returned() -> None:
     configurator.run(train.main)
 
 
+def train_with_profiler(profiled_steps: int = 3) -> None:
+    """train.py (arguments from sys.argv) with torch.profiler around its last `profiled_steps` steps (after
+    the warm-up and compiling); prints the operators and kernels that took the most device time (CPU time
+    on a CPU) once they are done."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import train
+
+    step, taken = train.train_step, []
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    profiler = profile(activities=activities)
+
+    def profiled_step(*args, **kwargs):
+        taken.append(1)
+        if len(taken) == train_steps - profiled_steps + 1:
+            profiler.start()
+        result = step(*args, **kwargs)
+        if len(taken) == train_steps:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            profiler.stop()
+            by = "device_time_total" if torch.cuda.is_available() else "cpu_time_total"
+            print(profiler.key_averages().table(sort_by=by, row_limit=15), flush=True)
+        return result
+
+    train_steps = int(next(a for a in sys.argv if a.startswith("--max_steps=")).split("=")[1])
+    train.train_step = profiled_step
+    configurator.run(train.main)
+
+
 # train: train.py (our model + loop) vs GPT2LMHeadModel under the HF Trainer (the recipe's loop), on
 # the same windows with the same batch, AdamW (fused), schedule, clipping and precision (bf16 on GPU).
 FREED_MEMORY_RETURNED = "freed memory handed back (glibc's default)"

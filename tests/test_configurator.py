@@ -133,14 +133,15 @@ def test_help_lists_each_key_with_its_type_default_and_meaning(capsys):
     assert "  --lr" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("script", ["train.py", "prepare.py", "sample.py", "bench.py", "eval.py"])
+@pytest.mark.parametrize("script", ["train.py", "prepare.py", "sample.py", "bench.py", "eval.py", "gpu_check.py"])
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_every_script_answers_help_with_every_key_explained(script, flag):
     result = subprocess.run([sys.executable, script, flag], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stderr == "", result.stderr[-2000:]
     assert result.stdout.startswith(f"usage: python {script}")
     config_class = {"train.py": "TrainConfig", "prepare.py": "PrepareConfig", "sample.py": "SampleConfig",
-                    "bench.py": "BenchConfig", "eval.py": "EvalConfig"}[script]  # fmt: skip
+                    "bench.py": "BenchConfig", "eval.py": "EvalConfig",
+                    "gpu_check.py": "GpuCheckConfig"}[script]  # fmt: skip
     module = __import__(script.removesuffix(".py"))
     for _, key, _, meaning in configurator.field_help(getattr(module, config_class)):
         assert meaning, f"{script}: --{key} has no one-line meaning (a trailing comment on its field)"

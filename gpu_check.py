@@ -1,0 +1,300 @@
+"""The GPU path measured in one run, printing as it goes: about 10 minutes on one H100/H200.
+
+    python gpu_check.py                                    # on a GPU; results in gpu_check/results.json
+    cp -r ../shared/gpu .gpu-ref && python gpu_check.py    # with llm.c's trainer beside ours
+    python gpu_check.py --tiny --device=cpu                # the same steps on tiny shapes, on a CPU (CI runs it)
+
+1. throughput: the recipe's model (124M, bf16, compiled) at micro-batch 8 x 1024 with the fused loss and
+   with F.cross_entropy (bench.train_with_plain_loss), and at 64 sequences a step in the micro-batch
+   train.py picks: tok/s, MFU, the predicted and the real peak memory; the HF Trainer at 8 x 1024; llm.c's
+   trainer (built without cuDNN) at 8 and 64 x 1024 where its sources are in llmc_dir.
+2. quickstart: config/austen.py end to end (prepare.py, train.py, sample.py): seconds each, final val loss.
+3. stop: a torchrun --nproc_per_node=1 job of the same model sent SIGTERM mid-run, then --resume=auto to
+   its end, beside an unstopped run: the stop checkpoint, and the largest difference of the logged losses
+   after the resume (bitwise equal on CPU; bf16 noise on a GPU). Not compiled: three compilations would
+   take a third of the budget, and a stop does not depend on it.
+4. eval: eval.py on HellaSwag-shaped rows (made here, random words) at 124M bf16: items/s, and the time
+   the 10,042 items of HellaSwag's validation set would take.
+5. generate: sample.py's compiled decode against HF generate (bench.py --sections=generate).
+A step that fails prints its error and the check goes on; the exit status is 1 if any failed.
+"""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import configurator
+from checkpoint import damage
+from common import UserError
+from measure import ROOT, default_device, machine_name, run_measured, run_train_py, timed_logs
+
+HELLASWAG_VALIDATION_ITEMS = 10_042
+
+
+@dataclass
+class GpuCheckConfig:
+    tiny: bool = False  # 2 layers x 64, 64-token windows, a few steps: the whole check in minutes on a CPU
+    steps: str = "throughput,quickstart,stop,eval,generate"  # which of the steps above to run, in that order
+    device: str = field(default_factory=default_device)  # cuda (one GPU) or cpu
+    out_dir: str = "gpu_check"  # the data, runs and results.json
+    llmc_dir: str = ".gpu-ref"  # llm.c's sources with compare.sh (../shared/gpu copied here); missing: skipped
+
+
+def model_args(cfg: GpuCheckConfig) -> dict:
+    """The recipe's model as train.py keys (its defaults), or a tiny one."""
+    if cfg.tiny:
+        return dict(n_layer=2, n_head=2, n_embd=64, block_size=64, compile=False)
+    return dict(block_size=1024, compile=cfg.device.startswith("cuda"))
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def run(command: list, timeout: float = 600, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """A command in its own process, its output as text; a failure is a RuntimeError with its last lines."""
+    result = subprocess.run(list(map(str, command)), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(map(str, command[:3]))} failed: {(result.stderr or result.stdout)[-1500:]}")
+    return result
+
+
+def prepare_austen(data_dir: Path) -> tuple[Path, float]:
+    started = time.perf_counter()
+    run([sys.executable, "prepare.py", "--dataset=austen", f"--out_dir={data_dir}"])
+    return data_dir, time.perf_counter() - started
+
+
+def throughput(cfg: GpuCheckConfig, data_dir: Path) -> dict:
+    steps = 6 if cfg.tiny else 60
+    micro = 8
+    common = {
+        **model_args(cfg),
+        "max_steps": steps,
+        "log_interval": steps // 3,  # the first log holds the warm-up (and compiling): timed_logs drops it
+        "eval_interval": 10**9,
+        "eval_windows": 1,
+        "checkpoint_interval": 10**9,
+        "sample_prompt": "",
+        "data_dir": data_dir,
+        "out_dir": Path(cfg.out_dir) / "throughput",
+        "device": cfg.device,
+        "dtype": "bfloat16" if cfg.device.startswith("cuda") else "float32",
+    }
+    variants = {
+        f"{micro} x T, fused loss": ("", {"batch_size": micro, "micro_batch_size": micro}),
+        f"{micro} x T, F.cross_entropy": (
+            "bench.train_with_plain_loss",
+            {"batch_size": micro, "micro_batch_size": micro},
+        ),
+        "64 x T a step, micro-batch auto": ("", {"batch_size": 64 if not cfg.tiny else 16}),
+    }
+    results = {}
+    for i, (name, (variant, batch)) in enumerate(variants.items()):
+        stdout = run_train_py({**common, **batch, "run_name": f"v{i}"}, variant)
+        timed = timed_logs(Path(cfg.out_dir) / "throughput" / f"v{i}")
+        memory = re.search(r"memory: peak ([\d.]+) GiB in the first steps, ([\d.]+) GiB predicted", stdout)
+        results[name] = {
+            "tokens_per_s": sum(r["tokens_per_s"] for r in timed) / len(timed),
+            "mfu": timed[-1]["mfu"],
+            "micro_batch_size": int(re.search(r"x (\d+) sequences", stdout).group(1)),
+            "peak_gib": float(memory.group(1)) if memory else None,
+            "predicted_peak_gib": float(memory.group(2)) if memory else None,
+        }
+        say(f"throughput, {name}: {results[name]}")
+    # Where the step's time goes, by torch.profiler: the largest costs left.
+    profile = run_train_py({**common, "batch_size": micro, "micro_batch_size": micro, "run_name": "profile"},
+                           "bench.train_with_profiler")  # fmt: skip
+    table = re.search(r"^-{20}.*?^Self \w+ time total: .*?$", profile, re.M | re.S)
+    results["profile, 8 x T"] = table.group(0) if table else profile[-4000:]
+    say(f"throughput, profile of the last steps at {micro} x T:\n{results['profile, 8 x T']}")
+    block_size = common["block_size"]
+    recipe = {
+        "n_layer": 2 if cfg.tiny else 12,
+        "n_head": 2 if cfg.tiny else 12,
+        "n_embd": 64 if cfg.tiny else 768,
+        "block_size": block_size,
+        "batch_size": micro,
+        "steps": steps,
+        "warmup_steps": steps // 3,
+        "learning_rate": 2.5e-4,
+        "dropout": 0.1,
+        "seed": 0,
+        "data_dir": str(data_dir),
+        "out_dir": str(Path(cfg.out_dir) / "throughput" / "hf"),
+        "gpu": cfg.device.startswith("cuda"),
+        "save_model": False,
+    }
+    hf = run_measured("recipe.recipe_train", json.dumps(recipe))["tokens_per_s"]
+    results["HF Trainer, 8 x T"] = {"tokens_per_s": hf}
+    results["ours / HF Trainer at 8 x T"] = results[f"{micro} x T, fused loss"]["tokens_per_s"] / hf
+    say(f"throughput, HF Trainer at {micro} x {block_size}: {hf:,.0f} tok/s")
+    llmc = Path(cfg.llmc_dir)
+    if cfg.device.startswith("cuda") and not cfg.tiny and (llmc / "llmc" / "train_gpt2.cu").is_file():
+        results["llm.c"] = llmc_throughput(llmc / "llmc", data_dir, steps)
+    else:
+        say(f"throughput, llm.c: skipped (needs a GPU, the full model and {llmc}/llmc: cp -r ../shared/gpu {llmc})")
+    return results
+
+
+def llmc_throughput(llmc: Path, data_dir: Path, steps: int) -> dict:
+    """llm.c's trainer on the same shards, as ../shared/gpu/compare.sh builds and runs it."""
+    capability = run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"]).stdout.split()[0]
+    capability = capability.replace(".", "")
+    run(["make", "train_gpt2cu", "NO_MULTI_GPU=1", "USE_CUDNN=0", f"GPU_COMPUTE_CAPABILITY={capability}"],
+        timeout=300, cwd=llmc)  # fmt: skip
+    results = {}
+    for batch in (8, 64):
+        shards = f"{data_dir.resolve()}/train_*.bin"
+        command = ["./train_gpt2cu", "-i", shards, "-j", shards,
+                   "-e", "d12", "-b", str(batch), "-t", "1024", "-x", str(steps), "-v", "100000", "-s", "0", "-h", "0",
+                   "-l", "2.5e-4"]  # fmt: skip
+        out = run(command, timeout=180, cwd=llmc).stdout
+        rates = re.findall(r"(\d+) tok/s", out)
+        results[f"{batch} x 1024"] = int(rates[-1]) if rates else None
+        say(f"throughput, llm.c at {batch} x 1024: {results[f'{batch} x 1024']} tok/s")
+    return results
+
+
+def quickstart(cfg: GpuCheckConfig) -> dict:
+    """The README's first run, as a user types it, timed step by step."""
+    data_dir, prepare_seconds = prepare_austen(Path(cfg.out_dir) / "quickstart" / "data")
+    say(f"quickstart, prepare.py: {prepare_seconds:.1f} s")
+    tiny = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--max_steps=20", "--eval_interval=10"] if cfg.tiny else []
+    out = Path(cfg.out_dir) / "quickstart"
+    started = time.perf_counter()
+    run([sys.executable, "train.py", "config/austen.py", f"--data_dir={data_dir}", f"--out_dir={out}",
+         f"--device={cfg.device}", "--resume=auto", *tiny], timeout=900)  # fmt: skip
+    train_seconds = time.perf_counter() - started
+    records = [json.loads(line) for line in (out / "austen" / "metrics.jsonl").read_text().splitlines()]
+    val_loss = [r["val_loss"] for r in records if "val_loss" in r][-1]
+    say(f"quickstart, train.py config/austen.py: {train_seconds:.1f} s, final val loss {val_loss:.3f}")
+    started = time.perf_counter()
+    sample = run([sys.executable, "sample.py", f"--ckpt={out / 'austen'}", f"--device={cfg.device}"]).stdout
+    sample_seconds = time.perf_counter() - started
+    say(f"quickstart, sample.py: {sample_seconds:.1f} s: {sample.strip()[:200]!r}")
+    return {"prepare_s": prepare_seconds, "train_s": train_seconds, "val_loss": val_loss, "sample_s": sample_seconds}
+
+
+def stop(cfg: GpuCheckConfig, data_dir: Path) -> dict:
+    """SIGTERM to a torchrun job (launcher and worker, as a scheduler's preemption sends it) once a few
+    steps are logged; the stop checkpoint it leaves; --resume=auto to the end; an unstopped run beside."""
+    # The SIGTERM goes once a quarter of the steps are logged: the rest (2 s on tiny shapes) leave it time
+    # to land before the end, however busy the machine.
+    steps, batch_size = (200, 2) if cfg.tiny else (300, 8)
+    model = {**model_args(cfg), "compile": False}
+    keys = {**model, "batch_size": batch_size, "max_steps": steps, "log_interval": 1, "eval_interval": 10**9,
+            "eval_windows": 1, "checkpoint_interval": 10**9, "sample_prompt": "", "data_dir": data_dir,
+            "device": cfg.device}  # fmt: skip
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py"]
+
+    def command(out: Path, *extra: str) -> list:
+        return [*launch, *(f"--{k}={v}" for k, v in keys.items()), f"--out_dir={out}", "--run_name=run", *extra]
+
+    stopped, unstopped = Path(cfg.out_dir) / "stop" / "stopped", Path(cfg.out_dir) / "stop" / "unstopped"
+    job = subprocess.Popen(list(map(str, command(stopped))), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, start_new_session=True)  # fmt: skip
+    output = []
+    for line in job.stdout:
+        output.append(line)
+        if (logged := re.match(r"step (\d+)/", line)) and int(logged.group(1)) >= steps // 4:
+            os.killpg(job.pid, signal.SIGTERM)
+            break
+    output.extend(job.stdout)
+    job.wait(timeout=600)
+    stop_line = next((line for line in output if "stopped by signal" in line), None)
+    if stop_line is None:
+        raise RuntimeError(f"no stop checkpoint: {''.join(output)[-1500:]}")
+    stop_step = int(re.search(r"at step (\d+)", stop_line).group(1))
+    if problem := damage(stopped / "run" / f"ckpt_{stop_step:07d}"):
+        raise RuntimeError(f"the stop checkpoint is not complete: {problem}")
+    say(f"stop: SIGTERM; stopped at step {stop_step}, exit status {job.returncode}, {stopped}/run/ckpt_{stop_step:07d}")
+    run(command(stopped, "--resume=auto"), timeout=900)
+    run(command(unstopped), timeout=900)
+    losses = [{r["step"]: r["loss"] for r in map(json.loads, (out / "run" / "metrics.jsonl").read_text().splitlines())
+               if "loss" in r} for out in (stopped, unstopped)]  # fmt: skip
+    after = [step for step in losses[1] if step > stop_step]
+    largest = max(abs(losses[0][step] - losses[1][step]) for step in after)
+    say(f"stop: resumed to step {steps}; largest loss difference after it, against an unstopped run: {largest:.2e}")
+    return {"stop_step": stop_step, "exit_status": job.returncode, "largest_loss_difference_after_resume": largest}
+
+
+def hellaswag_rows(count: int) -> list[dict]:
+    """Rows in Rowan/hellaswag's shape, of random words: eval.py's speed, not its accuracy."""
+    words = "the man then woman car snow ice window over writes smiles person board lift coat removing".split()
+    rng = random.Random(0)
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    return [
+        {"activity_label": text(2), "ctx_a": text(20), "ctx_b": text(4), "endings": [text(12) for _ in range(4)],
+         "label": rng.randrange(4)}
+        for _ in range(count)
+    ]  # fmt: skip
+
+
+def evaluate(cfg: GpuCheckConfig) -> dict:
+    rows = Path(cfg.out_dir) / "hellaswag_rows.jsonl"
+    rows.write_text("".join(json.dumps(row) + "\n" for row in hellaswag_rows(20 if cfg.tiny else 2000)))
+    dtype = "bfloat16" if cfg.device.startswith("cuda") else "float32"
+    result = run([sys.executable, "eval.py", "--init=random", "--tasks=hellaswag", f"--hellaswag_file={rows}",
+                  f"--device={cfg.device}", f"--dtype={dtype}"], timeout=600)  # fmt: skip
+    rate = float(re.search(r"hellaswag: \d+ items in [\d.]+ s \(([\d.]+) items/s\)", result.stderr).group(1))
+    say(f"eval: {rate:.1f} HellaSwag items/s: {HELLASWAG_VALIDATION_ITEMS / rate / 60:.1f} min for the validation set")
+    return {"items_per_s": rate, "validation_set_minutes": HELLASWAG_VALIDATION_ITEMS / rate / 60}
+
+
+def generate(cfg: GpuCheckConfig) -> dict:
+    json_path = Path(cfg.out_dir) / "bench_generate.json"
+    run([sys.executable, "bench.py", "--sections=generate", f"--full={not cfg.tiny}", f"--device={cfg.device}",
+         f"--json_path={json_path}"], timeout=900)  # fmt: skip
+    rows = json.loads(json_path.read_text())["rows"]
+    for row in rows:
+        say(
+            f"generate: {row['what']}: {row['ours']:,.1f} tok/s, HF generate {row['reference']:,.1f} "
+            f"({row['ratio']:.2f}x)"
+        )
+    return {row["what"]: {"tokens_per_s": row["ours"], "hf_tokens_per_s": row["reference"]} for row in rows}
+
+
+def main(argv: list[str]) -> None:
+    cfg = configurator.parse_config(GpuCheckConfig, argv)
+    steps = {"throughput": None, "quickstart": None, "stop": None, "eval": None, "generate": None}
+    chosen = [name for name in cfg.steps.split(",") if name]
+    if unknown := [name for name in chosen if name not in steps]:
+        raise UserError(f"--steps={cfg.steps}: {', '.join(unknown)} is no step; choose from {','.join(steps)}")
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    say(f"gpu_check on {machine_name(cfg.device)}, {'tiny shapes' if cfg.tiny else 'the recipe model'}")
+    data_dir = prepare_austen(Path(cfg.out_dir) / "data")[0] if {"throughput", "stop"} & set(chosen) else None
+    actions = {
+        "throughput": lambda: throughput(cfg, data_dir),
+        "quickstart": lambda: quickstart(cfg),
+        "stop": lambda: stop(cfg, data_dir),
+        "eval": lambda: evaluate(cfg),
+        "generate": lambda: generate(cfg),
+    }
+    results, failed = {"machine": machine_name(cfg.device)}, []
+    for name in chosen:
+        started = time.perf_counter()
+        try:
+            results[name] = {**actions[name](), "seconds": time.perf_counter() - started}
+        except Exception as e:  # noqa: BLE001 - one step's failure is reported; the others still run
+            failed.append(name)
+            results[name] = {"error": str(e)[-3000:]}
+            say(f"{name}: FAILED: {e}")
+        (Path(cfg.out_dir) / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    say(f"results: {Path(cfg.out_dir) / 'results.json'}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    configurator.run(main)
