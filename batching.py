@@ -40,6 +40,7 @@ def rank_windows(windows: np.ndarray, world_size: int, rank: int, micro_batch_si
 
 def batches(
     windows: TokenWindows,
+    *,
     seed: int,
     batch_size: int,
     micro_batch_size: int,
@@ -103,7 +104,7 @@ def memory_line(sizes: tuple[int, int], peaks: list[float]) -> tuple[float, floa
 
 
 def choose_micro_batch(
-    model: GPT, job: Job, autocast, batch_size: int, block_size: int, micro_batch_size: int | None
+    model: GPT, job: Job, autocast, *, batch_size: int, block_size: int, micro_batch_size: int | None
 ) -> tuple[int, float | None]:
     """micro_batch_size, or else (None) the largest that fits, with the peak memory predicted for it (None where
     nothing is measured). On a GPU, the prediction comes from the peaks of eager forward + backward passes at

@@ -149,7 +149,7 @@ def train_with_freed_memory_returned() -> None:
 def train_with_profiler(profiled_steps: int = 3) -> None:
     """train.py (arguments from sys.argv) with torch.profiler around its last `profiled_steps` steps (after
     the warm-up and compiling); prints the operators and kernels that took the most device time (CPU time
-    on a CPU) once they are done."""
+    on a CPU) once they are done, and on a GPU the peak memory allocated."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -170,6 +170,8 @@ def train_with_profiler(profiled_steps: int = 3) -> None:
             profiler.stop()
             by = "device_time_total" if torch.cuda.is_available() else "cpu_time_total"
             print(profiler.key_averages().table(sort_by=by, row_limit=15), flush=True)
+            if torch.cuda.is_available():
+                print(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
         return result
 
     train_steps = int(next(a for a in sys.argv if a.startswith("--max_steps=")).split("=")[1])

@@ -266,6 +266,7 @@ class Checkpointer:
         model,
         optimizer,
         scheduler,
+        *,
         data_order: dict,
         config: dict,
         seed: int,

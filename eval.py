@@ -12,20 +12,8 @@ Prints a table, then as its last line one JSON object: {"hellaswag": {"acc": ...
 (train.py's evaluation of the split's windows: with --block_size=<the run's block_size>, the val loss
 that training logs, for any checkpoint).
 
-The rules are lm-eval's task configs and its HF backend (lm_eval/tasks/hellaswag, lm_eval/tasks/lambada,
-lm_eval/api/model.py _encode_pair, lm_eval/models/huggingface.py _loglikelihood_tokens):
-- hellaswag: Rowan/hellaswag's validation rows. Context: preprocess(activity_label + ": " + ctx_a + " " +
-  ctx_b.capitalize()); the four continuations: " " + preprocess(ending). acc: the ending of highest summed
-  log-likelihood is the label; acc_norm: the same with each divided by the ending's length in characters
-  (without the space). A tie goes to the first ending (numpy.argmax).
-- lambada_openai: EleutherAI/lambada_openai's test rows. Context: the text's words but the last (split on
-  " "), target: " " + the last. acc: every target token is the argmax at its position; perplexity:
-  exp(-mean over items of the target's summed log-likelihood).
-- Tokens: trailing whitespace of the context moves to the front of the continuation; the continuation's
-  tokens are encode(context + continuation) beyond the length of encode(context); an empty context is
-  <|endoftext|>. The input is (context + continuation)[-(block_size + 1):][:-1]: a context too long for
-  the model loses its start.
-Log-softmax runs in float32 whatever --dtype (lm-eval's runs in the model's dtype unless told otherwise).
+The tasks are scored by lm-eval's rules (zero_shot.py states them); log-softmax runs in float32 whatever
+--dtype (lm-eval's runs in the model's dtype unless told otherwise).
 Under torchrun each rank scores every world_size-th item; rank 0 sums and prints.
 """
 
@@ -47,7 +35,7 @@ from distributed import Job
 from evaluator import window_loss
 from inference import DTYPES, check_dtype, load_model
 from model import GPT
-from shards import TokenWindows
+from shards import TokenWindows, read_meta
 
 VAL = "val"  # the --tasks name of the loss on a prepared split
 
@@ -73,8 +61,8 @@ def split_loss(model: GPT, cfg: EvalConfig, job: Job) -> tuple[dict[str, float],
     """The mean loss over every window of block_size + 1 tokens of the split, as train.py evaluates it (its
     val loss for the same split, windows and model), and its perplexity; and the number of windows."""
     block_size = cfg.block_size or model.config.block_size
+    model.config.check_data_fits(block_size, read_meta(cfg.data_dir)["vocab_size"], cfg.data_dir)
     windows = TokenWindows(cfg.data_dir, cfg.split, block_size)
-    model.config.check_data_fits(block_size, windows.meta["vocab_size"], cfg.data_dir)
     batch_size = max(1, cfg.batch_tokens // block_size)
     loss = window_loss(model, windows, np.arange(len(windows)), batch_size, job.device, nullcontext(), job)
     return {"loss": loss, "perplexity": math.exp(loss)}, len(windows)
@@ -107,8 +95,7 @@ def main(argv):
     cfg = configurator.parse_config(EvalConfig, argv)
     names = check_config(cfg)
     with Job(cfg.device, timedelta(minutes=cfg.dist_timeout_minutes)) as job:
-        task_files = {"hellaswag": cfg.hellaswag_file, "lambada_openai": cfg.lambada_openai_file}
-        files = {name: task_files[name] for name in names if name != VAL}  # in the order asked for
+        files = zero_shot.task_files(names, cfg.hellaswag_file, cfg.lambada_openai_file)  # in the order asked
         items = zero_shot.load_tasks(files, cfg.limit, job)  # before the model loads
         torch.manual_seed(0)  # --init=random: the same weights on every rank
         model = load_model(cfg.ckpt, cfg.init).to(job.device, DTYPES[cfg.dtype])

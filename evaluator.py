@@ -81,6 +81,7 @@ class Evaluator:
         job: Job,
         model: GPT,
         autocast,
+        *,
         val: TokenWindows,
         val_indices: np.ndarray,
         batch_size: int,

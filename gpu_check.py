@@ -5,24 +5,30 @@
     python gpu_check.py --tiny --device=cpu                # the same steps on tiny shapes, on a CPU (CI runs it)
 
 1. throughput: the recipe's model (124M, bf16, compiled) at micro-batch 8 x 1024 with the fused loss and
-   with F.cross_entropy (bench.train_with_plain_loss), and at 64 sequences a step in the micro-batch
-   train.py picks: tok/s, MFU, the predicted and the real peak memory; the HF Trainer at 8 x 1024; llm.c's
-   trainer (built without cuDNN) at 8 and 64 x 1024 where its sources are in llmc_dir.
+   with F.cross_entropy (bench.train_with_plain_loss), with the whole softmax (bench.train_with_independent_rows:
+   what the HF Trainer and llm.c compute), and at 64 sequences a step in the micro-batch train.py picks: tok/s,
+   MFU, the predicted and the real peak memory, and a torch.profiler table of the step; the HF Trainer at
+   8 x 1024; llm.c's trainer (built without cuDNN, in the background from the start) at 8 and 64 x 1024
+   where its sources are in llmc_dir.
 2. quickstart: config/austen.py end to end (prepare.py, train.py, sample.py): seconds each, final val loss.
 3. stop: a torchrun --nproc_per_node=1 job of the same model sent SIGTERM mid-run, then --resume=auto to
    its end, beside an unstopped run: the stop checkpoint, and the largest difference of the logged losses
-   after the resume (bitwise equal on CPU; bf16 noise on a GPU). Not compiled: three compilations would
-   take a third of the budget, and a stop does not depend on it.
+   after the resume (bitwise equal on CPU; bf16 noise on a GPU). Not compiled: a stop does not depend on
+   it, and each of the three runs would compile anew.
 4. eval: eval.py on HellaSwag-shaped rows (made here, random words) at 124M bf16: items/s, and the time
    the 10,042 items of HellaSwag's validation set would take.
 5. generate: sample.py's compiled decode against HF generate (bench.py --sections=generate).
-A step that fails prints its error and the check goes on; the exit status is 1 if any failed.
+A step that fails prints its error and the check goes on; the exit status is 1 if any failed. Each step
+starts from an empty folder of its own under out_dir, so a rerun measures anew; the results, with the
+machine and the torch and CUDA versions, go to json_path as each step ends. On a lent GPU with a
+per-command limit, two calls: --steps=throughput, then --steps=quickstart,stop,eval,generate.
 """
 
 import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,7 +49,8 @@ class GpuCheckConfig:
     tiny: bool = False  # 2 layers x 64, 64-token windows, a few steps: the whole check in minutes on a CPU
     steps: str = "throughput,quickstart,stop,eval,generate"  # which of the steps above to run, in that order
     device: str = field(default_factory=default_device)  # cuda (one GPU) or cpu
-    out_dir: str = "gpu_check"  # the data, runs and results.json
+    out_dir: str = "gpu_check"  # the data and runs (checkpoints of 1.4 GB each)
+    json_path: str = "gpu_check.json"  # the results, rewritten as each step ends
     llmc_dir: str = ".gpu-ref"  # llm.c's sources with compare.sh (../shared/gpu copied here); missing: skipped
 
 
@@ -72,9 +79,21 @@ def prepare_austen(data_dir: Path) -> tuple[Path, float]:
     return data_dir, time.perf_counter() - started
 
 
-def throughput(cfg: GpuCheckConfig, data_dir: Path) -> dict:
-    steps = 6 if cfg.tiny else 60
-    micro = 8
+def fresh(directory: Path) -> Path:
+    """An empty folder for one step: a rerun measures anew rather than meeting the last run's checkpoints."""
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    return directory
+
+
+def throughput(cfg: GpuCheckConfig, out: Path, data_dir: Path) -> dict:
+    gpu = cfg.device.startswith("cuda")
+    llmc = Path(cfg.llmc_dir).resolve() / "llmc"
+    with_llmc = gpu and not cfg.tiny and (llmc / "train_gpt2.cu").is_file()
+    build = (
+        start_llmc_build(llmc, out / "llmc_build.log") if with_llmc else None
+    )  # on the CPU while our runs use the GPU
+    steps, micro = (6 if cfg.tiny else 60), 8
     common = {
         **model_args(cfg),
         "max_steps": steps,
@@ -84,43 +103,46 @@ def throughput(cfg: GpuCheckConfig, data_dir: Path) -> dict:
         "checkpoint_interval": 10**9,
         "sample_prompt": "",
         "data_dir": data_dir,
-        "out_dir": Path(cfg.out_dir) / "throughput",
+        "out_dir": out,
         "device": cfg.device,
-        "dtype": "bfloat16" if cfg.device.startswith("cuda") else "float32",
+        "dtype": "bfloat16" if gpu else "float32",
     }
-    variants = {
-        f"{micro} x T, fused loss": ("", {"batch_size": micro, "micro_batch_size": micro}),
-        f"{micro} x T, F.cross_entropy": (
-            "bench.train_with_plain_loss",
-            {"batch_size": micro, "micro_batch_size": micro},
-        ),
-        "64 x T a step, micro-batch auto": ("", {"batch_size": 64 if not cfg.tiny else 16}),
+    at_micro = {"batch_size": micro, "micro_batch_size": micro}
+    variants = {  # name: (measure.run_train_py's variant, batch keys)
+        f"{micro} x T, fused loss": ("", at_micro),
+        f"{micro} x T, F.cross_entropy": ("bench.train_with_plain_loss", at_micro),
+        f"{micro} x T, whole softmax": ("bench.train_with_independent_rows", at_micro),
+        "64 x T a step, micro-batch auto": ("", {"batch_size": 16 if cfg.tiny else 64}),
     }
     results = {}
     for i, (name, (variant, batch)) in enumerate(variants.items()):
         stdout = run_train_py({**common, **batch, "run_name": f"v{i}"}, variant)
-        timed = timed_logs(Path(cfg.out_dir) / "throughput" / f"v{i}")
+        timed = timed_logs(out / f"v{i}")
         memory = re.search(r"memory: peak ([\d.]+) GiB in the first steps, ([\d.]+) GiB predicted", stdout)
         results[name] = {
             "tokens_per_s": sum(r["tokens_per_s"] for r in timed) / len(timed),
             "mfu": timed[-1]["mfu"],
             "micro_batch_size": int(re.search(r"x (\d+) sequences", stdout).group(1)),
+            "softmax": "compact" if "one shared row" in stdout else "whole",
             "peak_gib": float(memory.group(1)) if memory else None,
             "predicted_peak_gib": float(memory.group(2)) if memory else None,
         }
         say(f"throughput, {name}: {results[name]}")
-    # Where the step's time goes, by torch.profiler: the largest costs left.
-    profile = run_train_py({**common, "batch_size": micro, "micro_batch_size": micro, "run_name": "profile"},
-                           "bench.train_with_profiler")  # fmt: skip
-    table = re.search(r"^-{20}.*?^Self \w+ time total: .*?$", profile, re.M | re.S)
-    results["profile, 8 x T"] = table.group(0) if table else profile[-4000:]
-    say(f"throughput, profile of the last steps at {micro} x T:\n{results['profile, 8 x T']}")
-    block_size = common["block_size"]
+    # Where the step's time goes, by torch.profiler: the largest costs left; and the real peak at 8 x T.
+    profiled = run_train_py({**common, **at_micro, "run_name": "profile"}, "bench.train_with_profiler")
+    table = re.search(r"^-{20}.*time total: [^\n]*$", profiled, re.M | re.S)
+    peak = re.search(r"peak memory: ([\d.]+) GiB", profiled)
+    results[f"profile, {micro} x T"] = {
+        "table": table.group(0) if table else profiled[-4000:],
+        "peak_gib": float(peak.group(1)) if peak else None,
+    }
+    say(f"throughput, profile of the last steps at {micro} x T:\n{results[f'profile, {micro} x T']['table']}")
+    shape = model_args(cfg)
     recipe = {
-        "n_layer": 2 if cfg.tiny else 12,
-        "n_head": 2 if cfg.tiny else 12,
-        "n_embd": 64 if cfg.tiny else 768,
-        "block_size": block_size,
+        "n_layer": shape.get("n_layer", 12),
+        "n_head": shape.get("n_head", 12),
+        "n_embd": shape.get("n_embd", 768),
+        "block_size": shape["block_size"],
         "batch_size": micro,
         "steps": steps,
         "warmup_steps": steps // 3,
@@ -128,47 +150,56 @@ def throughput(cfg: GpuCheckConfig, data_dir: Path) -> dict:
         "dropout": 0.1,
         "seed": 0,
         "data_dir": str(data_dir),
-        "out_dir": str(Path(cfg.out_dir) / "throughput" / "hf"),
-        "gpu": cfg.device.startswith("cuda"),
+        "out_dir": str(out / "hf"),
+        "gpu": gpu,
         "save_model": False,
     }
     hf = run_measured("recipe.recipe_train", json.dumps(recipe))["tokens_per_s"]
-    results["HF Trainer, 8 x T"] = {"tokens_per_s": hf}
-    results["ours / HF Trainer at 8 x T"] = results[f"{micro} x T, fused loss"]["tokens_per_s"] / hf
-    say(f"throughput, HF Trainer at {micro} x {block_size}: {hf:,.0f} tok/s")
-    llmc = Path(cfg.llmc_dir)
-    if cfg.device.startswith("cuda") and not cfg.tiny and (llmc / "llmc" / "train_gpt2.cu").is_file():
-        results["llm.c"] = llmc_throughput(llmc / "llmc", data_dir, steps)
+    results[f"HF Trainer, {micro} x T"] = {"tokens_per_s": hf}
+    for name in (f"{micro} x T, fused loss", f"{micro} x T, whole softmax"):
+        results[f"{name} / HF Trainer"] = results[name]["tokens_per_s"] / hf
+    say(f"throughput, HF Trainer at {micro} x {shape['block_size']}: {hf:,.0f} tok/s")
+    if build:
+        results["llm.c"] = llmc_throughput(build, out / "llmc_build.log", llmc, data_dir, steps)
     else:
-        say(f"throughput, llm.c: skipped (needs a GPU, the full model and {llmc}/llmc: cp -r ../shared/gpu {llmc})")
+        say(f"throughput, llm.c: skipped (needs a GPU, the full model and {llmc}: cp -r ../shared/gpu {cfg.llmc_dir})")
     return results
 
 
-def llmc_throughput(llmc: Path, data_dir: Path, steps: int) -> dict:
-    """llm.c's trainer on the same shards, as ../shared/gpu/compare.sh builds and runs it."""
+def start_llmc_build(llmc: Path, log: Path) -> subprocess.Popen:
+    """llm.c's trainer built as ../shared/gpu/compare.sh builds it (no cuDNN), in the background."""
     capability = run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"]).stdout.split()[0]
-    capability = capability.replace(".", "")
-    run(["make", "train_gpt2cu", "NO_MULTI_GPU=1", "USE_CUDNN=0", f"GPU_COMPUTE_CAPABILITY={capability}"],
-        timeout=300, cwd=llmc)  # fmt: skip
+    command = [
+        "make",
+        "train_gpt2cu",
+        "NO_MULTI_GPU=1",
+        "USE_CUDNN=0",
+        f"GPU_COMPUTE_CAPABILITY={capability.replace('.', '')}",
+    ]
+    with open(log, "w") as f:  # a file, not a pipe: make's output can never block it
+        return subprocess.Popen(command, cwd=llmc, stdout=f, stderr=subprocess.STDOUT)
+
+
+def llmc_throughput(build: subprocess.Popen, log: Path, llmc: Path, data_dir: Path, steps: int) -> dict:
+    """llm.c's trainer on the same shards at micro-batches 8 and 64, as compare.sh runs it."""
+    if build.wait(timeout=300):
+        raise RuntimeError(f"llm.c did not build: {log.read_text()[-1500:]}")
     results = {}
     for batch in (8, 64):
-        shards = f"{data_dir.resolve()}/train_*.bin"
-        command = ["./train_gpt2cu", "-i", shards, "-j", shards,
-                   "-e", "d12", "-b", str(batch), "-t", "1024", "-x", str(steps), "-v", "100000", "-s", "0", "-h", "0",
-                   "-l", "2.5e-4"]  # fmt: skip
-        out = run(command, timeout=180, cwd=llmc).stdout
-        rates = re.findall(r"(\d+) tok/s", out)
+        shards = f"{data_dir}/train_*.bin"
+        command = ["./train_gpt2cu", "-i", shards, "-j", shards, "-e", "d12", "-b", batch, "-t", 1024, "-x", steps,
+                   "-v", 100000, "-s", 0, "-h", 0, "-l", 2.5e-4]  # fmt: skip
+        rates = re.findall(r"(\d+) tok/s", run(command, timeout=180, cwd=llmc).stdout)
         results[f"{batch} x 1024"] = int(rates[-1]) if rates else None
         say(f"throughput, llm.c at {batch} x 1024: {results[f'{batch} x 1024']} tok/s")
     return results
 
 
-def quickstart(cfg: GpuCheckConfig) -> dict:
+def quickstart(cfg: GpuCheckConfig, out: Path) -> dict:
     """The README's first run, as a user types it, timed step by step."""
-    data_dir, prepare_seconds = prepare_austen(Path(cfg.out_dir) / "quickstart" / "data")
+    data_dir, prepare_seconds = prepare_austen(out / "data")
     say(f"quickstart, prepare.py: {prepare_seconds:.1f} s")
     tiny = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--max_steps=20", "--eval_interval=10"] if cfg.tiny else []
-    out = Path(cfg.out_dir) / "quickstart"
     started = time.perf_counter()
     run([sys.executable, "train.py", "config/austen.py", f"--data_dir={data_dir}", f"--out_dir={out}",
          f"--device={cfg.device}", "--resume=auto", *tiny], timeout=900)  # fmt: skip
@@ -183,11 +214,10 @@ def quickstart(cfg: GpuCheckConfig) -> dict:
     return {"prepare_s": prepare_seconds, "train_s": train_seconds, "val_loss": val_loss, "sample_s": sample_seconds}
 
 
-def stop(cfg: GpuCheckConfig, data_dir: Path) -> dict:
+def stop(cfg: GpuCheckConfig, out: Path, data_dir: Path) -> dict:
     """SIGTERM to a torchrun job (launcher and worker, as a scheduler's preemption sends it) once a few
     steps are logged; the stop checkpoint it leaves; --resume=auto to the end; an unstopped run beside."""
-    # The SIGTERM goes once a quarter of the steps are logged: the rest (2 s on tiny shapes) leave it time
-    # to land before the end, however busy the machine.
+    # The SIGTERM goes once a quarter of the steps are logged: the rest leave it time to land before the end.
     steps, batch_size = (200, 2) if cfg.tiny else (300, 8)
     model = {**model_args(cfg), "compile": False}
     keys = {**model, "batch_size": batch_size, "max_steps": steps, "log_interval": 1, "eval_interval": 10**9,
@@ -195,10 +225,10 @@ def stop(cfg: GpuCheckConfig, data_dir: Path) -> dict:
             "device": cfg.device}  # fmt: skip
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py"]
 
-    def command(out: Path, *extra: str) -> list:
-        return [*launch, *(f"--{k}={v}" for k, v in keys.items()), f"--out_dir={out}", "--run_name=run", *extra]
+    def command(run_dir: Path, *extra: str) -> list:
+        return [*launch, *(f"--{k}={v}" for k, v in keys.items()), f"--out_dir={run_dir}", "--run_name=run", *extra]
 
-    stopped, unstopped = Path(cfg.out_dir) / "stop" / "stopped", Path(cfg.out_dir) / "stop" / "unstopped"
+    stopped, unstopped = out / "stopped", out / "unstopped"
     job = subprocess.Popen(list(map(str, command(stopped))), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True, start_new_session=True)  # fmt: skip
     output = []
@@ -241,8 +271,8 @@ def hellaswag_rows(count: int) -> list[dict]:
     ]  # fmt: skip
 
 
-def evaluate(cfg: GpuCheckConfig) -> dict:
-    rows = Path(cfg.out_dir) / "hellaswag_rows.jsonl"
+def evaluate(cfg: GpuCheckConfig, out: Path) -> dict:
+    rows = out / "hellaswag_rows.jsonl"
     rows.write_text("".join(json.dumps(row) + "\n" for row in hellaswag_rows(20 if cfg.tiny else 2000)))
     dtype = "bfloat16" if cfg.device.startswith("cuda") else "float32"
     result = run([sys.executable, "eval.py", "--init=random", "--tasks=hellaswag", f"--hellaswag_file={rows}",
@@ -252,8 +282,8 @@ def evaluate(cfg: GpuCheckConfig) -> dict:
     return {"items_per_s": rate, "validation_set_minutes": HELLASWAG_VALIDATION_ITEMS / rate / 60}
 
 
-def generate(cfg: GpuCheckConfig) -> dict:
-    json_path = Path(cfg.out_dir) / "bench_generate.json"
+def generate(cfg: GpuCheckConfig, out: Path) -> dict:
+    json_path = out / "bench_generate.json"
     run([sys.executable, "bench.py", "--sections=generate", f"--full={not cfg.tiny}", f"--device={cfg.device}",
          f"--json_path={json_path}"], timeout=900)  # fmt: skip
     rows = json.loads(json_path.read_text())["rows"]
@@ -267,33 +297,38 @@ def generate(cfg: GpuCheckConfig) -> dict:
 
 def main(argv: list[str]) -> None:
     cfg = configurator.parse_config(GpuCheckConfig, argv)
-    steps = {"throughput": None, "quickstart": None, "stop": None, "eval": None, "generate": None}
+    out = Path(cfg.out_dir).resolve()  # the scripts run from the project's root
+    steps = {
+        "throughput": lambda: throughput(cfg, fresh(out / "throughput"), data_dir),
+        "quickstart": lambda: quickstart(cfg, fresh(out / "quickstart")),
+        "stop": lambda: stop(cfg, fresh(out / "stop"), data_dir),
+        "eval": lambda: evaluate(cfg, fresh(out / "eval")),
+        "generate": lambda: generate(cfg, fresh(out / "generate")),
+    }
     chosen = [name for name in cfg.steps.split(",") if name]
     if unknown := [name for name in chosen if name not in steps]:
         raise UserError(f"--steps={cfg.steps}: {', '.join(unknown)} is no step; choose from {','.join(steps)}")
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    say(f"gpu_check on {machine_name(cfg.device)}, {'tiny shapes' if cfg.tiny else 'the recipe model'}")
-    data_dir = prepare_austen(Path(cfg.out_dir) / "data")[0] if {"throughput", "stop"} & set(chosen) else None
-    actions = {
-        "throughput": lambda: throughput(cfg, data_dir),
-        "quickstart": lambda: quickstart(cfg),
-        "stop": lambda: stop(cfg, data_dir),
-        "eval": lambda: evaluate(cfg),
-        "generate": lambda: generate(cfg),
-    }
-    results, failed = {"machine": machine_name(cfg.device)}, []
+    results, failed = {"machine": machine_name(cfg.device), "versions": versions()}, []
+    say(f"gpu_check on {results['machine']} ({results['versions']}), {'tiny shapes' if cfg.tiny else 'GPT-2 124M'}")
+    data_dir = prepare_austen(out / "data")[0] if {"throughput", "stop"} & set(chosen) else None
     for name in chosen:
         started = time.perf_counter()
         try:
-            results[name] = {**actions[name](), "seconds": time.perf_counter() - started}
+            results[name] = {**steps[name](), "seconds": time.perf_counter() - started}
         except Exception as e:  # noqa: BLE001 - one step's failure is reported; the others still run
             failed.append(name)
             results[name] = {"error": str(e)[-3000:]}
             say(f"{name}: FAILED: {e}")
-        (Path(cfg.out_dir) / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    say(f"results: {Path(cfg.out_dir) / 'results.json'}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+        Path(cfg.json_path).write_text(json.dumps(results, indent=2) + "\n")
+    say(f"wrote {cfg.json_path}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     if failed:
         sys.exit(1)
+
+
+def versions() -> str:
+    import torch
+
+    return f"torch {torch.__version__}, CUDA {torch.version.cuda}"
 
 
 if __name__ == "__main__":

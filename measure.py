@@ -108,7 +108,7 @@ def val_loss(model_dir: Path, windows: TokenWindows, device: str) -> float:
     total = 0.0
     with torch.no_grad():
         for start in range(0, len(windows), 32):
-            rows = range(start, min(start + 32, len(windows)))
-            tokens = torch.from_numpy(windows.batch(rows)).to(device)  # (B, T + 1)
+            indices = range(start, min(start + 32, len(windows)))
+            tokens = torch.from_numpy(windows.batch(indices)).to(device)  # (B, T + 1)
             total += model(tokens[:, :-1], tokens[:, 1:])[1].item() * len(tokens)
     return total / len(windows)

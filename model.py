@@ -38,14 +38,13 @@ class GPTConfig:
         vocabulary (train.py, eval.py --tasks=val)."""
         if block_size > self.block_size:
             raise UserError(
-                f"block_size={block_size} is longer than the model's context of {self.block_size} positions; "
-                "lower block_size"
+                f"--block_size={block_size} is longer than the model's context of {self.block_size} positions; lower it"
             )
         if data_vocab_size > self.vocab_size:
             raise UserError(
                 f"{data_dir} uses a vocabulary of {data_vocab_size} tokens but the model has "
-                f"vocab_size={self.vocab_size}; set vocab_size={data_vocab_size} for a new model, or pass the data "
-                "this one was trained on"
+                f"vocab_size={self.vocab_size}; pass the data the model was trained on (a new model: "
+                f"--vocab_size={data_vocab_size})"
             )
 
 

@@ -144,16 +144,20 @@ def open_source(cfg: PrepareConfig, replaced: collections.Counter):
         kind = input_kind(files[0])
         if kind in ROW_FORMATS:
             source = f"{cfg.input} column {cfg.text_column}"
-            rows = dict(files=files, hint=OFFLINE_HINT, data_files=[str(f) for f in files], split="train")
-            documents = dataset_documents(ROW_FORMATS[kind], source, cfg.text_column, sentences=False, **rows)
+            documents = dataset_documents(
+                ROW_FORMATS[kind], source, cfg.text_column, sentences=False, files=files, hint=OFFLINE_HINT,
+                data_files=[str(f) for f in files], split="train",
+            )  # fmt: skip
             return name, source, documents, files, summary
         return name, cfg.input or AUSTEN_GLOB, (text_file_pieces(f, replaced) for f in files), files, summary
     bookcorpus = cfg.dataset == "bookcorpus"
     repo = BOOKCORPUS if bookcorpus else cfg.dataset
     revision = cfg.revision or (BOOKCORPUS_REVISION if bookcorpus else None)
     source = f"hf://datasets/{repo}@{revision or 'main'} split {cfg.split} column {cfg.text_column}"
-    rows = dict(files=[], hint=OFFLINE_HINT, revision=revision, split=cfg.split)
-    documents = dataset_documents(repo, source, cfg.text_column, sentences=bookcorpus, **rows)
+    documents = dataset_documents(
+        repo, source, cfg.text_column, sentences=bookcorpus, files=[], hint=OFFLINE_HINT, revision=revision,
+        split=cfg.split,
+    )  # fmt: skip
     return repo.split("/")[-1], source, documents, None, None
 
 

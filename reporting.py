@@ -54,6 +54,7 @@ class Reporter:
         run_dir: Path,
         wandb_run,
         state: TrainerState,
+        *,
         max_steps: int,
         log_interval: int,
         eval_interval: int,

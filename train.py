@@ -132,7 +132,9 @@ OPTIMIZATION_KEYS = (
 def resume_changes(resumed: Checkpoint | None, cfg: TrainConfig, saved_lr: float | None, lr: float) -> dict:
     """What a resumed run changes of its checkpoint's config: {key: [checkpoint's, this run's]} of the
     OPTIMIZATION_KEYS that differ, with the learning rate at the step reached (saved_lr -> lr) as 'lr'."""
-    saved, ours = resumed.config if resumed else asdict(cfg), asdict(cfg)
+    if resumed is None:
+        return {}
+    saved, ours = resumed.config, asdict(cfg)
     changes = {key: [saved.get(key), ours[key]] for key in OPTIMIZATION_KEYS if saved.get(key) != ours[key]}
     return {**changes, "lr": [saved_lr, lr]} if changes else {}
 
@@ -366,11 +368,11 @@ def clip_divisor(grad_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
 
 
 def build_evaluator(cfg: TrainConfig, job: Job, model: GPT, data: RunData, micro_batch_size: int, autocast):
-    files = {"hellaswag": cfg.hellaswag_file, "lambada_openai": cfg.lambada_openai_file}
+    files = zero_shot.task_files(zero_shot.task_names(cfg.tasks), cfg.hellaswag_file, cfg.lambada_openai_file)
     return Evaluator(
-        job, model, autocast, data.val, data.val_indices, micro_batch_size,
-        {name: files[name] for name in zero_shot.task_names(cfg.tasks)}, cfg.task_limit, cfg.sample_prompt,
-        cfg.sample_tokens, cfg.seed,
+        job, model, autocast, val=data.val, val_indices=data.val_indices, batch_size=micro_batch_size,
+        task_files=files, task_limit=cfg.task_limit, sample_prompt=cfg.sample_prompt,
+        sample_tokens=cfg.sample_tokens, seed=cfg.seed,
     )  # fmt: skip
 
 
@@ -381,8 +383,9 @@ def build_reporter(cfg: TrainConfig, job: Job, run_dir: Path, state, max_steps: 
         lambda: open_run(run_dir, asdict(cfg), state.step, wandb_project, cfg.run_name, state.wandb_run_id)
     )
     return Reporter(
-        job, run_dir, wandb_run, state, max_steps, cfg.log_interval, cfg.eval_interval,
-        cfg.batch_size * cfg.block_size, flops_per_token(model, cfg.block_size), memory,
+        job, run_dir, wandb_run, state, max_steps=max_steps, log_interval=cfg.log_interval,
+        eval_interval=cfg.eval_interval, tokens_per_step=cfg.batch_size * cfg.block_size,
+        flops_per_token=flops_per_token(model, cfg.block_size), memory=memory,
     )  # fmt: skip
 
 
@@ -411,7 +414,12 @@ def train(cfg: TrainConfig, job: Job) -> int:
     cfg = with_model_shape(cfg, raw_model)
     # measured with the whole softmax: an upper bound of the compact one's memory
     micro_batch_size, predicted_peak = choose_micro_batch(
-        raw_model, job, autocast, cfg.batch_size, cfg.block_size, cfg.micro_batch_size
+        raw_model,
+        job,
+        autocast,
+        batch_size=cfg.batch_size,
+        block_size=cfg.block_size,
+        micro_batch_size=cfg.micro_batch_size,
     )
     softmax = compact_output_layer(raw_model, data.train, source is None) if data.train is not None else None
     job.announce(f"config: {json.dumps(asdict(cfg))}")
@@ -431,8 +439,8 @@ def train(cfg: TrainConfig, job: Job) -> int:
     )
     scheduler = lr_schedule(optimizer, data.max_steps, cfg.warmup_ratio, cfg.lr_decay)
     checkpointer = Checkpointer(
-        job, run_dir, raw_model, optimizer, scheduler, data.order, asdict(cfg), cfg.seed, cfg.checkpoint_interval,
-        cfg.keep_checkpoints,
+        job, run_dir, raw_model, optimizer, scheduler, data_order=data.order, config=asdict(cfg), seed=cfg.seed,
+        interval=cfg.checkpoint_interval, keep=cfg.keep_checkpoints,
     )  # fmt: skip
     state, saved_lr = checkpointer.restore(resume_from)
     changes = resume_changes(resume_from, cfg, saved_lr, scheduler.get_last_lr()[0])
@@ -446,8 +454,9 @@ def train(cfg: TrainConfig, job: Job) -> int:
             return 0
         job.catch_stop_signals()
         feed = batches(
-            data.train, cfg.seed, cfg.batch_size, micro_batch_size, job.rank, job.world_size, data.steps_per_epoch,
-            state.step, data.max_steps, cfg.device,
+            data.train, seed=cfg.seed, batch_size=cfg.batch_size, micro_batch_size=micro_batch_size, rank=job.rank,
+            world_size=job.world_size, steps_per_epoch=data.steps_per_epoch, start_step=state.step,
+            max_steps=data.max_steps, device=cfg.device,
         )  # fmt: skip
         for step, tokens in enumerate(feed, start=state.step + 1):  # step: the number of steps done once this one is
             lr = scheduler.get_last_lr()[0]

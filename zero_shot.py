@@ -1,5 +1,21 @@
-"""Zero-shot HellaSwag and LAMBADA, scored as lm-evaluation-harness 0.4 scores them: the tasks, their rows,
-and the scoring that eval.py and train.py's evaluations share (eval.py's docstring states the rules).
+"""Zero-shot HellaSwag and LAMBADA, scored as lm-evaluation-harness 0.4 scores them, so the figures sit in
+the same tables as published GPT-2 results: the tasks, their rows, and the scoring that eval.py and
+train.py's evaluations share.
+
+The rules are lm-eval's task configs and its HF backend (lm_eval/tasks/hellaswag, lm_eval/tasks/lambada,
+lm_eval/api/model.py _encode_pair, lm_eval/models/huggingface.py _loglikelihood_tokens):
+- hellaswag: Rowan/hellaswag's validation rows. Context: preprocess(activity_label + ": " + ctx_a + " " +
+  ctx_b.capitalize()); the four continuations: " " + preprocess(ending). acc: the ending of highest summed
+  log-likelihood is the label; acc_norm: the same with each divided by the ending's length in characters
+  (without the space). A tie goes to the first ending (numpy.argmax).
+- lambada_openai: EleutherAI/lambada_openai's test rows. Context: the text's words but the last (split on
+  " "), target: " " + the last. acc: every target token is the argmax at its position; perplexity:
+  exp(-mean over items of the target's summed log-likelihood).
+- Tokens: trailing whitespace of the context moves to the front of the continuation; the continuation's
+  tokens are encode(context + continuation) beyond the length of encode(context); an empty context is
+  <|endoftext|>. The input is (context + continuation)[-(block_size + 1):][:-1]: a context too long for
+  the model loses its start.
+Log-softmax runs in float32 whatever the model's dtype (lm-eval's runs in the model's dtype).
 """
 
 import math
@@ -259,6 +275,12 @@ def evaluate(model: GPT, name: str, items: list[Item], job: Job, batch_tokens: i
     if gathered is None:
         return None
     return task.metrics({key: sum(ranks.get(key, 0.0) for ranks in gathered) for key in gathered[0]}, len(items))
+
+
+def task_files(names: list[str], hellaswag_file: str | None, lambada_openai_file: str | None) -> dict:
+    """{task: its local JSONL file, or None for the Hub} of the named tasks, from the scripts' <task>_file keys."""
+    files = {"hellaswag": hellaswag_file, "lambada_openai": lambada_openai_file}
+    return {name: files[name] for name in names if name in files}
 
 
 def load_tasks(files: dict[str, str | None], limit: int | None, job: Job) -> dict[str, list[Item]]:

@@ -1,6 +1,6 @@
 """train.py learns as GPT2LMHeadModel under the HF Trainer does, step for step, in a controlled run:
 the same initial weights, the same windows in the same order, no dropout, the recipe's
-TrainingArguments (bench.recipe_arguments). The final weights and every step's gradient norm and
+TrainingArguments (recipe.recipe_arguments). The final weights and every step's gradient norm and
 learning rate agree to float rounding; a train.py whose schedule, optimizer groups, clipping or data
 order drifted from the Trainer's does not. bench.py's fidelity section compares whole runs from
 independent seeds."""

@@ -17,15 +17,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_every_step_runs_on_tiny_shapes(tmp_path):
     steps = "--steps=throughput,quickstart,stop,eval"
+    json_path = tmp_path / "gpu_check.json"
     command = [sys.executable, "gpu_check.py", "--tiny", "--device=cpu", f"--out_dir={tmp_path}", steps]
+    command.append(f"--json_path={json_path}")
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = json.loads(json_path.read_text())
     throughput = results["throughput"]
     assert throughput["8 x T, fused loss"]["micro_batch_size"] == 8
     assert throughput["64 x T a step, micro-batch auto"]["micro_batch_size"] == 16  # a CPU takes its whole share
-    assert throughput["ours / HF Trainer at 8 x T"] > 0
-    assert "Self CPU time total" in throughput["profile, 8 x T"]
+    assert (
+        throughput["8 x T, fused loss"]["softmax"] == "compact"
+        and throughput["8 x T, whole softmax"]["softmax"] == "whole"
+    )
+    assert throughput["8 x T, whole softmax / HF Trainer"] > 0
+    assert "Self CPU time total" in throughput["profile, 8 x T"]["table"]
     assert results["quickstart"]["val_loss"] < 11 and (tmp_path / "quickstart" / "austen" / "loss.png").is_file()
     assert 50 <= results["stop"]["stop_step"] < 200
     assert results["stop"]["largest_loss_difference_after_resume"] == 0.0  # on CPU a resume is bitwise

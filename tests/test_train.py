@@ -190,7 +190,7 @@ def test_checkpoint_loads_in_transformers_with_the_logged_val_loss(data, referen
 def test_the_predicted_memory_is_compared_once_after_the_second_step(data, tmp_path, monkeypatch, capsys):
     """Where choose_micro_batch predicts a peak (a GPU), the Reporter sets the first steps' real peak beside
     it once the optimizer's state exists; on this CPU-only run the real peak reads 0."""
-    monkeypatch.setattr(train, "choose_micro_batch", lambda *_: (8, 1.5 * 2**30))
+    monkeypatch.setattr(train, "choose_micro_batch", lambda *_, **__: (8, 1.5 * 2**30))
     train.main(args(data, tmp_path, "--batch_size=8", "--max_steps=4"))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("memory:")]
     assert lines == ["memory: peak 0.0 GiB in the first steps, 1.5 GiB predicted for micro-batch 8"]
@@ -233,7 +233,7 @@ def test_a_new_models_unseen_tokens_share_a_row_and_a_column_pretrained_ones_kee
     [
         ("--batch_size=eight", "expected int"),
         ("--block_size=700", "fewer than block_size"),  # the val split has 600 tokens
-        ("--vocab_size=32", "vocabulary of 64 tokens .* set vocab_size=64"),
+        ("--vocab_size=32", "vocabulary of 64 tokens .* --vocab_size=64"),
         ("--batch_size=300", "fewer than one batch"),
         ("--batch_size=0", "batch_size=0: must be positive"),
         ("--micro_batch_size=3", "micro_batch_size=3 does not divide the 64 sequences"),
