@@ -32,7 +32,7 @@ from filelock import FileLock, Timeout
 from safetensors import SafetensorError, safe_open
 
 import tokenizer
-from common import UserError, first_sentence, publish, temp_path
+from common import UserError, first_nonfinite, first_sentence, publish, temp_path
 from distributed import Job
 from hf import save_pretrained
 
@@ -343,7 +343,7 @@ def nonfinite_tensor(model, optimizer) -> str | None:
         tensors.update(
             {f"{names[param]}'s {key}": value for key, value in param_state.items() if torch.is_tensor(value)}
         )
-    return next((name for name, tensor in tensors.items() if not bool(tensor.detach().isfinite().all())), None)
+    return first_nonfinite(tensors.items())
 
 
 def write_checkpoint(run_dir: Path, model, optimizer, state: TrainerState, config: dict, keep: int) -> Path:

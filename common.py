@@ -2,6 +2,7 @@
 of a --device, writes that never leave half a file, and how the process's allocator keeps memory."""
 
 import ctypes
+import math
 import os
 import sys
 from pathlib import Path
@@ -11,6 +12,19 @@ class UserError(ValueError):
     """A mistake or an environment problem the user fixes (a bad value, a missing file, the Hub out of
     reach, a full disk); the message names the problem and the fix. configurator.run prints it as one
     line; any other exception is a bug and keeps its traceback."""
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss); inf where that overflows a float (a loss above ~709.8): a value to report, not a crash."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
+def first_nonfinite(named_tensors) -> str | None:
+    """The name of the first of (name, tensor) pairs that holds inf or NaN; None when all are finite."""
+    return next((name for name, tensor in named_tensors if not bool(tensor.detach().isfinite().all())), None)
 
 
 def one_line(error: BaseException) -> str:

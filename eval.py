@@ -18,7 +18,6 @@ Under torchrun each rank scores every world_size-th item; rank 0 sums and prints
 """
 
 import json
-import math
 import sys
 import time
 from contextlib import nullcontext
@@ -30,7 +29,7 @@ import torch
 
 import configurator
 import zero_shot
-from common import UserError, check_device
+from common import UserError, check_device, perplexity
 from distributed import Job
 from evaluator import window_loss
 from inference import DTYPES, check_dtype, load_model
@@ -65,7 +64,7 @@ def split_loss(model: GPT, cfg: EvalConfig, job: Job) -> tuple[dict[str, float],
     windows = TokenWindows(cfg.data_dir, cfg.split, block_size)
     batch_size = max(1, cfg.batch_tokens // block_size)
     loss = window_loss(model, windows, np.arange(len(windows)), batch_size, job.device, nullcontext(), job)
-    return {"loss": loss, "perplexity": math.exp(loss)}, len(windows)
+    return {"loss": loss, "perplexity": perplexity(loss)}, len(windows)
 
 
 # ---- the command ---------------------------------------------------------------------------------------
@@ -99,6 +98,8 @@ def main(argv):
         items = zero_shot.load_tasks(files, cfg.limit, job)  # before the model loads
         torch.manual_seed(0)  # --init=random: the same weights on every rank
         model = load_model(cfg.ckpt, cfg.init).to(job.device, DTYPES[cfg.dtype])
+        for name, task_items in items.items():
+            zero_shot.check_fits(name, task_items, model.config.block_size)
         results, counts = {}, {}
         for name in names:
             started = time.perf_counter()

@@ -2,7 +2,6 @@
 evaluations and eval.py's --tasks=val both take (window_loss)."""
 
 import functools
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,7 +10,7 @@ import torch.distributed as dist
 
 import tokenizer
 import zero_shot
-from common import UserError
+from common import UserError, first_nonfinite, perplexity
 from distributed import Job
 from generate import RECIPE_SAMPLING, generate
 from model import GPT
@@ -52,7 +51,7 @@ class EvalResult:
         """Flat keys for metrics.jsonl and wandb: a task's metric as task/metric (wandb groups them by task)."""
         return {
             "val_loss": self.val_loss,
-            "val_perplexity": math.exp(self.val_loss),
+            "val_perplexity": perplexity(self.val_loss),
             **{f"{task}/{metric}": value for task, metrics in self.tasks.items() for metric, value in metrics.items()},
             **({"sample": self.sample} if self.sample is not None else {}),
         }
@@ -63,7 +62,7 @@ class EvalResult:
             for task, metrics in self.tasks.items()
         )
         sample = f"\nsample: {self.sample}" if self.sample is not None else ""
-        return f"val loss {self.val_loss:.4f}, perplexity {math.exp(self.val_loss):.2f}{tasks}{sample}"
+        return f"val loss {self.val_loss:.4f}, perplexity {perplexity(self.val_loss):.2f}{tasks}{sample}"
 
 
 class Evaluator:
@@ -105,6 +104,8 @@ class Evaluator:
         if sample_prompt and not self._sampling:
             job.announce(f"no samples at evals: {val.data_dir} holds {tokens!r} tokens, not GPT-2's")
         self._items = zero_shot.load_tasks(task_files, task_limit, job)
+        for name, items in self._items.items():  # every row, before the first step
+            zero_shot.check_fits(name, items, model.config.block_size)
         self._prompt_text, self._prompt = sample_prompt, tokenizer.encode(sample_prompt)
         self._new_tokens = min(sample_tokens, model.config.block_size - len(self._prompt))
         if self._sampling and self._new_tokens < 1:
@@ -125,7 +126,11 @@ class Evaluator:
         sample = self._sample() if self._sampling and self._job.rank == 0 else None
         return EvalResult(val_loss, tasks if self._job.rank == 0 else {}, sample)
 
-    def _sample(self) -> str:
+    def _sample(self) -> str | None:
+        """The eval's sample; None, said in one line, where the weights hold inf or NaN (nothing to sample)."""
+        if broken := first_nonfinite(self._model.named_parameters()):
+            print(f"no sample at this eval: {broken} holds inf or NaN", flush=True)
+            return None
         generator = torch.Generator(self._job.device).manual_seed(self._seed)
         with self._autocast:
             ids = generate(

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import latest_checkpoint
-from common import UserError
+from common import UserError, first_nonfinite
 from hf import from_pretrained
 from model import GPT, GPTConfig
 
@@ -44,4 +44,7 @@ def load_model(ckpt: str | None, init: str) -> GPT:
             raise UserError(f"{source} has neither config.json nor ckpt_* checkpoints; {TRAIN_HINT}")
         source = str(checkpoint)
     print(f"loading {source}", file=sys.stderr)
-    return from_pretrained(source, dropout=0.0)
+    model = from_pretrained(source, dropout=0.0)
+    if broken := first_nonfinite(model.named_parameters()):
+        raise UserError(f"{source}: {broken} holds inf or NaN (training diverged before it); pass an earlier one")
+    return model

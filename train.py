@@ -469,10 +469,10 @@ def train(cfg: TrainConfig, job: Job) -> int:
             with reporter.read_back(step):
                 if reporter.should_log(step):
                     reporter.log(step, lr)
+                if save:  # before the eval: an eval that fails loses no trained step
+                    checkpointer.save(step, reporter.nonfinite_steps, reporter.wandb_run_id)
                 if reporter.should_evaluate(step):
                     reporter.log_eval(step, evaluator())
-                if save:
-                    checkpointer.save(step, reporter.nonfinite_steps, reporter.wandb_run_id)
             if stop_signal:
                 job.announce(f"stopped by signal {stop_signal} at step {step}; continue with --resume=auto")
                 return stop_signal

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import tokenizer
-from common import UserError
+from common import UserError, perplexity
 from distributed import Job
 from model import GPT
 from sources import hub_rows, read_jsonl
@@ -88,7 +88,7 @@ def lambada_scores(item: Item, loglikelihoods: list[float], greedy: list[bool]) 
 
 
 def lambada_metrics(totals: dict[str, float], count: int) -> dict[str, float]:
-    return {"acc": totals["acc"] / count, "perplexity": math.exp(-totals["loglikelihood"] / count)}
+    return {"acc": totals["acc"] / count, "perplexity": perplexity(-totals["loglikelihood"] / count)}
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,10 @@ COLUMN_KINDS = {
     "activity_label": ("a string", lambda value: isinstance(value, str)),
     "ctx_a": ("a string", lambda value: isinstance(value, str)),
     "ctx_b": ("a string", lambda value: isinstance(value, str)),
-    "endings": ("a list of strings", lambda value: isinstance(value, list) and all(isinstance(v, str) for v in value)),
+    "endings": (
+        "a non-empty list of strings",
+        lambda value: isinstance(value, list) and value and all(isinstance(v, str) for v in value),
+    ),
     "label": (
         "an index (a number, or a string of digits as on the Hub)",
         lambda value: type(value) is int and value >= 0 or isinstance(value, str) and value.isdecimal(),
@@ -160,6 +163,11 @@ def load_items(name: str, path: str | None, limit: int | None) -> list[Item]:
             kind, holds = COLUMN_KINDS[column]
             if not holds(row[column]):
                 raise UserError(f"{source}: row {number}'s {column} is not {kind}; expected {task.hub[0]}'s rows")
+        if "label" in task.columns and int(row["label"]) >= len(row["endings"]):
+            raise UserError(
+                f"{source}: row {number}'s label {row['label']} names no ending (it has {len(row['endings'])}); "
+                f"expected {task.hub[0]}'s rows"
+            )
     if not rows:
         raise UserError(f"{source} has no rows")
     return [task.item(row) for row in rows]
@@ -189,14 +197,23 @@ class Candidate:
     continuation: list[int]  # scored at the last len(continuation) positions of inputs
 
 
+def check_fits(name: str, items: list[Item], block_size: int) -> None:
+    """Refuses, before anything is scored, an item whose continuation is longer than the model's context
+    (a longer context loses its start, as in lm-eval; a continuation cannot)."""
+    for number, item in enumerate(items, 1):
+        for continuation in item.continuations:
+            if (length := len(encode_pair(item.context, continuation)[1])) > block_size:
+                raise UserError(
+                    f"{name} item {number}: a continuation of {length} tokens is longer than the model's context "
+                    f"({block_size}); leave that row out"
+                )
+
+
 def candidates_of(item: Item, block_size: int) -> list[Candidate]:
+    """The item's (context, continuation) pairs as the model reads them; check_fits has passed."""
     candidates = []
     for continuation in item.continuations:
         context_ids, continuation_ids = encode_pair(item.context, continuation)
-        if len(continuation_ids) > block_size:
-            raise UserError(
-                f"a continuation of {len(continuation_ids)} tokens is longer than the model's context ({block_size})"
-            )
         candidates.append(Candidate((context_ids + continuation_ids)[-(block_size + 1) :][:-1], continuation_ids))
     return candidates
 

@@ -358,7 +358,7 @@ def test_malformed_row_files_are_one_line_errors(tmp_path, content, message):
 @pytest.mark.parametrize(
     "column, value, message",
     [
-        ("endings", "four endings", "row 1's endings is not a list of strings"),
+        ("endings", "four endings", "row 1's endings is not a non-empty list of strings"),
         ("label", "three", "row 1's label is not an index"),
         ("ctx_a", None, "row 1's ctx_a is not a string"),
     ],

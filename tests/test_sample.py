@@ -237,3 +237,12 @@ def test_a_damaged_model_directory_is_one_line(tmp_path, damage):
     damage(tmp_path / "ckpt")
     with pytest.raises(UserError, match="ckpt: its model does not load .*; pass an intact HF GPT-2 directory"):
         sample.main([f"--ckpt={tmp_path / 'ckpt'}", "--max_new_tokens=2"])
+
+
+def test_weights_of_a_diverged_run_are_one_line(tmp_path):
+    model = GPT(TINY)
+    with torch.no_grad():
+        model.transformer.wte.weight[3, 3] = float("inf")
+    save_pretrained(model, tmp_path / "ckpt")
+    with pytest.raises(UserError, match="ckpt: transformer.wte.weight holds inf or NaN .*; pass an earlier one"):
+        sample.main([f"--ckpt={tmp_path / 'ckpt'}", "--max_new_tokens=2"])

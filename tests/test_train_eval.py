@@ -7,6 +7,7 @@ dataset out of reach as one line before any step."""
 import contextlib
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from test_train import ROOT, TIMING_KEYS, metrics
 
 import configurator
 import eval
+import evaluator
 import tokenizer
 import train
 import zero_shot
@@ -198,3 +200,50 @@ def test_a_dataset_out_of_reach_is_one_line_before_any_step(data, tmp_path):
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("train.py: error:"), done.stderr
     assert "--hellaswag_file=PATH" in done.stderr
     assert "| loss" not in done.stdout and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_failing_eval_loses_no_trained_step(data, tmp_path, monkeypatch):
+    """At a step that evaluates and saves, the checkpoint is written first."""
+
+    def failing_eval(*args, **kwargs):
+        raise RuntimeError("the eval fails")
+
+    monkeypatch.setattr(evaluator, "window_loss", failing_eval)
+    with pytest.raises(RuntimeError, match="the eval fails"):
+        train.main(args(data, tmp_path, *RESUMED))
+    assert latest_checkpoint(tmp_path / "run").name == "ckpt_0000002"
+
+
+def test_an_eval_reports_a_loss_of_any_size_and_skips_the_sample_of_nonfinite_weights(data, tmp_path, capsys):
+    cfg = configurator.parse_config(train.TrainConfig, args(data, tmp_path, "--tasks="))
+    run_data = train.load_data(cfg)
+    model = train.build_model(cfg, None, run_data.val.meta)
+    job = Job("cpu", timedelta(minutes=1))
+    huge = evaluator.EvalResult(800.0, {}, None)  # exp(800) overflows a float
+    assert huge.record()["val_perplexity"] == math.inf and "perplexity inf" in huge.describe()
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = math.nan
+    result = train.build_evaluator(cfg, job, model, run_data, 4, contextlib.nullcontext())()
+    assert result.sample is None and math.isnan(result.val_loss)
+    assert "no sample at this eval: transformer.h.0.mlp.c_fc.weight holds inf or NaN" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{**HELLASWAG_ROWS[0], "endings": []}], "row 1's endings is not a non-empty list of strings"),
+        ([HELLASWAG_ROWS[0], {**HELLASWAG_ROWS[1], "label": 4}], "row 2's label 4 names no ending .it has 4."),
+    ],
+)
+def test_task_rows_are_checked_before_any_step(data, tmp_path, rows, message):
+    write_jsonl(tmp_path / "rows.jsonl", rows)
+    with pytest.raises(UserError, match=message):
+        train.main(args(data, tmp_path, "--max_steps=1", f"--hellaswag_file={tmp_path / 'rows.jsonl'}"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_continuation_longer_than_the_context_is_refused_before_any_step(data, tmp_path):
+    write_jsonl(tmp_path / "rows.jsonl", [*LAMBADA_ROWS, {"text": "and then " + "".join(f"{i}q" for i in range(40))}])
+    with pytest.raises(UserError, match=rf"lambada_openai item {len(LAMBADA_ROWS) + 1}: a continuation of \d+ tokens"):
+        train.main(args(data, tmp_path, "--max_steps=1", f"--lambada_openai_file={tmp_path / 'rows.jsonl'}"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
