@@ -199,7 +199,7 @@ def quickstart(cfg: GpuCheckConfig, out: Path) -> dict:
     """The README's first run, as a user types it, timed step by step."""
     data_dir, prepare_seconds = prepare_austen(out / "data")
     say(f"quickstart, prepare.py: {prepare_seconds:.1f} s")
-    tiny = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--max_steps=20", "--eval_interval=10"] if cfg.tiny else []
+    tiny = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--max_steps=10", "--eval_interval=5"] if cfg.tiny else []
     started = time.perf_counter()
     run([sys.executable, "train.py", "config/austen.py", f"--data_dir={data_dir}", f"--out_dir={out}",
          f"--device={cfg.device}", "--resume=auto", *tiny], timeout=900)  # fmt: skip
@@ -218,7 +218,7 @@ def stop(cfg: GpuCheckConfig, out: Path, data_dir: Path) -> dict:
     """SIGTERM to a torchrun job (launcher and worker, as a scheduler's preemption sends it) once a few
     steps are logged; the stop checkpoint it leaves; --resume=auto to the end; an unstopped run beside."""
     # The SIGTERM goes once a quarter of the steps are logged: the rest leave it time to land before the end.
-    steps, batch_size = (200, 2) if cfg.tiny else (300, 8)
+    steps, batch_size = (160, 2) if cfg.tiny else (300, 8)
     model = {**model_args(cfg), "compile": False}
     keys = {**model, "batch_size": batch_size, "max_steps": steps, "log_interval": 1, "eval_interval": 10**9,
             "eval_windows": 1, "checkpoint_interval": 10**9, "sample_prompt": "", "data_dir": data_dir,

@@ -33,7 +33,7 @@ def test_every_step_runs_on_tiny_shapes(tmp_path):
     assert throughput["8 x T, whole softmax / HF Trainer"] > 0
     assert "Self CPU time total" in throughput["profile, 8 x T"]["table"]
     assert results["quickstart"]["val_loss"] < 11 and (tmp_path / "quickstart" / "austen" / "loss.png").is_file()
-    assert 50 <= results["stop"]["stop_step"] < 200
+    assert 40 <= results["stop"]["stop_step"] < 160
     assert results["stop"]["largest_loss_difference_after_resume"] == 0.0  # on CPU a resume is bitwise
     assert results["eval"]["items_per_s"] > 0
 
