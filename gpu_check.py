@@ -39,7 +39,16 @@ from pathlib import Path
 import configurator
 from checkpoint import damage
 from common import UserError
-from measure import ROOT, default_device, machine_name, run_measured, run_train_py, timed_logs
+from measure import (
+    ROOT,
+    default_device,
+    machine_name,
+    prepare_austen,
+    run_measured,
+    run_records,
+    run_train_py,
+    timed_logs,
+)
 
 HELLASWAG_VALIDATION_ITEMS = 10_042
 
@@ -71,12 +80,6 @@ def run(command: list, timeout: float = 600, cwd: Path = ROOT) -> subprocess.Com
     if result.returncode:
         raise RuntimeError(f"{' '.join(map(str, command[:3]))} failed: {(result.stderr or result.stdout)[-1500:]}")
     return result
-
-
-def prepare_austen(data_dir: Path) -> tuple[Path, float]:
-    started = time.perf_counter()
-    run([sys.executable, "prepare.py", "--dataset=austen", f"--out_dir={data_dir}"])
-    return data_dir, time.perf_counter() - started
 
 
 def fresh(directory: Path) -> Path:
@@ -197,15 +200,16 @@ def llmc_throughput(build: subprocess.Popen, log: Path, llmc: Path, data_dir: Pa
 
 def quickstart(cfg: GpuCheckConfig, out: Path) -> dict:
     """The README's first run, as a user types it, timed step by step."""
-    data_dir, prepare_seconds = prepare_austen(out / "data")
+    started = time.perf_counter()
+    data_dir = prepare_austen(out / "data")
+    prepare_seconds = time.perf_counter() - started
     say(f"quickstart, prepare.py: {prepare_seconds:.1f} s")
     tiny = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--max_steps=10", "--eval_interval=5"] if cfg.tiny else []
     started = time.perf_counter()
     run([sys.executable, "train.py", "config/austen.py", f"--data_dir={data_dir}", f"--out_dir={out}",
-         f"--device={cfg.device}", "--resume=auto", *tiny], timeout=900)  # fmt: skip
+         f"--device={cfg.device}", *tiny], timeout=900)  # fmt: skip
     train_seconds = time.perf_counter() - started
-    records = [json.loads(line) for line in (out / "austen" / "metrics.jsonl").read_text().splitlines()]
-    val_loss = [r["val_loss"] for r in records if "val_loss" in r][-1]
+    val_loss = [r["val_loss"] for r in run_records(out / "austen") if "val_loss" in r][-1]
     say(f"quickstart, train.py config/austen.py: {train_seconds:.1f} s, final val loss {val_loss:.3f}")
     started = time.perf_counter()
     sample = run([sys.executable, "sample.py", f"--ckpt={out / 'austen'}", f"--device={cfg.device}"]).stdout
@@ -248,8 +252,7 @@ def stop(cfg: GpuCheckConfig, out: Path, data_dir: Path) -> dict:
     say(f"stop: SIGTERM; stopped at step {stop_step}, exit status {job.returncode}, {stopped}/run/ckpt_{stop_step:07d}")
     run(command(stopped, "--resume=auto"), timeout=900)
     run(command(unstopped), timeout=900)
-    losses = [{r["step"]: r["loss"] for r in map(json.loads, (out / "run" / "metrics.jsonl").read_text().splitlines())
-               if "loss" in r} for out in (stopped, unstopped)]  # fmt: skip
+    losses = [{r["step"]: r["loss"] for r in run_records(run / "run") if "loss" in r} for run in (stopped, unstopped)]
     after = [step for step in losses[1] if step > stop_step]
     largest = max(abs(losses[0][step] - losses[1][step]) for step in after)
     say(f"stop: resumed to step {steps}; largest loss difference after it, against an unstopped run: {largest:.2e}")
@@ -310,7 +313,7 @@ def main(argv: list[str]) -> None:
         raise UserError(f"--steps={cfg.steps}: {', '.join(unknown)} is no step; choose from {','.join(steps)}")
     results, failed = {"machine": machine_name(cfg.device), "versions": versions()}, []
     say(f"gpu_check on {results['machine']} ({results['versions']}), {'tiny shapes' if cfg.tiny else 'GPT-2 124M'}")
-    data_dir = prepare_austen(out / "data")[0] if {"throughput", "stop"} & set(chosen) else None
+    data_dir = prepare_austen(out / "data") if {"throughput", "stop"} & set(chosen) else None
     for name in chosen:
         started = time.perf_counter()
         try:

@@ -72,12 +72,11 @@ def run_measured(child: str, *args) -> dict:
 
 
 def prepare_austen(data_dir: Path) -> Path:
-    subprocess.run(
-        [sys.executable, "prepare.py", "--dataset=austen", f"--out_dir={data_dir}"],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    )
+    """prepare.py --dataset=austen in its own process; a failure is a RuntimeError with its last lines."""
+    command = [sys.executable, "prepare.py", "--dataset=austen", f"--out_dir={data_dir}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"prepare.py failed: {result.stderr[-2000:]}")
     return data_dir
 
 
@@ -92,10 +91,14 @@ def run_train_py(overrides: dict, variant: str = "") -> str:
     return result.stdout
 
 
+def run_records(run_dir: Path) -> list[dict]:
+    """Every record of a train.py run's metrics.jsonl."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def timed_logs(run_dir: Path) -> list[dict]:
     """train.py's log records with its own clock's tokens/s, after the first (which holds the warm-up)."""
-    logs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in logs if "tokens_per_s" in r][1:]
+    return [r for r in run_records(run_dir) if "tokens_per_s" in r][1:]
 
 
 def val_loss(model_dir: Path, windows: TokenWindows, device: str) -> float:
