@@ -18,10 +18,9 @@ however that ends (kill -9 included); the empty file stays.
 """
 
 import json
-import pickle
 import re
 import shutil
-import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,14 +28,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from filelock import FileLock, Timeout
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 import tokenizer
-from common import UserError, first_nonfinite, first_sentence, publish, temp_path
+from checksums import checksum_problem, sha256, write_checksums
+from common import UserError, first_nonfinite, first_sentence, fsync, publish, temp_path
 from distributed import Job
 from hf import save_pretrained
 
 CHECKPOINT_PATTERN = re.compile(r"ckpt_(\d+)")
+# what write_checkpoint writes (and checksums.sha256 lists): the files below, in the module docstring's order
+CHECKPOINT_FILES = (
+    "config.json model.safetensors vocab.json merges.txt tokenizer_config.json special_tokens_map.json "
+    "generation_config.json optimizer.pt trainer_state.pt train_config.json"
+).split()
 
 
 @dataclass
@@ -50,7 +55,7 @@ class TrainerState:
     step: int = 0  # optimizer steps done
     scheduler: dict | None = None  # the LambdaLR's state_dict
     rng: list[dict] = field(default_factory=list)  # each rank's {'cpu': state, 'cuda': state or None}, in rank order
-    data_order: dict | None = None  # what fixes the order of the batches (seed, global batch, train windows)
+    data_order: dict | None = None  # what fixes the batches: seed, batch_size, block_size, the data's sha256s
     nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient, over the whole run
     wandb_run_id: str | None = None  # the wandb run a resumed run continues
 
@@ -59,7 +64,7 @@ class TrainerState:
         return cls(**torch.load(checkpoint / "trainer_state.pt", weights_only=True))
 
     def save(self, checkpoint: Path) -> None:
-        torch.save(asdict(self), checkpoint / "trainer_state.pt")
+        save_torch(asdict(self), checkpoint / "trainer_state.pt")
 
 
 @dataclass
@@ -108,33 +113,24 @@ def run_dir_lock(job: Job, run_dir: Path):
 
 
 def damage(checkpoint: Path) -> str | None:
-    """What is wrong with a checkpoint directory, naming the file, or None when each file is whole:
-    present, JSON objects that parse, a safetensors header that covers its file, a zip directory at
-    the end of optimizer.pt (a truncated write loses it) and a trainer state that loads. The tensors'
-    bytes are not read, so a flipped bit inside them goes unseen."""
-    checks = {
-        "trainer_state.pt": lambda path: TrainerState.load(path.parent),
-        "config.json": lambda path: dict(json.loads(path.read_text())),
-        "train_config.json": lambda path: dict(json.loads(path.read_text())),
-        "model.safetensors": lambda path: safe_open(path, "pt").keys(),
-        "optimizer.pt": lambda path: zipfile.ZipFile(path).close(),
-    }
-    for name, check in checks.items():
-        path = checkpoint / name
-        if not path.is_file():
-            return f"{path} is missing"
-        try:
-            check(path)
-        except Exception as e:  # noqa: BLE001 - each reader has its own errors for a damaged file
-            return f"{path} is damaged ({first_sentence(e)})"
-    return None
+    """What is wrong with a checkpoint directory, naming the file, or None when every file of it is as it was
+    written: present and with the bytes its checksums.sha256 records (checksums.py). A checkpoint is only
+    written when its weights and optimizer state are finite, so an intact one is a finite one."""
+    if not checkpoint.is_dir():
+        return f"{checkpoint} is not a directory"
+    return checksum_problem(checkpoint, CHECKPOINT_FILES)
+
+
+def newest_intact(run_dir: Path, before: int | None = None) -> Path | None:
+    """The newest checkpoint of run_dir (before step `before`, if given) that damage finds whole."""
+    steps = sorted(checkpoints(run_dir).items(), reverse=True)
+    return next((path for step, path in steps if (before is None or step < before) and damage(path) is None), None)
 
 
 def refuse_damaged(path: Path, problem: str, run_dir: Path) -> UserError:
     """The error for a damaged checkpoint: its problem, and the newest intact checkpoint before it."""
     step = int(m.group(1)) if (m := CHECKPOINT_PATTERN.fullmatch(path.name)) else None
-    earlier = sorted((s, p) for s, p in checkpoints(path.parent).items() if step is None or s < step)
-    intact = next((p for _, p in reversed(earlier) if damage(p) is None), None)
+    intact = newest_intact(path.parent, before=step)
     if intact is None:
         fix = "no earlier checkpoint is intact: start a new run (another --run_name, or remove the damaged one)"
     elif path.parent.resolve() == run_dir.resolve():
@@ -160,10 +156,18 @@ def latest_checkpoint(run_dir) -> Path | None:
 
 
 def then_resume(run_dir: Path, fix: str) -> str:
-    """The end of an error that stops a run in run_dir: what to fix, then where --resume=auto continues."""
-    newest = latest_checkpoint(run_dir)
-    where = f"continues from {newest}, which is intact" if newest else "starts the run again (no checkpoint yet)"
-    return f"{fix}, then --resume=auto {where}"
+    """The end of an error that stops a run in run_dir: what to fix, then how it continues from its newest
+    intact checkpoint (each newer one is verified first: damage)."""
+    newest, intact = latest_checkpoint(run_dir), newest_intact(run_dir)
+    if newest is None:
+        return f"{fix}, then --resume=auto starts the run again (no checkpoint yet)"
+    if intact is None:
+        return f"{fix}, then start a new run (another --run_name): no checkpoint in {run_dir} is intact"
+    if intact != newest:
+        paths = [path for _, path in sorted(checkpoints(run_dir).items())]
+        newer = ", ".join(path.name for path in paths[paths.index(intact) + 1 :])
+        return f"{fix}, then move aside {newer} (damaged) and --resume=auto continues from {intact}, which is intact"
+    return f"{fix}, then --resume=auto continues from {intact}, which is intact"
 
 
 def unwritable(run_dir: Path, error: OSError) -> UserError:
@@ -175,12 +179,21 @@ def unwritable(run_dir: Path, error: OSError) -> UserError:
 
 
 def find_resume_checkpoint(
-    resume: str, eval_only: bool, run_dir: Path, data_order: dict | None, max_steps: int, steps_key: str
+    resume: str,
+    eval_only: bool,
+    run_dir: Path,
+    *,
+    data_order: dict | None,
+    model_shape: dict | None,
+    data_dir: str,
+    max_steps: int,
+    steps_key: str,
 ) -> Checkpoint | None:
     """The checkpoint a run continues from (resume: '' none, 'auto' the newest, or a checkpoint's path), or
-    None for a new run. Refuses to overwrite a run's checkpoints (unless eval_only), to continue one with
-    another data order (None: not training) or past the run's last step (max_steps, set by steps_key, a
-    flag), and a damaged one, naming the intact one to take instead.
+    None for a new run. Refuses to overwrite a run's checkpoints (unless eval_only), a damaged checkpoint
+    (naming the intact one to take instead), and to continue one with another data order or model shape
+    ({config key: value}; None: not training, as eval_only) or past the run's last step (max_steps, set by
+    steps_key, a flag).
 
     Rank 0 alone decides (Job.on_rank0) and reads its trainer state: on a shared filesystem with stale
     directory caches, ranks could list different newest checkpoints and continue from different steps.
@@ -199,29 +212,57 @@ def find_resume_checkpoint(
         path = existing[max(existing)]
     else:
         path = Path(resume)
+        if not path.is_dir():
+            raise UserError(f"--resume={resume}: no such directory; pass a run's ckpt_* directory or --resume=auto")
         if not (path / "trainer_state.pt").is_file() and not CHECKPOINT_PATTERN.fullmatch(path.name):
             raise UserError(f"--resume={resume}: no trainer_state.pt there; pass a ckpt_* directory or --resume=auto")
     if problem := damage(path):
         raise refuse_damaged(path, problem, run_dir)
     state = TrainerState.load(path)
+    config = json.loads((path / "train_config.json").read_text())
     newer = [p.name for s, p in sorted(existing.items()) if s > state.step]
     if newer and not eval_only:
         raise UserError(
             f"{run_dir} has checkpoints newer than {path} ({newer[-1]}); "
             "resume into another --run_name so they stay apart"
         )
-    if data_order is not None and state.data_order != data_order:
-        raise UserError(
-            f"{path} was trained with {state.data_order}, this run has {data_order}; "
-            "resume with the same seed, batch_size and data, or start a new run"
-        )
+    if data_order is not None:
+        refuse_another_run(path, state.data_order or {}, data_order, config, model_shape, data_dir)
     if data_order is not None and state.step > max_steps:
         raise UserError(
             f"{path} is at step {state.step}, past this run's last step {max_steps} "
             f"({steps_key}); pass a larger "
             f"--max_steps to train on (or --eval_only to evaluate it)"
         )
-    return Checkpoint(path, state, json.loads((path / "train_config.json").read_text()))
+    return Checkpoint(path, state, config)
+
+
+def refuse_another_run(
+    path: Path, saved_order: dict, data_order: dict, saved_config: dict, model_shape: dict, data_dir: str
+) -> None:
+    """Refuses a resume that would not continue the checkpoint's run, naming the key: other batches (the
+    data order's seed, batch_size, block_size; its train_data and tokenizer_sha256, what data_dir holds) or
+    another model shape than the checkpoint's own config."""
+    start_anew = "or start a new run (another --run_name)"
+    for key, value in data_order.items():
+        saved = saved_order.get(key)
+        if saved == value:
+            continue
+        if key in ("train_data", "tokenizer_sha256"):
+            raise UserError(
+                f"{path} was trained on other data than {data_dir} holds ({key} {str(saved)[:12]}... then, "
+                f"{str(value)[:12]}... now); resume with the data it was trained on (--data_dir), {start_anew}"
+            )
+        raise UserError(
+            f"{path} was trained with {key}={saved}, this run has {key}={value}, which makes other batches; "
+            f"resume with --{key}={saved}, {start_anew}"
+        )
+    for key, value in model_shape.items():
+        if (saved := saved_config.get(key)) != value:
+            raise UserError(
+                f"{path}'s model has {key}={saved}, this run asks for {key}={value}, and a resume continues the "
+                f"checkpoint's model as it is; resume with --{key}={saved}, {start_anew}"
+            )
 
 
 def rng_state(device: str) -> dict:
@@ -292,13 +333,8 @@ class Checkpointer:
         state = resume_from.state if resume_from else TrainerState()
         saved_lr = None
         if resume_from:
-            path = resume_from.path / "optimizer.pt"
-            try:  # its zip directory was checked (damage); a member can still be corrupt
-                saved = torch.load(path, map_location=self.job.device, weights_only=True)
-            except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
-                raise refuse_damaged(
-                    resume_from.path, f"{path} is damaged ({first_sentence(e)})", self.run_dir
-                ) from None
+            # its bytes were verified (damage) as the checkpoint was found
+            saved = torch.load(resume_from.path / "optimizer.pt", map_location=self.job.device, weights_only=True)
             saved_lr = saved["param_groups"][0]["lr"]
             for saved_group, group in zip(saved["param_groups"], self.optimizer.param_groups, strict=True):
                 saved_group.update({key: value for key, value in group.items() if key != "params"})
@@ -347,22 +383,29 @@ def nonfinite_tensor(model, optimizer) -> str | None:
 
 
 def write_checkpoint(run_dir: Path, model, optimizer, state: TrainerState, config: dict, keep: int) -> Path:
-    """Writes ckpt_<step> under a temp name, renamed once complete, with the run's config; keeps the newest
-    `keep` checkpoints."""
+    """Writes ckpt_<step> under a temp name, renamed once complete, with the run's config and the checksums
+    of its files; keeps the newest `keep` checkpoints."""
     final = run_dir / f"ckpt_{state.step:07d}"
     tmp = temp_path(final)
     for unfinished in run_dir.glob("ckpt_*.tmp"):  # left by a process killed mid-write
         shutil.rmtree(unfinished)
     try:
-        save_pretrained(model, tmp)
-        tokenizer.save_hf_tokenizer(tmp, model_max_length=model.config.block_size)
-        (tmp / "generation_config.json").write_text(json.dumps(tokenizer.hf_generation_config(), indent=2) + "\n")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        state.save(tmp)
-        (tmp / "train_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        with ThreadPoolExecutor() as hashing:  # each file hashes while the next is written and the disk syncs
+            save_pretrained(model, tmp)
+            digests = {"model.safetensors": hashing.submit(sha256, tmp / "model.safetensors")}
+            tokenizer.save_hf_tokenizer(tmp, model_max_length=model.config.block_size)
+            (tmp / "generation_config.json").write_text(json.dumps(tokenizer.hf_generation_config(), indent=2) + "\n")
+            save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
+            state.save(tmp)
+            (tmp / "train_config.json").write_text(json.dumps(config, indent=2) + "\n")
+            for path in tmp.iterdir():
+                digests.setdefault(path.name, hashing.submit(sha256, path))
+            for path in tmp.iterdir():
+                fsync(path)
+            write_checksums(tmp, {name: digest.result() for name, digest in digests.items()})
         shutil.rmtree(final, ignore_errors=True)  # only when a run redoes a step it already saved
         publish(tmp, final)
-    except (OSError, RuntimeError, SafetensorError) as e:  # a full or failing disk; each writer has its own error type
+    except (OSError, SafetensorError) as e:  # a full or failing disk; safetensors has its own error type
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(
             f"could not write {final} ({first_sentence(e)}); "
@@ -371,3 +414,10 @@ def write_checkpoint(run_dir: Path, model, optimizer, state: TrainerState, confi
     for _, old in sorted(checkpoints(run_dir).items())[:-keep]:
         shutil.rmtree(old)
     return final
+
+
+def save_torch(obj, path: Path) -> None:
+    """torch.save through a file object: a full disk is then OSError "No space left on device", where
+    torch.save(obj, path) raises an opaque RuntimeError ("enforce fail at inline_container.cc")."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from checksums import CHECKSUMS, Damaged, checksum_problem
 from common import UserError, first_sentence
 from model import GPT, GPTConfig
 
@@ -25,6 +26,8 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 HUB_WEIGHT_PATTERNS = (WEIGHT_FILES[:2] + ("model-*.safetensors",), WEIGHT_FILES[2:] + ("pytorch_model-*.bin",))
+MODEL_FILES = ("config.json", "model.safetensors")  # what save_pretrained writes
+DAMAGED_CHECKPOINT = "a damaged ckpt_* directory: move it aside, and --resume=auto takes the one before"
 
 
 def hf_config(config: GPTConfig) -> dict:
@@ -139,7 +142,8 @@ def save_pretrained(model: GPT, directory) -> None:
 def from_pretrained(path_or_name: str, dropout: float | None = None) -> GPT:
     """Loads an HF GPT-2 checkpoint directory (or a Hub name such as 'gpt2', when online), in eval
     mode as HF's from_pretrained: call .train() to train it. Weights come from model.safetensors,
-    pytorch_model.bin (weights_only: no code runs) or either's shards (*.index.json)."""
+    pytorch_model.bin (weights_only: no code runs) or either's shards (*.index.json). A directory with
+    a checksums.sha256 (train.py's checkpoints) has its model files verified first (Damaged if not)."""
     directory = Path(path_or_name)
     if not directory.is_dir():
         directory = download(str(path_or_name))
@@ -148,6 +152,8 @@ def from_pretrained(path_or_name: str, dropout: float | None = None) -> GPT:
         raise UserError(
             f"{config_path} not found; expected an HF GPT-2 checkpoint directory (config.json and its weights)"
         )
+    if (directory / CHECKSUMS).is_file() and (problem := checksum_problem(directory, MODEL_FILES)):
+        raise Damaged(problem, f"pass an intact HF GPT-2 directory ({DAMAGED_CHECKPOINT})")
     try:
         config = config_from_hf(json.loads(config_path.read_text()))
         weights = read_weights(directory)
@@ -162,7 +168,7 @@ def from_pretrained(path_or_name: str, dropout: float | None = None) -> GPT:
         # a damaged file, or a config.json without a key GPT-2 needs; the readers have their own error types
         raise UserError(
             f"{directory}: its model does not load ({first_sentence(e)}); pass an intact HF GPT-2 directory "
-            "(a damaged ckpt_* directory: move it aside, and --resume=auto takes the one before)"
+            f"({DAMAGED_CHECKPOINT})"
         ) from None
     if dropout is not None:
         config.dropout = dropout

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import latest_checkpoint
+from checkpoint import CHECKPOINT_PATTERN, latest_checkpoint, newest_intact
+from checksums import Damaged
 from common import UserError, first_nonfinite
 from hf import from_pretrained
 from model import GPT, GPTConfig
@@ -44,7 +45,13 @@ def load_model(ckpt: str | None, init: str) -> GPT:
             raise UserError(f"{source} has neither config.json nor ckpt_* checkpoints; {TRAIN_HINT}")
         source = str(checkpoint)
     print(f"loading {source}", file=sys.stderr)
-    model = from_pretrained(source, dropout=0.0)
+    try:
+        model = from_pretrained(source, dropout=0.0)
+    except Damaged as e:
+        step = CHECKPOINT_PATTERN.fullmatch(Path(source).name)
+        intact = newest_intact(Path(source).parent, before=int(step.group(1))) if step else None
+        fix = f"pass --ckpt={intact}, the newest intact checkpoint before it" if intact else "pass an intact checkpoint"
+        raise UserError(f"{e.problem}; {fix}") from None
     if broken := first_nonfinite(model.named_parameters()):
         raise UserError(f"{source}: {broken} holds inf or NaN (training diverged before it); pass an earlier one")
     return model

@@ -211,24 +211,6 @@ class GPT(nn.Module):
             return self.lm_head(x), None
         return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), self.compact_vocab)
 
-    def configure_optimizers(
-        self, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8, fused: bool | None = None
-    ):
-        """AdamW grouped as the HF Trainer does: no weight decay on biases and LayerNorm weights."""
-        decay, no_decay = {}, {}  # keyed by id: the tied embedding is one parameter
-        for module in self.modules():
-            for name, p in module.named_parameters(recurse=False):
-                group = no_decay if name == "bias" or isinstance(module, nn.LayerNorm) else decay
-                group[id(p)] = p
-        groups = [
-            {"params": list(decay.values()), "weight_decay": weight_decay},
-            {"params": list(no_decay.values()), "weight_decay": 0.0},
-        ]
-        params = [*decay.values(), *no_decay.values()]
-        if fused is None:  # fused AdamW exists for CUDA and CPU tensors in torch >= 2.4
-            fused = all(p.device.type in ("cuda", "cpu") for p in params)
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
-
     def setup_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> None:
         """Gives every layer a KV cache for batch_size sequences of up to max_len tokens.
 

@@ -41,11 +41,12 @@ PEAK_BF16_FLOPS = {
 class Reporter:
     """What the steps report, and when: the console line, metrics.jsonl and wandb of the log steps
     (mean loss, as the HF Trainer logs, grad norm, tokens/s, MFU, ETA) and of the evaluations, and
-    the steps skipped for a non-finite loss or gradient (too many in a row stop the run).
+    the steps skipped for a non-finite loss or gradient (too many in a row stop the run), and the
+    step whose update made weights non-finite (it stops the run, before anything saves them).
 
-    The steps' (loss, grad norm, skipped) stay on the device and are read back only in `read_back`, at
-    the steps that log, evaluate or checkpoint. Rank 0 prints and records; every rank reads, so every
-    rank stops alike. Used as a context manager: its wandb run finishes on the way out.
+    The steps' (loss, grad norm, skipped, weights non-finite) stay on the device and are read back only
+    in `read_back`, at the steps that log, evaluate or checkpoint. Rank 0 prints and records; every rank
+    reads, so every rank stops alike. Used as a context manager: its wandb run finishes on the way out.
     """
 
     def __init__(
@@ -71,7 +72,7 @@ class Reporter:
         self._tokens_per_step = tokens_per_step
         self.nonfinite_steps = state.nonfinite_steps  # skipped steps in the whole run
         self._in_a_row = 0
-        self._unread = []  # (3,) device tensors of the steps since the last read
+        self._unread = []  # (4,) device tensors of the steps since the last read
         self._finite = []  # (loss, grad norm) of the finite steps read since the last log line
         self._logged_step, self._seconds, self._clock_from = state.step, 0.0, time.perf_counter()
         self._samples = []  # [step, sample] of each eval, for wandb's table
@@ -91,8 +92,9 @@ class Reporter:
         return step % self._eval_interval == 0 or step == self._max_steps
 
     def add_step(self, result: torch.Tensor) -> None:
-        """A step's (loss, grad norm, skipped) as train_step returns it, unread. After this process's second
-        step (the optimizer's state is allocated by then), the peak memory against the prediction."""
+        """A step's (loss, grad norm, skipped, weights non-finite) as train_step returns it, unread. After this
+        process's second step (the optimizer's state is allocated by then), the peak memory against the
+        prediction."""
         self._unread.append(result)
         self._steps_added += 1
         if self._memory and self._steps_added == 2:
@@ -105,12 +107,17 @@ class Reporter:
     @contextmanager
     def read_back(self, step: int):
         """Reads the steps up to `step` (waiting for the device, which ends their training time), records
-        each skipped one and raises after too many in a row; the block's time (logging, evaluating,
-        saving) is not training time."""
+        each skipped one and raises after too many in a row or at non-finite weights; the block's time
+        (logging, evaluating, saving) is not training time."""
         results = torch.stack(self._unread).tolist() if self._unread else []
         self._unread = []
         self._seconds += time.perf_counter() - self._clock_from
-        for s, (loss, grad_norm, skipped) in enumerate(results, start=step - len(results) + 1):
+        for s, (loss, grad_norm, skipped, weights_broken) in enumerate(results, start=step - len(results) + 1):
+            if weights_broken:
+                raise UserError(
+                    f"step {s}: its update left weights holding inf or NaN (loss {loss}, grad norm {grad_norm}), "
+                    "so the run stops here; " + then_resume(self._run_dir, "lower learning_rate")
+                )
             if skipped:
                 self._skipped(s, loss, grad_norm)
             else:

@@ -46,7 +46,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.optim.lr_scheduler import LambdaLR
 
 import configurator
 import zero_shot
@@ -58,6 +57,7 @@ from evaluator import Evaluator
 from hf import from_pretrained
 from loss import CompactVocab, tie_unseen_rows
 from model import GPT, GPTConfig
+from optim import adamw, clip_divisor, lr_schedule
 from plot import plot_run
 from reporting import Reporter, flops_per_token, open_run
 from shards import TokenWindows
@@ -123,10 +123,11 @@ class TrainConfig:
 
 
 # The keys a resumed run takes from its own config rather than the checkpoint's: AdamW's hyperparameters,
-# the clipping and the schedule (evaluated from the step reached on).
+# the clipping, the schedule (evaluated from the step reached on) and dropout.
 OPTIMIZATION_KEYS = (
-    "learning_rate weight_decay beta1 beta2 eps grad_clip warmup_ratio lr_decay max_steps epochs".split()
+    "learning_rate weight_decay beta1 beta2 eps grad_clip warmup_ratio lr_decay max_steps epochs dropout".split()
 )
+MODEL_SHAPE_KEYS = ("vocab_size", "n_layer", "n_head", "n_embd")  # a loaded model keeps its own
 
 
 def resume_changes(resumed: Checkpoint | None, cfg: TrainConfig, saved_lr: float | None, lr: float) -> dict:
@@ -215,7 +216,7 @@ class RunData:
     train: TokenWindows | None = None  # None: only evaluating
     steps_per_epoch: int = 0  # whole global batches in the train split
     max_steps: int = 0  # the step the run ends after
-    order: dict | None = None  # what fixes the order of the batches: resuming with others would skip or repeat data
+    order: dict | None = None  # what fixes the batches: a resume with another would skip, repeat or change data
 
 
 def load_data(cfg: TrainConfig) -> RunData:
@@ -232,7 +233,10 @@ def load_data(cfg: TrainConfig) -> RunData:
             f"{cfg.data_dir}: the train split has {len(train)} windows of {cfg.block_size + 1} tokens, "
             f"fewer than one batch of {cfg.batch_size}; lower batch_size or block_size"
         )
-    order = {"seed": cfg.seed, "global_batch": cfg.batch_size, "train_windows": len(train)}
+    order = {
+        "seed": cfg.seed, "batch_size": cfg.batch_size, "block_size": cfg.block_size,
+        "train_data": train.fingerprint, "tokenizer_sha256": train.meta.get("tokenizer_sha256"),
+    }  # fmt: skip
     return RunData(val, val_indices, train, steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch, order)
 
 
@@ -282,9 +286,7 @@ def compact_output_layer(model: GPT, windows: TokenWindows, new_model: bool) -> 
 
 def with_model_shape(cfg: TrainConfig, model: GPT) -> TrainConfig:
     """cfg with a loaded model's own shape, so that the config a run saves tells the truth."""
-    return dataclasses.replace(
-        cfg, **{key: getattr(model.config, key) for key in ("vocab_size", "n_layer", "n_head", "n_embd")}
-    )
+    return dataclasses.replace(cfg, **{key: getattr(model.config, key) for key in MODEL_SHAPE_KEYS})
 
 
 def distribute(model: GPT, cfg: TrainConfig, job: Job):
@@ -309,32 +311,18 @@ def describe_batches(cfg: TrainConfig, job: Job, micro_batch_size: int, data: Ru
     )
 
 
-def lr_schedule(optimizer, max_steps: int, warmup_ratio: float, decay: str = "cosine") -> LambdaLR:
-    """transformers' get_cosine_schedule_with_warmup, or get_linear_schedule_with_warmup for decay='linear',
-    warmup steps rounded up as the Trainer does."""
-    warmup_steps = math.ceil(max_steps * warmup_ratio)
-
-    def lr_factor(step: int) -> float:
-        if step < warmup_steps:
-            return step / max(1, warmup_steps)
-        if decay == "linear":
-            return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
-        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-    return LambdaLR(optimizer, lr_factor)
-
-
 def train_step(
     model, raw_model: GPT, optimizer, scheduler, tokens: torch.Tensor, autocast, grad_clip: float, job: Job
 ) -> torch.Tensor:
     """One optimizer step over tokens (micro-steps, micro-batch, T + 1). Returns (loss, grad norm,
-    skipped) on the device, unread: the host goes on to the next step while the GPU works.
+    skipped, weights non-finite) on the device, unread: the host goes on to the next step while the GPU works.
 
     Gradients are clipped to grad_clip by the optimizer (grad_scale). A non-finite loss or gradient norm
     skips the update inside the fused AdamW (found_inf, as a GradScaler would tell it), on the device;
     every rank sees the same all-reduced loss and norm, so all skip alike. The schedule advances
-    either way, as the HF Trainer's does.
+    either way, as the HF Trainer's does. A finite step can still push a weight to inf (a learning rate
+    far too large): the weights are checked after each update, and the optimizer state need not be, as
+    it holds moments of clipped, finite gradients (and is checked at each checkpoint).
     """
     micro_steps = tokens.shape[0]
     loss_sum = torch.zeros((), device=tokens.device)
@@ -357,14 +345,9 @@ def train_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    return torch.stack([loss, grad_norm, skipped])
-
-
-def clip_divisor(grad_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """The fused AdamW's grad_scale that clips gradients of norm grad_norm to max_norm: its kernel divides
-    each gradient by it as it reads it, where clip_grad_norm_ would multiply every gradient by
-    max_norm / (norm + 1e-6) when below 1, in a pass of its own."""
-    return ((grad_norm + 1e-6) / max_norm).clamp(min=1)
+    with torch.no_grad():  # the largest weight: inf or NaN where the update made any weight so
+        weights_broken = ~torch.nn.utils.get_total_norm(raw_model.parameters(), norm_type=math.inf).isfinite()
+    return torch.stack([loss, grad_norm, skipped, weights_broken.float()])
 
 
 def build_evaluator(cfg: TrainConfig, job: Job, model: GPT, data: RunData, micro_batch_size: int, autocast):
@@ -405,8 +388,19 @@ def train(cfg: TrainConfig, job: Job) -> int:
     run_dir = Path(cfg.out_dir) / cfg.run_name
     data = load_data(cfg)
     steps_key = f"max_steps={cfg.max_steps}" if cfg.max_steps else f"epochs={cfg.epochs}"
+    # the shape keys a resume must repeat: those a new model of this run is built from (not init_from's)
+    shape = {key: getattr(cfg, key) for key in MODEL_SHAPE_KEYS} if cfg.init_from == "scratch" else {}
     resume_from = job.on_rank0(
-        lambda: find_resume_checkpoint(cfg.resume, cfg.eval_only, run_dir, data.order, data.max_steps, steps_key),
+        lambda: find_resume_checkpoint(
+            cfg.resume,
+            cfg.eval_only,
+            run_dir,
+            data_order=data.order,
+            model_shape=shape,
+            data_dir=cfg.data_dir,
+            max_steps=data.max_steps,
+            steps_key=steps_key,
+        ),  # fmt: skip
         share=True,
     )
     source = model_source(cfg, resume_from)
@@ -434,9 +428,7 @@ def train(cfg: TrainConfig, job: Job) -> int:
 
     model = distribute(raw_model, cfg, job)
     # fused: its found_inf lets train_step skip a non-finite step on the device
-    optimizer = raw_model.configure_optimizers(
-        cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, fused=True
-    )
+    optimizer = adamw(raw_model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, fused=True)
     scheduler = lr_schedule(optimizer, data.max_steps, cfg.warmup_ratio, cfg.lr_decay)
     checkpointer = Checkpointer(
         job, run_dir, raw_model, optimizer, scheduler, data_order=data.order, config=asdict(cfg), seed=cfg.seed,

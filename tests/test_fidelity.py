@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import batching
 import bench
+import optim
 import train
 from checkpoint import latest_checkpoint
 from common import UserError
@@ -136,18 +137,18 @@ def every_epoch_in_the_first_epochs_order(seed, step, steps_per_epoch, num_windo
     return GLOBAL_BATCH_WINDOWS(seed, step % steps_per_epoch, steps_per_epoch, num_windows, batch_size)
 
 
-def weight_decay_on_every_parameter(self, lr, weight_decay, *args, **kwargs):
-    optimizer = CONFIGURE_OPTIMIZERS(self, lr, weight_decay, *args, **kwargs)
+def weight_decay_on_every_parameter(model, lr, weight_decay, *args, **kwargs):
+    optimizer = ADAMW(model, lr, weight_decay, *args, **kwargs)
     for group in optimizer.param_groups:
         group["weight_decay"] = weight_decay
     return optimizer
 
 
-LR_SCHEDULE, GLOBAL_BATCH_WINDOWS, CONFIGURE_OPTIMIZERS, CLIP = (
-    train.lr_schedule,
+LR_SCHEDULE, GLOBAL_BATCH_WINDOWS, ADAMW, CLIP = (
+    optim.lr_schedule,
     batching.global_batch_windows,
-    GPT.configure_optimizers,
-    train.clip_divisor,
+    optim.adamw,
+    optim.clip_divisor,
 )
 DRIFTS = {
     "warmup steps rounded down": (
@@ -155,7 +156,7 @@ DRIFTS = {
         "lr_schedule",
         lambda opt, steps, ratio, decay: LR_SCHEDULE(opt, steps, math.floor(steps * ratio) / steps, decay),
     ),
-    "weight decay on biases and LayerNorm too": (GPT, "configure_optimizers", weight_decay_on_every_parameter),
+    "weight decay on biases and LayerNorm too": (train, "adamw", weight_decay_on_every_parameter),
     "no gradient clipping": (train, "clip_divisor", lambda grad_norm, max_norm: CLIP(grad_norm, math.inf)),
     "every epoch in the first epoch's order": (
         batching,

@@ -9,6 +9,7 @@ import torch
 
 import batching
 import distributed
+import optim
 import reporting
 import train
 from model import GPT, GPTConfig
@@ -18,8 +19,8 @@ def test_clip_inside_adamw_equals_clip_grad_norm_then_adamw():
     torch.manual_seed(0)
     reference = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16, dropout=0.0))
     ours = copy.deepcopy(reference)
-    optimizers = [m.configure_optimizers(1e-2, 0.1, (0.9, 0.95), 1e-8, fused=True) for m in (reference, ours)]
-    schedulers = [train.lr_schedule(o, 10, 0.0) for o in optimizers]
+    optimizers = [optim.adamw(m, 1e-2, 0.1, (0.9, 0.95), 1e-8, fused=True) for m in (reference, ours)]
+    schedulers = [optim.lr_schedule(o, 10, 0.0) for o in optimizers]
     job = train.Job("cpu", timedelta(minutes=1))
     no_autocast = torch.autocast("cpu", enabled=False)
     for step in range(4):
@@ -30,10 +31,10 @@ def test_clip_inside_adamw_equals_clip_grad_norm_then_adamw():
         optimizers[0].step()
         optimizers[0].zero_grad(set_to_none=True)
         schedulers[0].step()
-        loss, grad_norm, skipped = train.train_step(
+        loss, grad_norm, skipped, weights_broken = train.train_step(
             ours, ours, optimizers[1], schedulers[1], tokens, no_autocast, 0.5, job
         )
-        assert norm > 0.5 and skipped == 0  # the clip acts at every step
+        assert norm > 0.5 and skipped == 0 and weights_broken == 0  # the clip acts at every step
         torch.testing.assert_close(grad_norm, norm)
         # Float rounding (a divide for a multiply), which Adam scales up to the learning rate in the few weights
         # whose gradient is itself rounding noise (the key biases: softmax ignores a shift of the scores).

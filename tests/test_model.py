@@ -22,6 +22,7 @@ from hf import (
     save_pretrained,
 )
 from model import GPT, GPTConfig
+from optim import adamw
 
 # Deliberately odd shapes: 3 heads of width 16, 37 positions, a vocabulary of 101; one head; many.
 SMALL_CONFIGS = [
@@ -201,7 +202,7 @@ def test_optimizer_groups_match_hf_trainer(tmp_path):
     decay_names = set(Trainer(model=hf, args=args).get_decay_parameter_names(hf))
     decay_names.remove("lm_head.weight")  # HF lists the tied embedding under both names
     ours_by_id = {id(p): n for n, p in ours.named_parameters()}
-    groups = ours.configure_optimizers(lr=1e-3, weight_decay=0.01).param_groups
+    groups = adamw(ours, lr=1e-3, weight_decay=0.01).param_groups
     assert {ours_by_id[id(p)] for p in groups[0]["params"]} == decay_names
     assert groups[0]["weight_decay"] == 0.01 and groups[1]["weight_decay"] == 0.0
     assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(ours.parameters()))

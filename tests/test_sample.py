@@ -10,10 +10,12 @@ import torch
 
 import sample
 import tokenizer
+from checkpoint import TrainerState, write_checkpoint
 from common import UserError
 from generate import generate
 from hf import from_pretrained, save_pretrained
 from model import GPT, GPTConfig
+from optim import adamw
 
 ROOT = Path(__file__).parent.parent
 TINY = GPTConfig(block_size=128, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
@@ -237,6 +239,23 @@ def test_a_damaged_model_directory_is_one_line(tmp_path, damage):
     damage(tmp_path / "ckpt")
     with pytest.raises(UserError, match="ckpt: its model does not load .*; pass an intact HF GPT-2 directory"):
         sample.main([f"--ckpt={tmp_path / 'ckpt'}", "--max_new_tokens=2"])
+
+
+def test_a_damaged_checkpoint_names_the_newest_intact_one_before_it(tmp_path):
+    model = GPT(TINY)
+    optimizer = adamw(model, 1e-3, 0.0, (0.9, 0.99), 1e-8, fused=False)
+    for step in (2, 4):
+        write_checkpoint(tmp_path / "run", model, optimizer, TrainerState(step), {}, keep=5)
+    weights = tmp_path / "run" / "ckpt_0000004" / "model.safetensors"
+    content = bytearray(weights.read_bytes())
+    content[len(content) // 2] ^= 1  # bit rot inside a weight: it stays finite
+    weights.write_bytes(content)
+    with pytest.raises(
+        UserError,
+        match=r"ckpt_0000004/model.safetensors is damaged \(its sha256 differs from the one written with it\); "
+        r"pass --ckpt=.*ckpt_0000002, the newest intact checkpoint before it",
+    ):
+        sample.main([f"--ckpt={tmp_path / 'run'}", "--max_new_tokens=2"])
 
 
 def test_weights_of_a_diverged_run_are_one_line(tmp_path):

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 import batching
 import common
 import configurator
+import optim
 import reporting
 import train
 from checkpoint import CHECKPOINT_PATTERN, TrainerState, latest_checkpoint
@@ -153,7 +154,7 @@ def test_schedule_matches_transformers(max_steps, warmup_ratio, decay, tmp_path)
 
     warmup_steps = TrainingArguments(output_dir=str(tmp_path), warmup_steps=warmup_ratio).get_warmup_steps(max_steps)
     ours, theirs = (torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2.5e-4) for _ in range(2))
-    ours_schedule = train.lr_schedule(ours, max_steps, warmup_ratio, decay)
+    ours_schedule = optim.lr_schedule(ours, max_steps, warmup_ratio, decay)
     transformers_schedule = {"cosine": get_cosine_schedule_with_warmup, "linear": get_linear_schedule_with_warmup}
     theirs_schedule = transformers_schedule[decay](theirs, warmup_steps, max_steps)
     ours_lrs, theirs_lrs = [], []
@@ -242,7 +243,10 @@ def test_a_new_models_unseen_tokens_share_a_row_and_a_column_pretrained_ones_kee
         ("--checkpoint_interval=-1", "checkpoint_interval=-1: must be positive"),
         ("--keep_checkpoints=0", "keep_checkpoints=0: must be positive .keep_checkpoints=1 keeps the newest only"),
         ("--dropout=1.5", r"dropout=1.5: must be in \[0, 1\)"),
-        ("--resume=/nonexistent", "no trainer_state.pt"),
+        (
+            "--resume=/nonexistent",
+            "--resume=/nonexistent: no such directory; pass a run.s ckpt_. directory or --resume=auto",
+        ),
         ("--eval_only", "eval_only needs weights"),
         ("--dtype=float16", "use bfloat16 .* or float32"),
         ("--init_from=resume", "init_from=.resume. is not a starting point; use --resume=auto"),

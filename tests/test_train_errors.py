@@ -9,16 +9,16 @@ import signal
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 from filelock import FileLock
-from test_train import ROOT, args, metrics, weights
+from test_train import ROOT, args, metrics
 
+import optim
 import train
-from checkpoint import latest_checkpoint
+from checkpoint import CHECKPOINT_FILES, latest_checkpoint
 from common import UserError
 
 
@@ -145,7 +145,7 @@ def test_a_resume_trains_with_its_own_optimizer_settings_and_says_so(data, finis
     assert "lr_decay cosine -> linear" in out
     # The schedule of an 8-step run with the new peak and decay, from step 4 on (the old one had reached 0 at step 4).
     reference = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=5e-3)
-    schedule = train.lr_schedule(reference, 8, 0.05, "linear")
+    schedule = optim.lr_schedule(reference, 8, 0.05, "linear")
     expected_lrs = []
     for _ in range(8):
         expected_lrs.append(schedule.get_last_lr()[0])
@@ -162,34 +162,36 @@ def test_a_resume_trains_with_its_own_optimizer_settings_and_says_so(data, finis
     assert (recorded["learning_rate"], recorded["grad_clip"], recorded["max_steps"]) == (5e-3, 0.5, 8)
 
 
+def flip_a_bit(path: Path) -> None:
+    content = bytearray(path.read_bytes())
+    content[len(content) // 2] ^= 0x10  # inside the tensors: a finite weight (or moment) changes value
+    path.write_bytes(content)
+
+
+def nan_bytes(path: Path) -> None:
+    content = bytearray(path.read_bytes())
+    middle = len(content) // 2 // 4 * 4
+    content[middle : middle + 16] = torch.full((4,), math.nan).numpy().tobytes()
+    path.write_bytes(content)
+
+
 @pytest.mark.parametrize(
     "file,how",
     [
-        ("model.safetensors", "truncate"),
-        ("optimizer.pt", "truncate"),
-        ("optimizer.pt", "zero the pickle"),  # its zip directory intact: found when it loads
-        ("trainer_state.pt", "delete"),
-        ("config.json", "corrupt"),
-        ("train_config.json", "delete"),
+        ("model.safetensors", flip_a_bit),
+        ("model.safetensors", lambda path: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])),
+        ("optimizer.pt", nan_bytes),
+        ("trainer_state.pt", Path.unlink),
+        ("config.json", lambda path: path.write_text('{"n_layer": 2,')),
+        ("checksums.sha256", Path.unlink),
+        ("checksums.sha256", lambda path: path.write_text(path.read_text().replace("  merges.txt", "  other.txt"))),
     ],
 )
 def test_a_damaged_checkpoint_names_the_intact_one_before_it(data, finished, tmp_path, file, how):
     run = copy_run(finished, tmp_path)
-    damaged = run / "ckpt_0000004" / file
-    if how == "truncate":
-        damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
-    elif how == "delete":
-        damaged.unlink()
-    elif how == "zero the pickle":
-        member = zipfile.ZipFile(damaged).infolist()[0]  # .../data.pkl, written first
-        start = member.header_offset + 30 + len(member.filename) + len(member.extra)  # after its local header
-        content = bytearray(damaged.read_bytes())
-        content[start : start + member.compress_size] = bytes(member.compress_size)
-        damaged.write_bytes(content)
-    else:
-        damaged.write_text('{"n_layer": 2,')
+    how(run / "ckpt_0000004" / file)
     resume = args(data, tmp_path, "--batch_size=8", "--max_steps=4", "--checkpoint_interval=2", "--resume=auto")
-    with pytest.raises(UserError, match=rf"ckpt_0000004/{file} is (damaged|missing)") as refused:
+    with pytest.raises(UserError, match=rf"ckpt_0000004/{file} (is damaged|is missing|does not list)") as refused:
         train.main(resume)
     fix = f"mv {run / 'ckpt_0000004'} {run / 'ckpt_0000004'}.damaged), then --resume=auto continues from "
     assert str(refused.value).endswith(fix + f"{run / 'ckpt_0000002'}, which is intact")
@@ -204,34 +206,52 @@ def test_a_damaged_init_from_directory_is_named(data, finished, tmp_path, file):
     hf = tmp_path / "hf"
     shutil.copytree(finished / "run" / "ckpt_0000004", hf)
     (hf / file).write_bytes((hf / file).read_bytes()[:20])
+    with pytest.raises(UserError, match=rf"hf/{file} is damaged \(its sha256 differs .*; pass an intact HF"):
+        train.main(args(data, tmp_path, f"--init_from={hf}", "--max_steps=1"))
+    (hf / "checksums.sha256").unlink()  # as an HF directory from elsewhere: its readers find the damage
     with pytest.raises(
         UserError, match=r"hf: its model does not load \((SafetensorError|JSONDecodeError): .*intact HF"
     ):
         train.main(args(data, tmp_path, f"--init_from={hf}", "--max_steps=1"))
 
 
-def test_a_checkpoint_is_never_written_with_nonfinite_weights(data, tmp_path, monkeypatch):
-    """Weights that turn NaN after step 3 (as a huge learning rate makes them): the checkpoint at step 4
-    is refused and the error names the newest finite one."""
+def test_a_checkpoint_is_never_written_with_nonfinite_optimizer_state(data, tmp_path, monkeypatch):
+    """Optimizer state that turns NaN after step 4's update (the weights still finite): the checkpoint at
+    step 4 is refused and the error names the newest finite one."""
     step, calls = train.train_step, []
 
-    def breaks_the_weights(model, raw_model, *rest):
-        result = step(model, raw_model, *rest)
+    def breaks_the_moments(model, raw_model, optimizer, *rest):
+        result = step(model, raw_model, optimizer, *rest)
         calls.append(1)
-        if len(calls) == 3:
-            with torch.no_grad():
-                raw_model.transformer.wte.weight.fill_(math.nan)
+        if len(calls) == 4:
+            optimizer.state[raw_model.transformer.wte.weight]["exp_avg"].fill_(math.nan)
         return result
 
-    monkeypatch.setattr(train, "train_step", breaks_the_weights)
+    monkeypatch.setattr(train, "train_step", breaks_the_moments)
     with pytest.raises(
         UserError,
-        match="step 4: .*wte.weight holds inf or NaN, so no checkpoint is written; "
-        r"lower learning_rate \(or check the data\), then --resume=auto continues from .*ckpt_0000002",
+        match="step 4: .*wte.weight's exp_avg holds inf or NaN, so no checkpoint is written; "
+        r"lower learning_rate \(or check the data\), then --resume=auto continues from .*ckpt_0000002, which is intact",
     ):
-        train.main(args(data, tmp_path, "--max_steps=8", "--checkpoint_interval=2"))
-    checkpoint = latest_checkpoint(tmp_path / "run")
-    assert checkpoint.name == "ckpt_0000002" and all(t.isfinite().all() for t in weights(checkpoint).values())
+        train.main(args(data, tmp_path, "--max_steps=8", "--checkpoint_interval=2", "--log_interval=4"))
+    assert latest_checkpoint(tmp_path / "run").name == "ckpt_0000002"
+
+
+def test_an_update_that_makes_weights_nonfinite_stops_the_run_at_that_step(data, finished, tmp_path):
+    # A learning rate beyond float32 makes every updated weight inf or NaN at the first step it applies.
+    huge = ["--learning_rate=1e39", "--warmup_ratio=0", "--log_interval=3"]
+    message = r"step {}: its update left weights holding inf or NaN .*so the run stops here; lower learning_rate, then "
+    with pytest.raises(
+        UserError, match=message.format(1) + r"--resume=auto starts the run again \(no checkpoint yet\)"
+    ):
+        train.main(args(data, tmp_path / "new", "--max_steps=8", *huge))
+    assert not latest_checkpoint(tmp_path / "new" / "run")
+    run = copy_run(finished, tmp_path)  # resumed at step 4 with the huge rate: step 5 breaks, nothing is saved
+    with pytest.raises(UserError, match=message.format(5) + f"--resume=auto continues from {run / 'ckpt_0000004'}, "):
+        train.main(
+            args(data, tmp_path, "--batch_size=8", "--max_steps=8", "--checkpoint_interval=1", *huge, "--resume=auto")
+        )
+    assert latest_checkpoint(run).name == "ckpt_0000004"
 
 
 def test_a_damaged_metrics_line_is_named(data, finished, tmp_path):
@@ -242,3 +262,51 @@ def test_a_damaged_metrics_line_is_named(data, finished, tmp_path):
     with pytest.raises(UserError, match=r"metrics.jsonl, line 2: not a metrics record; fix or remove that line"):
         train.main(args(data, tmp_path, "--batch_size=8", "--max_steps=4", "--checkpoint_interval=2", "--resume=auto"))
     assert "garbage\n" in (run / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            "--n_layer=3",
+            r"ckpt_0000004's model has n_layer=2, this run asks for n_layer=3, .* resume with --n_layer=2,",
+        ),
+        (
+            "--n_embd=32",
+            r"ckpt_0000004's model has n_embd=16, this run asks for n_embd=32, .* resume with --n_embd=16,",
+        ),
+        ("--block_size=8", r"trained with block_size=16, this run has block_size=8, .* resume with --block_size=16,"),
+        ("--seed=7", r"trained with seed=42, this run has seed=7, which makes other batches; resume with --seed=42,"),
+        ("--batch_size=4", r"trained with batch_size=8, this run has batch_size=4, .* resume with --batch_size=8,"),
+    ],
+)
+def test_a_resume_that_would_not_continue_the_run_names_the_key(data, finished, tmp_path, override, message):
+    copy_run(finished, tmp_path)
+    with pytest.raises(UserError, match=message + r" or start a new run \(another --run_name\)"):
+        train.main(args(data, tmp_path, "--batch_size=8", "--max_steps=6", override, "--resume=auto"))
+
+
+def test_a_resume_on_other_data_is_refused_naming_data_dir(data, finished, tmp_path, make_token_data):
+    copy_run(finished, tmp_path)
+    other = make_token_data(seed=1)  # as many windows as `data`, other tokens
+    with pytest.raises(UserError, match=rf"ckpt_0000004 was trained on other data than {other} holds \(train_data "):
+        train.main(args(other, tmp_path, "--batch_size=8", "--max_steps=6", "--resume=auto"))
+
+
+def test_a_resume_lists_a_dropout_change(data, finished, tmp_path, capsys):
+    copy_run(finished, tmp_path)
+    capsys.readouterr()
+    train.main(args(data, tmp_path, "--batch_size=8", "--max_steps=5", "--dropout=0.2", "--resume=auto"))
+    assert "resumed with changes: dropout 0.0 -> 0.2" in capsys.readouterr().out
+
+
+def test_a_checkpoint_lists_the_checksum_of_each_of_its_files_as_sha256sum_checks_them(finished):
+    checkpoint = finished / "run" / "ckpt_0000004"
+    listed = [line.split("  ")[1] for line in (checkpoint / "checksums.sha256").read_text().splitlines()]
+    assert (
+        sorted(listed)
+        == sorted(CHECKPOINT_FILES)
+        == sorted(p.name for p in checkpoint.iterdir() if p != checkpoint / "checksums.sha256")
+    )
+    if shutil.which("sha256sum"):
+        subprocess.run(["sha256sum", "--check", "--quiet", "checksums.sha256"], cwd=checkpoint, check=True)
