@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -304,6 +305,21 @@ def test_hub_out_of_reach_is_one_line_naming_the_local_option(files, tmp_path, s
 def test_bad_values_are_user_errors(args, message):
     with pytest.raises(UserError, match=message):
         eval.main(["--device=cpu", *args])
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"n_embd": "32"}, 'config.json sets n_embd="32"; set it to a positive integer'),
+        ({"n_head": 0}, "config.json sets n_head=0; set it to a positive integer"),
+    ],
+)
+def test_a_hand_edited_checkpoint_config_is_one_line_naming_the_key(files, tmp_path, edit, message):
+    shutil.copytree(files["ckpt"], tmp_path / "ckpt")
+    config = tmp_path / "ckpt" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **edit}))
+    with pytest.raises(UserError, match=message):
+        eval.main([*file_args(files), f"--ckpt={tmp_path / 'ckpt'}", "--tasks=lambada_openai"])
 
 
 def test_rows_of_another_dataset_are_refused(tmp_path):
