@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -324,7 +325,7 @@ def test_a_hand_edited_checkpoint_config_is_one_line_naming_the_key(files, tmp_p
 
 def test_rows_of_another_dataset_are_refused(tmp_path):
     path = write_jsonl(tmp_path / "rows.jsonl", LAMBADA_ROWS)
-    with pytest.raises(UserError, match="row 1 lacks activity_label, ctx_a, ctx_b, endings, label"):
+    with pytest.raises(UserError, match="line 1 lacks activity_label, ctx_a, ctx_b, endings, label"):
         zero_shot.load_items("hellaswag", str(path), None)
 
 
@@ -360,7 +361,7 @@ def test_bad_values_are_refused_before_the_rows_are_read(args, message):
     "content, message",
     [
         ('{"text": "one"}\n[1, 2]\n', "line 2: a JSON list, not an object; write one JSON object per line"),
-        ('{"text": 12345}\n', "row 1's text is not a string; expected EleutherAI/lambada_openai's rows"),
+        ('{"text": 12345}\n', "line 1: text is not a string; expected EleutherAI/lambada_openai's rows"),
         ("caf\xe9 au lait\n".encode("latin-1"), "is not UTF-8 text .*at byte 3.*; convert it to UTF-8"),
     ],
 )
@@ -374,15 +375,25 @@ def test_malformed_row_files_are_one_line_errors(tmp_path, content, message):
 @pytest.mark.parametrize(
     "column, value, message",
     [
-        ("endings", "four endings", "row 1's endings is not a non-empty list of strings"),
-        ("label", "three", "row 1's label is not an index"),
-        ("ctx_a", None, "row 1's ctx_a is not a string"),
+        ("endings", "four endings", "line 1: endings is not a non-empty list of strings"),
+        ("label", "three", "line 1: label is not an index"),
+        ("ctx_a", None, "line 1: ctx_a is not a string"),
     ],
 )
 def test_hellaswag_rows_of_the_wrong_types_are_refused(tmp_path, column, value, message):
     path = write_jsonl(tmp_path / "rows.jsonl", [{**HELLASWAG_ROWS[0], column: value}])
     with pytest.raises(UserError, match=message):
         zero_shot.load_items("hellaswag", str(path), None)
+
+
+def test_a_label_past_the_endings_is_refused_naming_its_line(files, tmp_path):
+    """Scored, it would count as wrong; eval.py refuses it as train.py does. Blank lines count as lines."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text(f"{json.dumps(HELLASWAG_ROWS[0])}\n\n{json.dumps({**HELLASWAG_ROWS[1], 'label': '4'})}\n")
+    with pytest.raises(
+        UserError, match=re.escape(f"--hellaswag_file={path}, line 3: label 4 names no ending (it has 4,")
+    ):
+        eval.main([*file_args(files), f"--hellaswag_file={path}", "--tasks=hellaswag"])
 
 
 def test_a_directory_or_an_unreadable_file_is_one_line(tmp_path, monkeypatch):
