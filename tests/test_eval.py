@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,6 +25,7 @@ import zero_shot
 from common import UserError
 from hf import from_pretrained, save_pretrained
 from model import GPT, GPTConfig
+from shards import TokenWindows
 
 ROOT = Path(__file__).parent.parent
 TINY = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, dropout=0.0)
@@ -335,6 +337,18 @@ def test_limit_takes_the_first_items(files):
     assert items[1].context == "Give me a minute to change and I'll meet you at the"
 
 
+def test_limit_takes_the_first_val_windows(files, make_token_data, capsys):
+    data_dir = make_token_data()
+    eval.main([f"--ckpt={files['ckpt']}", "--tasks=val", f"--data_dir={data_dir}", "--limit=3", "--device=cpu"])
+    out = capsys.readouterr()
+    windows = TokenWindows(data_dir, "val", TINY.block_size)
+    assert len(windows) > 3
+    tokens = torch.from_numpy(windows.batch(np.arange(3)))
+    _, loss = from_pretrained(str(files["ckpt"]))(tokens[:, :-1], tokens[:, 1:])  # the mean over 3 equal windows
+    assert json.loads(out.out.splitlines()[-1])["val"]["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    assert "val: 3 items in" in out.err
+
+
 def test_trailing_space_of_the_context_moves_to_the_continuation():
     item = zero_shot.hellaswag_item(HELLASWAG_ROWS[2])
     assert item.context.endswith(". ")  # preprocess left it there
@@ -349,6 +363,9 @@ def test_trailing_space_of_the_context_moves_to_the_continuation():
         (["--device=gpu"], "device=gpu: not a device; use cpu, cuda"),
         (["--batch_tokens=0"], "--batch_tokens=0: expected a positive number"),
         (["--limit=-2"], "--limit=-2: expected a positive number"),
+        (["--split=test"], "--split=test: prepare.py writes a train and a val split only; pass --split=val or train"),
+        (["--block_size=0"], "--block_size=0: expected a positive number of tokens, or None"),
+        (["--dist_timeout_minutes=inf"], "--dist_timeout_minutes=inf: expected a finite number above 0"),
     ],
 )
 def test_bad_values_are_refused_before_the_rows_are_read(args, message):
