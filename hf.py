@@ -91,7 +91,10 @@ def config_from_hf(hf: dict) -> GPTConfig:
     values = {}
     for key, (default, (said, holds)) in CONFIG_VALUES.items():
         if key not in hf and default is None:
-            raise UserError(f"config.json has no {key}; add it, {said} (the value the checkpoint was saved with)")
+            raise UserError(
+                f"config.json has no {key}; add it, {said} (the value the checkpoint was saved with), "
+                "or pass an intact checkpoint"
+            )
         values[key] = hf.get(key, default)
         if not holds(values[key]):
             raise UserError(
