@@ -18,6 +18,7 @@ Under torchrun each rank scores every world_size-th item; rank 0 sums and prints
 """
 
 import json
+import math
 import sys
 import time
 from contextlib import nullcontext
@@ -46,9 +47,9 @@ class EvalConfig:
     tasks: str = "hellaswag,lambada_openai"  # comma-separated, from: hellaswag, lambada_openai, val
     hellaswag_file: str | None = None  # a JSONL file of Rowan/hellaswag's validation rows; None: from the Hub
     lambada_openai_file: str | None = None  # a JSONL file of EleutherAI/lambada_openai's test rows; None: from the Hub
-    limit: int | None = None  # score the first N items of each task; None: all
+    limit: int | None = None  # score the first N items of each task (val: its first N windows); None: all
     data_dir: str = "data/bookcorpus"  # --tasks=val: the token shards and meta.json that prepare.py wrote
-    split: str = "val"  # --tasks=val: the split whose windows' mean loss is taken
+    split: str = "val"  # --tasks=val: the split whose windows' mean loss is taken, val or train
     block_size: int | None = None  # --tasks=val: tokens per window, as train.py's block_size; None: the model's context
     batch_tokens: int = zero_shot.BATCH_TOKENS  # padded tokens per forward pass; logits of batch_tokens x vocab
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # cuda (under torchrun: each rank its own GPU) or cpu
@@ -57,14 +58,16 @@ class EvalConfig:
 
 
 def split_loss(model: GPT, cfg: EvalConfig, job: Job) -> tuple[dict[str, float], int]:
-    """The mean loss over every window of block_size + 1 tokens of the split, as train.py evaluates it (its
-    val loss for the same split, windows and model), and its perplexity; and the number of windows."""
+    """The mean loss over the windows of block_size + 1 tokens of the split (the first cfg.limit of them, or
+    all), as train.py evaluates it (its val loss for the same split, windows and model), and its perplexity;
+    and the number of windows."""
     block_size = cfg.block_size or model.config.block_size
     model.config.check_data_fits(block_size, read_meta(cfg.data_dir)["vocab_size"], cfg.data_dir)
     windows = TokenWindows(cfg.data_dir, cfg.split, block_size)
+    indices = np.arange(len(windows))[: cfg.limit]
     batch_size = max(1, cfg.batch_tokens // block_size)
-    loss = window_loss(model, windows, np.arange(len(windows)), batch_size, job.device, nullcontext(), job)
-    return {"loss": loss, "perplexity": perplexity(loss)}, len(windows)
+    loss = window_loss(model, windows, indices, batch_size, job.device, nullcontext(), job)
+    return {"loss": loss, "perplexity": perplexity(loss)}, len(indices)
 
 
 # ---- the command ---------------------------------------------------------------------------------------
@@ -77,6 +80,14 @@ def check_config(cfg: EvalConfig) -> list[str]:
         raise UserError(f"--limit={cfg.limit}: expected a positive number of items, or None for all")
     if cfg.batch_tokens < 1:
         raise UserError(f"--batch_tokens={cfg.batch_tokens}: expected a positive number")
+    if cfg.split not in ("train", "val"):
+        raise UserError(
+            f"--split={cfg.split}: prepare.py writes a train and a val split only; pass --split=val or train"
+        )
+    if cfg.block_size is not None and cfg.block_size < 1:
+        raise UserError(f"--block_size={cfg.block_size}: expected a positive number of tokens, or None for the model's")
+    if not 0 < cfg.dist_timeout_minutes < math.inf:
+        raise UserError(f"--dist_timeout_minutes={cfg.dist_timeout_minutes}: expected a finite number above 0")
     check_dtype(cfg.dtype)
     check_device(cfg.device)
     return names

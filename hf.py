@@ -5,6 +5,7 @@ Our parameter names are HF's; only HF's Conv1D weights, stored (in, out), are tr
 """
 
 import json
+import math
 import pickle
 from pathlib import Path
 
@@ -57,12 +58,52 @@ def hf_config(config: GPTConfig) -> dict:
     }
 
 
+# What config_from_hf reads of a config.json: (its default where GPT-2's may leave it out, None where it
+# never does; what the value must be, as an error says it; the check of a value as json reads it).
+POSITIVE_INTEGER = ("a positive integer", lambda value: type(value) is int and value > 0)
+PROBABILITY = ("a number in [0, 1)", lambda value: type(value) in (int, float) and 0 <= value < 1)
+CONFIG_VALUES = {
+    "n_positions": (None, POSITIVE_INTEGER),
+    "vocab_size": (None, POSITIVE_INTEGER),
+    "n_layer": (None, POSITIVE_INTEGER),
+    "n_head": (None, POSITIVE_INTEGER),
+    "n_embd": (None, POSITIVE_INTEGER),
+    "resid_pdrop": (0.1, PROBABILITY),
+    "embd_pdrop": (0.1, PROBABILITY),
+    "attn_pdrop": (0.1, PROBABILITY),
+    "layer_norm_epsilon": (
+        1e-5,
+        ("a finite number above 0", lambda value: type(value) in (int, float) and 0 < value < math.inf),
+    ),
+    "initializer_range": (
+        0.02,
+        ("a finite number, 0 or more", lambda value: type(value) in (int, float) and 0 <= value < math.inf),
+    ),
+}
+
+
 def config_from_hf(hf: dict) -> GPTConfig:
-    """Reads an HF GPT-2 config.json; refuses variants this model does not implement."""
+    """Reads an HF GPT-2 config.json; refuses variants this model does not implement, and any value of the
+    wrong type or range (a hand-edited file), naming its key."""
+    if not isinstance(hf, dict):
+        raise UserError(f"config.json holds a JSON {type(hf).__name__}; expected an object of GPT-2's keys")
     if hf.get("model_type") != "gpt2":
         raise UserError(
             f"config.json has model_type {hf.get('model_type')!r}; only HF GPT-2 checkpoints (model_type 'gpt2') load"
         )
+    values = {}
+    for key, (default, (said, holds)) in CONFIG_VALUES.items():
+        if key not in hf and default is None:
+            raise UserError(
+                f"config.json has no {key}; add it, {said} (the value the checkpoint was saved with), "
+                "or pass an intact checkpoint"
+            )
+        values[key] = hf.get(key, default)
+        if not holds(values[key]):
+            raise UserError(
+                f"config.json sets {key}={json.dumps(values[key])}; set it to {said} "
+                "(the value the checkpoint was saved with)"
+            )
     unsupported = {
         "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
         "scale_attn_weights": (True,),
@@ -72,23 +113,30 @@ def config_from_hf(hf: dict) -> GPTConfig:
     for key, allowed in unsupported.items():
         if key in hf and hf[key] not in allowed:
             raise UserError(f"config.json sets {key}={hf[key]!r}; this model supports only {allowed[0]!r}")
-    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
-        raise UserError(f"config.json sets n_inner={hf['n_inner']}; this model uses 4 * n_embd = {4 * hf['n_embd']}")
-    dropouts = {hf.get(k, 0.1) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+    n_inner = 4 * values["n_embd"]
+    if hf.get("n_inner") is not None and (type(hf["n_inner"]) is not int or hf["n_inner"] != n_inner):
+        raise UserError(
+            f"config.json sets n_inner={json.dumps(hf['n_inner'])}; this model's MLP is 4 * n_embd = {n_inner} wide: "
+            f"set it to {n_inner} or null"
+        )
+    dropouts = {values[key] for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
     if len(dropouts) > 1:
         raise UserError(
             f"config.json has different dropouts {sorted(dropouts)}; this model uses one rate for all three"
         )
-    return GPTConfig(
-        block_size=hf["n_positions"],
-        vocab_size=hf["vocab_size"],
-        n_layer=hf["n_layer"],
-        n_head=hf["n_head"],
-        n_embd=hf["n_embd"],
-        dropout=dropouts.pop(),
-        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
-        initializer_range=hf.get("initializer_range", 0.02),
-    )
+    try:
+        return GPTConfig(
+            block_size=values["n_positions"],
+            vocab_size=values["vocab_size"],
+            n_layer=values["n_layer"],
+            n_head=values["n_head"],
+            n_embd=values["n_embd"],
+            dropout=float(dropouts.pop()),
+            layer_norm_epsilon=float(values["layer_norm_epsilon"]),
+            initializer_range=float(values["initializer_range"]),
+        )
+    except UserError as e:  # GPTConfig's own check: n_head must divide n_embd
+        raise UserError(f"config.json: {e}") from None
 
 
 def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:

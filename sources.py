@@ -226,9 +226,9 @@ def json_lines(lines):
                 raise BadJsonLine(number, e) from None
 
 
-def read_jsonl(path: Path, arg: str) -> list[dict]:
-    """A JSONL file's rows (JSON objects, blank lines skipped), read whole; arg is the argument that
-    named the file, for the errors."""
+def read_jsonl(path: Path, arg: str) -> list[tuple[int, dict]]:
+    """A JSONL file's rows (JSON objects, blank lines skipped), read whole, each with its line number (from
+    1, for the errors of those who check it); arg is the argument that named the file, for the errors."""
     rows = []
     try:
         for number, row in json_lines(read_text(path, arg).splitlines()):
@@ -236,7 +236,7 @@ def read_jsonl(path: Path, arg: str) -> list[dict]:
                 raise UserError(
                     f"{arg}, line {number}: a JSON {type(row).__name__}, not an object; write one JSON object per line"
                 )
-            rows.append(row)
+            rows.append((number, row))
     except BadJsonLine as e:
         raise UserError(f"{arg}, line {e.number}: not JSON ({e.error}); write one JSON object per line") from None
     return rows

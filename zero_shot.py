@@ -147,30 +147,36 @@ def offline_hint(name: str) -> str:
 
 
 def load_items(name: str, path: str | None, limit: int | None) -> list[Item]:
-    """The first `limit` items of a task (all for None), from a local JSONL file or else the Hub."""
+    """The first `limit` items of a task (all for None), from a local JSONL file or else the Hub; a row that
+    is not the task's is an error naming its line of the file (or its number in the Hub's split)."""
     task = TASKS[name]
-    source = f"--{name}_file={path}" if path else task.hub[0]
-    rows = read_jsonl(Path(path), source) if path else hub_rows(*task.hub, offline_hint(name))
+    if path:
+        source = f"--{name}_file={path}"
+        rows = [(f"{source}, line {number}", row) for number, row in read_jsonl(Path(path), source)]
+    else:
+        source = task.hub[0]
+        rows = [
+            (f"{source}, row {number}", row) for number, row in enumerate(hub_rows(*task.hub, offline_hint(name)), 1)
+        ]
     rows = rows[:limit]
-    for number, row in enumerate(rows, 1):
+    for where, row in rows:
         missing = [column for column in task.columns if column not in row]
         if missing:
             raise UserError(
-                f"{source}: row {number} lacks {', '.join(missing)}; "
-                f"expected {task.hub[0]}'s rows ({', '.join(task.columns)})"
+                f"{where} lacks {', '.join(missing)}; expected {task.hub[0]}'s rows ({', '.join(task.columns)})"
             )
         for column in task.columns:
             kind, holds = COLUMN_KINDS[column]
             if not holds(row[column]):
-                raise UserError(f"{source}: row {number}'s {column} is not {kind}; expected {task.hub[0]}'s rows")
+                raise UserError(f"{where}: {column} is not {kind}; expected {task.hub[0]}'s rows")
         if "label" in task.columns and int(row["label"]) >= len(row["endings"]):
             raise UserError(
-                f"{source}: row {number}'s label {row['label']} names no ending (it has {len(row['endings'])}); "
+                f"{where}: label {row['label']} names no ending (it has {len(row['endings'])}, numbered from 0); "
                 f"expected {task.hub[0]}'s rows"
             )
     if not rows:
         raise UserError(f"{source} has no rows")
-    return [task.item(row) for row in rows]
+    return [task.item(row) for _, row in rows]
 
 
 # ---- scoring -------------------------------------------------------------------------------------

@@ -7,10 +7,13 @@ import contextlib
 import io
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,6 +25,7 @@ import zero_shot
 from common import UserError
 from hf import from_pretrained, save_pretrained
 from model import GPT, GPTConfig
+from shards import TokenWindows
 
 ROOT = Path(__file__).parent.parent
 TINY = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, dropout=0.0)
@@ -306,9 +310,24 @@ def test_bad_values_are_user_errors(args, message):
         eval.main(["--device=cpu", *args])
 
 
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"n_embd": "32"}, 'config.json sets n_embd="32"; set it to a positive integer'),
+        ({"n_head": 0}, "config.json sets n_head=0; set it to a positive integer"),
+    ],
+)
+def test_a_hand_edited_checkpoint_config_is_one_line_naming_the_key(files, tmp_path, edit, message):
+    shutil.copytree(files["ckpt"], tmp_path / "ckpt")
+    config = tmp_path / "ckpt" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **edit}))
+    with pytest.raises(UserError, match=message):
+        eval.main([*file_args(files), f"--ckpt={tmp_path / 'ckpt'}", "--tasks=lambada_openai"])
+
+
 def test_rows_of_another_dataset_are_refused(tmp_path):
     path = write_jsonl(tmp_path / "rows.jsonl", LAMBADA_ROWS)
-    with pytest.raises(UserError, match="row 1 lacks activity_label, ctx_a, ctx_b, endings, label"):
+    with pytest.raises(UserError, match="line 1 lacks activity_label, ctx_a, ctx_b, endings, label"):
         zero_shot.load_items("hellaswag", str(path), None)
 
 
@@ -316,6 +335,18 @@ def test_limit_takes_the_first_items(files):
     items = zero_shot.load_items("lambada_openai", str(files["lambada_openai"]), 2)
     assert [item.continuations for item in items] == [[" signs"], [" docks"]]
     assert items[1].context == "Give me a minute to change and I'll meet you at the"
+
+
+def test_limit_takes_the_first_val_windows(files, make_token_data, capsys):
+    data_dir = make_token_data()
+    eval.main([f"--ckpt={files['ckpt']}", "--tasks=val", f"--data_dir={data_dir}", "--limit=3", "--device=cpu"])
+    out = capsys.readouterr()
+    windows = TokenWindows(data_dir, "val", TINY.block_size)
+    assert len(windows) > 3
+    tokens = torch.from_numpy(windows.batch(np.arange(3)))
+    _, loss = from_pretrained(str(files["ckpt"]))(tokens[:, :-1], tokens[:, 1:])  # the mean over 3 equal windows
+    assert json.loads(out.out.splitlines()[-1])["val"]["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    assert "val: 3 items in" in out.err
 
 
 def test_trailing_space_of_the_context_moves_to_the_continuation():
@@ -332,6 +363,9 @@ def test_trailing_space_of_the_context_moves_to_the_continuation():
         (["--device=gpu"], "device=gpu: not a device; use cpu, cuda"),
         (["--batch_tokens=0"], "--batch_tokens=0: expected a positive number"),
         (["--limit=-2"], "--limit=-2: expected a positive number"),
+        (["--split=test"], "--split=test: prepare.py writes a train and a val split only; pass --split=val or train"),
+        (["--block_size=0"], "--block_size=0: expected a positive number of tokens, or None"),
+        (["--dist_timeout_minutes=inf"], "--dist_timeout_minutes=inf: expected a finite number above 0"),
     ],
 )
 def test_bad_values_are_refused_before_the_rows_are_read(args, message):
@@ -344,7 +378,7 @@ def test_bad_values_are_refused_before_the_rows_are_read(args, message):
     "content, message",
     [
         ('{"text": "one"}\n[1, 2]\n', "line 2: a JSON list, not an object; write one JSON object per line"),
-        ('{"text": 12345}\n', "row 1's text is not a string; expected EleutherAI/lambada_openai's rows"),
+        ('{"text": 12345}\n', "line 1: text is not a string; expected EleutherAI/lambada_openai's rows"),
         ("caf\xe9 au lait\n".encode("latin-1"), "is not UTF-8 text .*at byte 3.*; convert it to UTF-8"),
     ],
 )
@@ -358,15 +392,25 @@ def test_malformed_row_files_are_one_line_errors(tmp_path, content, message):
 @pytest.mark.parametrize(
     "column, value, message",
     [
-        ("endings", "four endings", "row 1's endings is not a non-empty list of strings"),
-        ("label", "three", "row 1's label is not an index"),
-        ("ctx_a", None, "row 1's ctx_a is not a string"),
+        ("endings", "four endings", "line 1: endings is not a non-empty list of strings"),
+        ("label", "three", "line 1: label is not an index"),
+        ("ctx_a", None, "line 1: ctx_a is not a string"),
     ],
 )
 def test_hellaswag_rows_of_the_wrong_types_are_refused(tmp_path, column, value, message):
     path = write_jsonl(tmp_path / "rows.jsonl", [{**HELLASWAG_ROWS[0], column: value}])
     with pytest.raises(UserError, match=message):
         zero_shot.load_items("hellaswag", str(path), None)
+
+
+def test_a_label_past_the_endings_is_refused_naming_its_line(files, tmp_path):
+    """Scored, it would count as wrong; eval.py refuses it as train.py does. Blank lines count as lines."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text(f"{json.dumps(HELLASWAG_ROWS[0])}\n\n{json.dumps({**HELLASWAG_ROWS[1], 'label': '4'})}\n")
+    with pytest.raises(
+        UserError, match=re.escape(f"--hellaswag_file={path}, line 3: label 4 names no ending (it has 4,")
+    ):
+        eval.main([*file_args(files), f"--hellaswag_file={path}", "--tasks=hellaswag"])
 
 
 def test_a_directory_or_an_unreadable_file_is_one_line(tmp_path, monkeypatch):

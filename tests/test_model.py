@@ -242,6 +242,40 @@ def test_bad_input_gives_clear_errors(tmp_path):
         GPTConfig(n_embd=50, n_head=3)
 
 
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"n_embd": "48"}, 'config.json sets n_embd="48"; set it to a positive integer'),
+        ({"n_head": 0}, "config.json sets n_head=0; set it to a positive integer"),
+        ({"n_layer": 2.0}, "config.json sets n_layer=2.0; set it to a positive integer"),
+        ({"vocab_size": -1}, "config.json sets vocab_size=-1; set it to a positive integer"),
+        ({"n_positions": True}, "config.json sets n_positions=true; set it to a positive integer"),
+        ({"n_head": 5}, "config.json: n_embd=48 is not divisible by n_head=5"),
+        (
+            {"resid_pdrop": 1.0, "embd_pdrop": 1.0, "attn_pdrop": 1.0},
+            r"sets resid_pdrop=1.0; set it to a number in \[0, 1\)",
+        ),
+        ({"layer_norm_epsilon": 0}, "sets layer_norm_epsilon=0; set it to a finite number above 0"),
+        ({"initializer_range": None}, "sets initializer_range=null; set it to a finite number, 0 or more"),
+        ({"n_inner": 192.0}, r"sets n_inner=192.0; this model's MLP is 4 \* n_embd = 192 wide: set it to 192 or null"),
+    ],
+)
+def test_each_config_json_value_is_checked_naming_its_key(edit, message):
+    """A hand-edited config.json is one line naming the key, not a TypeError or ZeroDivisionError later."""
+    saved = hf_config(GPTConfig(n_layer=2, n_head=3, n_embd=48, block_size=37, vocab_size=101))
+    with pytest.raises(UserError, match=message):
+        config_from_hf({**saved, **edit})
+
+
+def test_a_config_json_without_a_size_or_not_an_object_is_named():
+    saved = hf_config(GPTConfig())
+    del saved["n_head"]
+    with pytest.raises(UserError, match="config.json has no n_head; add it, a positive integer"):
+        config_from_hf(saved)
+    with pytest.raises(UserError, match="config.json holds a JSON list; expected an object"):
+        config_from_hf([saved])
+
+
 def loss_and_grads(loss_fn, x, weight, targets, micro_steps=1):
     """The loss and the gradients of x and weight, accumulated over micro_steps calls scaled by 1/micro_steps."""
     x, weight = x.detach().requires_grad_(), weight.detach().requires_grad_()

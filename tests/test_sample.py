@@ -227,17 +227,23 @@ def test_bad_prompt_files_are_one_line_errors(run_dir, tmp_path, monkeypatch, fl
 
 
 @pytest.mark.parametrize(
-    "damage",
+    "damage, message",
     [
-        lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]),
-        lambda d: (d / "config.json").write_text("{"),
-        lambda d: (d / "config.json").write_text('{"model_type": "gpt2"}'),  # no n_embd, n_positions, ...
+        (
+            lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]),
+            "ckpt: its model does not load .*; pass an intact HF GPT-2 directory",
+        ),
+        (lambda d: (d / "config.json").write_text("{"), "ckpt: its model does not load .*; pass an intact HF GPT-2"),
+        (
+            lambda d: (d / "config.json").write_text('{"model_type": "gpt2"}'),  # no n_embd, n_positions, ...
+            "config.json has no n_positions; add it, .*, or pass an intact checkpoint",
+        ),
     ],
 )
-def test_a_damaged_model_directory_is_one_line(tmp_path, damage):
+def test_a_damaged_model_directory_is_one_line(tmp_path, damage, message):
     save_pretrained(GPT(TINY), tmp_path / "ckpt")
     damage(tmp_path / "ckpt")
-    with pytest.raises(UserError, match="ckpt: its model does not load .*; pass an intact HF GPT-2 directory"):
+    with pytest.raises(UserError, match=message):
         sample.main([f"--ckpt={tmp_path / 'ckpt'}", "--max_new_tokens=2"])
 
 

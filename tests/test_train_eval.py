@@ -231,8 +231,8 @@ def test_an_eval_reports_a_loss_of_any_size_and_skips_the_sample_of_nonfinite_we
 @pytest.mark.parametrize(
     "rows, message",
     [
-        ([{**HELLASWAG_ROWS[0], "endings": []}], "row 1's endings is not a non-empty list of strings"),
-        ([HELLASWAG_ROWS[0], {**HELLASWAG_ROWS[1], "label": 4}], "row 2's label 4 names no ending .it has 4."),
+        ([{**HELLASWAG_ROWS[0], "endings": []}], "line 1: endings is not a non-empty list of strings"),
+        ([HELLASWAG_ROWS[0], {**HELLASWAG_ROWS[1], "label": 4}], "line 2: label 4 names no ending .it has 4,"),
     ],
 )
 def test_task_rows_are_checked_before_any_step(data, tmp_path, rows, message):
