@@ -203,7 +203,10 @@ def from_pretrained(path_or_name: str, dropout: float | None = None) -> GPT:
     if (directory / CHECKSUMS).is_file() and (problem := checksum_problem(directory, MODEL_FILES)):
         raise Damaged(problem, f"pass an intact HF GPT-2 directory ({DAMAGED_CHECKPOINT})")
     try:
-        config = config_from_hf(json.loads(config_path.read_text()))
+        try:
+            config = config_from_hf(json.loads(config_path.read_text()))
+        except UserError as e:  # its messages start with "config.json": which one
+            raise UserError(f"{directory}/{e}") from None
         weights = read_weights(directory)
     except (
         json.JSONDecodeError,

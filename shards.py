@@ -171,6 +171,12 @@ class TokenWindows:
                 "use a smaller block_size or more data"
             )
 
+    @property
+    def fingerprint(self):  # TEMP STUB until prep29 merges
+        import hashlib
+
+        return hashlib.sha256(json.dumps(self.meta["splits"]).encode()).hexdigest()
+
     def __len__(self) -> int:
         return int(self.starts[-1])
 
