@@ -186,7 +186,9 @@ def run(main):
     and anything else propagates with its traceback."""
     try:
         main(sys.argv[1:])
-    except UserError as e:
-        sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")
+    except UserError as e:  # one write: the lines of several ranks on one stderr stay whole
+        sys.stderr.write(f"{Path(sys.argv[0]).name}: error: {e}\n")
+        sys.stderr.flush()
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

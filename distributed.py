@@ -195,9 +195,8 @@ class FailureWatcher:
             except Exception:  # the store's host is gone (its node failed); the store raises several types
                 failure = "the job's store stopped answering (the node that ran the rendezvous is gone?)"
             if failure and not self.stopped.is_set():
-                print(
-                    f"{Path(sys.argv[0]).name}: error: rank {self.rank} stops: {failure}", file=sys.stderr, flush=True
-                )
+                sys.stderr.write(f"{Path(sys.argv[0]).name}: error: rank {self.rank} stops: {failure}\n")
+                sys.stderr.flush()
                 sys.stdout.flush()
                 os._exit(1)
 

@@ -67,7 +67,7 @@ def test_bad_config_file_values(tmp_path):
         parse_config(Example, [str(path)])
 
 
-def test_run_prints_user_errors_as_one_line_and_keeps_other_tracebacks(monkeypatch):
+def test_run_prints_user_errors_as_one_line_and_keeps_other_tracebacks(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["script.py", "--x=1"])
 
     def main_raising(error):
@@ -79,7 +79,8 @@ def test_run_prints_user_errors_as_one_line_and_keeps_other_tracebacks(monkeypat
 
     with pytest.raises(SystemExit) as exit_info:
         configurator.run(main_raising(UserError("--x=1: expected a path; pass --x=FILE")))
-    assert exit_info.value.code == "script.py: error: --x=1: expected a path; pass --x=FILE"
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == "script.py: error: --x=1: expected a path; pass --x=FILE\n"
     assert issubclass(ConfigError, UserError) and issubclass(
         UserError, ValueError
     )  # callers catching ValueError still do
