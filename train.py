@@ -168,8 +168,11 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
         raise UserError(f"warmup_ratio={cfg.warmup_ratio}: must be in [0, 1] (a fraction of the steps)")
     if cfg.lr_decay not in ("cosine", "linear"):
         raise UserError(f"lr_decay={cfg.lr_decay!r}: use 'cosine' or 'linear'")
-    if cfg.run_name.strip() in ("", ".", ".."):
-        raise UserError(f"run_name={cfg.run_name!r}: must name the run's own directory under out_dir, such as gpt2")
+    if cfg.run_name.strip() in ("", ".", "..") or Path(cfg.run_name).name != cfg.run_name or "\\" in cfg.run_name:
+        raise UserError(
+            f"run_name={cfg.run_name!r}: must name the run's own directory under out_dir, such as gpt2 "
+            "(not a path: out_dir says where runs live)"
+        )
     if cfg.init_from == "resume":
         raise UserError("init_from='resume' is not a starting point; use --resume=auto (this run's newest checkpoint)")
     check_device(cfg.device)

@@ -52,6 +52,11 @@ def copy_run(finished, tmp_path) -> Path:
         ("--lr_decay=step", "lr_decay='step': use 'cosine' or 'linear'"),
         ("--dist_timeout_minutes=inf", "dist_timeout_minutes=inf: must be a finite number"),
         ("--run_name=", "run_name='': must name the run's own directory under out_dir"),
+        (
+            "--run_name=/abs/dir",
+            r"run_name='/abs/dir': must name the run's own directory under out_dir, such as gpt2 \(not",
+        ),
+        ("--run_name=../up", "run_name='../up': must name the run's own directory under out_dir"),
     ],
 )
 def test_bad_values_are_refused_before_the_model_is_built(data, tmp_path, monkeypatch, override, message):
