@@ -16,6 +16,7 @@ import torch
 from filelock import FileLock
 from test_train import ROOT, args, metrics
 
+import checkpoint
 import optim
 import train
 from checkpoint import CHECKPOINT_FILES, latest_checkpoint
@@ -315,3 +316,10 @@ def test_a_checkpoint_lists_the_checksum_of_each_of_its_files_as_sha256sum_check
     )
     if shutil.which("sha256sum"):
         subprocess.run(["sha256sum", "--check", "--quiet", "checksums.sha256"], cwd=checkpoint, check=True)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's always-full device")
+def test_a_full_disk_during_a_save_says_so():
+    # torch.save(obj, path) would say "[enforce fail at inline_container.cc:672] . unexpected pos"
+    with pytest.raises(OSError, match=r"No space left on device"):
+        checkpoint.save_torch({"weights": torch.zeros(100_000)}, Path("/dev/full"))
