@@ -20,6 +20,7 @@ import pytest
 import tiktoken
 from conftest import write_shard
 
+import chunks
 import prepare
 import sources
 from shards import TokenWindows
@@ -169,7 +170,7 @@ def test_small_inputs_hold_out_a_share_that_suits_their_size(tmp_path, documents
 @pytest.mark.parametrize("last_block, held_out", [(60, [20]), (10, [19, 20])])
 def test_without_draws_at_least_half_a_block_is_held_out_at_the_end(last_block, held_out):
     blocks = [[(True, "x" * 100)]] * 20 + [[(True, "x" * last_block)]]
-    assigned = prepare.held_out_chunks(iter(blocks), 100, val_fraction=0.0, seed=0)
+    assigned = chunks.held_out_chunks(iter(blocks), 100, val_fraction=0.0, seed=0)
     assert [i for i, (_, is_held_out) in enumerate(assigned) if is_held_out] == held_out
 
 
@@ -178,13 +179,13 @@ def test_large_inputs_are_split_by_the_seeded_draws_alone():
     blocks = [[(True, "x" * 10)]] * 20_000
     rng = random.Random(1337)
     drawn = [i for i in range(len(blocks)) if rng.random() < 0.0015 and i > 0]
-    assigned = prepare.held_out_chunks(iter(blocks), 10, val_fraction=0.0015, seed=1337)
+    assigned = chunks.held_out_chunks(iter(blocks), 10, val_fraction=0.0015, seed=1337)
     assert [i for i, (_, is_held_out) in enumerate(assigned) if is_held_out] == drawn and len(drawn) > 10
 
 
 def test_an_endless_stream_is_read_ahead_by_a_bounded_amount():
     endless = (["word " * 100] for _ in itertools.count())  # documents of 500 characters, forever
-    blocks, block_chars = prepare.sized_chunks(endless, 1000)
+    blocks, block_chars = chunks.sized_chunks(endless, 1000)
     assert block_chars == 1000 and len(list(itertools.islice(blocks, 50))) == 50
 
 
