@@ -26,7 +26,9 @@ where it ended in the input, and the input files' names, sizes and modification 
 the same files verifies those shards, reads the input again and tokenizes only what follows them: its
 output is byte-identical to an uninterrupted run's; over changed files it starts over. meta.json,
 written last, marks a finished preparation, whose shards a rerun checks; --force rebuilds from scratch.
-Only prepare's own files (OWN_FILE) are ever deleted in the output directory.
+Only prepare's own files (OWN_FILE) are ever deleted in the output directory. While prepare writes it
+holds <out_dir>.lock beside it (data/<name>.lock), as train.py holds out/<run>.lock: a second prepare.py
+on the same directory, however its path is spelled, is refused at once.
 """
 
 import collections
@@ -47,7 +49,7 @@ from tqdm import tqdm
 
 import configurator
 from chunks import Unit, sized_chunks, split_chunks
-from common import UserError, atomic_write_bytes
+from common import UserError, atomic_write_bytes, hold_lock
 from shards import ShardWriter, is_count, open_shard, read_meta
 from sources import (
     PARQUET_EXPORT,
@@ -362,35 +364,12 @@ def finish(meta_path: Path, progress_path: Path, settings: dict, writers: dict, 
     return splits
 
 
-def main(argv):
-    cfg = configurator.parse_config(PrepareConfig, argv)
-    check_config(cfg)
-    replaced = collections.Counter()
-    name, source, documents, files, summary = open_source(cfg, replaced)
-    out_dir = Path(cfg.out_dir or ROOT / "data" / name)
-    check_out_dir(out_dir)
-    settings = {
-        "format_version": FORMAT_VERSION,
-        "tokenizer": "gpt2",
-        "tokenizer_sha256": RANKS_SHA256,
-        "vocab_size": VOCAB_SIZE,
-        "eot_id": EOT_ID,
-        "source": source,
-        **({"input": input_fingerprint(files)} if files else {}),
-        "seed": cfg.seed,
-        "val_fraction": cfg.val_fraction,
-        "block_chars": cfg.block_chars,
-        "shard_tokens": cfg.shard_tokens,
-    }
+def write_dataset(cfg: PrepareConfig, out_dir: Path, name: str, settings: dict, documents, summary, replaced) -> None:
+    """Tokenizes the documents into out_dir's shards, after those an interrupted run left, then meta.json."""
     meta_path, progress_path = out_dir / "meta.json", out_dir / "progress.json"
-    if cfg.force and out_dir.is_dir():
-        remove_own_files(out_dir, temps_only=False)
-    if already_prepared(out_dir, settings):
-        return
     completed = completed_shards(out_dir, progress_path, settings)
     if out_dir.is_dir():
         remove_own_files(out_dir, temps_only=True)  # left by a killed run
-
     writers = {split: SplitWriter(out_dir, split, cfg.shard_tokens, completed[split]) for split in SPLITS}
     chunks, chunk_chars = sized_chunks(documents, cfg.block_chars)
     if summary:
@@ -417,6 +396,35 @@ def main(argv):
         f"{out_dir}: {splits['train']['tokens']:,} train and {splits['val']['tokens']:,} val tokens "
         f"({tokenized / seconds / 1e6:.1f}M tokens/s)"
     )
+
+
+def main(argv):
+    cfg = configurator.parse_config(PrepareConfig, argv)
+    check_config(cfg)
+    replaced = collections.Counter()
+    name, source, documents, files, summary = open_source(cfg, replaced)
+    out_dir = Path(cfg.out_dir or ROOT / "data" / name)
+    check_out_dir(out_dir)
+    settings = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": "gpt2",
+        "tokenizer_sha256": RANKS_SHA256,
+        "vocab_size": VOCAB_SIZE,
+        "eot_id": EOT_ID,
+        "source": source,
+        **({"input": input_fingerprint(files)} if files else {}),
+        "seed": cfg.seed,
+        "val_fraction": cfg.val_fraction,
+        "block_chars": cfg.block_chars,
+        "shard_tokens": cfg.shard_tokens,
+    }
+    lock = out_dir.resolve()
+    in_use = f"{out_dir} is in use by another prepare.py"
+    with hold_lock(lock.with_name(lock.name + ".lock"), in_use, "wait for it to end, or pick another --out_dir"):
+        if cfg.force and out_dir.is_dir():
+            remove_own_files(out_dir, temps_only=False)
+        if not already_prepared(out_dir, settings):
+            write_dataset(cfg, out_dir, name, settings, documents, summary, replaced)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import tiktoken
 from conftest import write_shard
+from filelock import FileLock
 
 import chunks
 import prepare
@@ -590,4 +591,15 @@ def test_a_damaged_preparation_is_not_reported_as_prepared(tmp_path, damage, mes
     damage(tmp_path / "out")
     one_line_error(run_cli(*args), message, "--force")
     run(*args, "--force")
+    reassemble(SMALL_DOCS, tmp_path / "out")
+
+
+def test_a_directory_another_prepare_is_writing_is_refused_at_once(tmp_path):
+    corpus = write_text_files(tmp_path / "docs", SMALL_DOCS)
+    args = [f"--input={corpus}", "--block_chars=300"]
+    with FileLock(tmp_path / "out.lock"):  # as a first prepare.py on tmp_path / "out" holds it
+        result = run_cli(*args, f"--out_dir={corpus / '..' / 'out'}")  # the same directory, spelled otherwise
+    one_line_error(result, "is in use by another prepare.py", f"(it holds {tmp_path / 'out.lock'}); wait for it")
+    assert not (tmp_path / "out").exists()
+    run(*args, f"--out_dir={tmp_path / 'out'}")  # released: the lock is taken and given back
     reassemble(SMALL_DOCS, tmp_path / "out")
