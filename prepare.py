@@ -25,7 +25,8 @@ Crash safety: a shard is written under a temp name and renamed once complete, th
 where it ended in the input, and the input files' names, sizes and modification times. A rerun over
 the same files verifies those shards, reads the input again and tokenizes only what follows them: its
 output is byte-identical to an uninterrupted run's; over changed files it starts over. meta.json,
-written last, marks a finished preparation, whose shards a rerun checks; --force rebuilds from scratch.
+written last, marks a finished preparation, whose shards a rerun checks, reading only (a read-only folder
+will do); --force rebuilds from scratch.
 Only prepare's own files (OWN_FILE) are ever deleted in the output directory. While prepare writes it
 holds <out_dir>.lock beside it (data/<name>.lock), as train.py holds out/<run>.lock: a second prepare.py
 on the same directory, however its path is spelled, is refused at once.
@@ -292,6 +293,7 @@ def intact(out_dir: Path, shard: dict) -> bool:
 
 
 def check_out_dir(out_dir: Path) -> None:
+    """Refuses an out_dir that prepare cannot write in."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out_dir={out_dir} is a file; pass a directory (it is created if missing)")
     if out_dir.is_dir() and not os.access(out_dir, os.R_OK | os.W_OK | os.X_OK):
@@ -404,7 +406,6 @@ def main(argv):
     replaced = collections.Counter()
     name, source, documents, files, summary = open_source(cfg, replaced)
     out_dir = Path(cfg.out_dir or ROOT / "data" / name)
-    check_out_dir(out_dir)
     settings = {
         "format_version": FORMAT_VERSION,
         "tokenizer": "gpt2",
@@ -418,13 +419,15 @@ def main(argv):
         "block_chars": cfg.block_chars,
         "shard_tokens": cfg.shard_tokens,
     }
+    if not cfg.force and already_prepared(out_dir, settings):
+        return  # a read: it needs neither write access nor the lock
+    check_out_dir(out_dir)
     lock = out_dir.resolve()
     in_use = f"{out_dir} is in use by another prepare.py"
     with hold_lock(lock.with_name(lock.name + ".lock"), in_use, "wait for it to end, or pick another --out_dir"):
         if cfg.force and out_dir.is_dir():
             remove_own_files(out_dir, temps_only=False)
-        if not already_prepared(out_dir, settings):
-            write_dataset(cfg, out_dir, name, settings, documents, summary, replaced)
+        write_dataset(cfg, out_dir, name, settings, documents, summary, replaced)
 
 
 if __name__ == "__main__":

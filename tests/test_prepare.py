@@ -603,3 +603,22 @@ def test_a_directory_another_prepare_is_writing_is_refused_at_once(tmp_path):
     assert not (tmp_path / "out").exists()
     run(*args, f"--out_dir={tmp_path / 'out'}")  # released: the lock is taken and given back
     reassemble(SMALL_DOCS, tmp_path / "out")
+
+
+def test_a_finished_preparation_in_a_read_only_folder_is_reported_as_prepared(tmp_path):
+    corpus = write_text_files(tmp_path / "docs", SMALL_DOCS)
+    folder = tmp_path / "shared"
+    args = [f"--input={corpus}", f"--out_dir={folder / 'out'}", "--block_chars=300"]
+    run(*args)
+    (folder / "out.lock").unlink()
+    (folder / "out.lock").mkdir()  # no lock can be taken there, even by root, whom the modes below do not stop
+    for path in (folder / "out", folder):
+        path.chmod(0o555)
+    try:
+        read, write = run_cli(*args), run_cli(*args, "--force")
+    finally:
+        for path in (folder, folder / "out"):
+            path.chmod(0o755)
+    assert read.returncode == 0 and "is already prepared" in read.stdout, read.stderr
+    one_line_error(write, "--out_dir")  # a run that must write needs write access and the lock
+    reassemble(SMALL_DOCS, folder / "out")
