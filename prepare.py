@@ -5,8 +5,10 @@
     python prepare.py --input='books/*.txt'   # .txt(.gz): a document per file; .jsonl/.parquet: one per row
     python prepare.py --dataset=owner/name --text_column=text --split=train   # any Hub dataset, streamed
 
-Writes data/<name>/{train,val}_NNNNNN.bin in llm.c's format (shards.py) and meta.json. Each document
-starts with <|endoftext|>, as in llm.c; BookCorpus rows are sentences of one running text, joined by spaces.
+Writes data/<name>/{train,val}_NNNNNN.bin in llm.c's format (shards.py) and meta.json; <name> is the
+dataset's, or --input's file or folder name less its input extension (input_name). A directory that holds
+another source's dataset is refused. Each document starts with <|endoftext|>, as in llm.c; BookCorpus rows
+are sentences of one running text, joined by spaces.
 
 Input (sources.py reads it): --input takes a file, a glob, or a directory and all files under it but
 hidden ones. Text is UTF-8 unless a byte-order mark says UTF-16 or UTF-32; undecodable bytes become
@@ -57,6 +59,7 @@ from sources import (
     ROW_FORMATS,
     dataset_documents,
     input_kind,
+    input_stem,
     local_files,
     text_file_pieces,
 )
@@ -113,12 +116,21 @@ def input_fingerprint(files: list[Path]) -> dict:
     }
 
 
+def input_name(pattern: str) -> str:
+    """The dataset's name (data/<name>) for --input: the file or directory it names (a glob: the folder
+    before its first wildcard), less the extension that makes it an input and any leading dots."""
+    name = input_stem(Path(re.split(r"[*?\[]", pattern)[0]).resolve()).lstrip(".")
+    if not name:
+        raise UserError(f"--input={pattern} leaves the dataset no name; pass --out_dir")
+    return name
+
+
 def open_source(cfg: PrepareConfig, replaced: collections.Counter):
     """Returns (name, source description, documents, the local files or None, a line on what is read or
     None); a document is an iterable of text pieces."""
     if cfg.input or cfg.dataset == "austen":
         files, summary = local_files(cfg.input) if cfg.input else (sorted(ROOT.glob(AUSTEN_GLOB)), None)
-        name = Path(re.split(r"[*?\[]", cfg.input)[0]).resolve().name.split(".")[0] if cfg.input else "austen"
+        name = input_name(cfg.input) if cfg.input else "austen"
         kind = input_kind(files[0])
         if kind in ROW_FORMATS:
             source = f"{cfg.input} column {cfg.text_column}"
@@ -259,11 +271,34 @@ def input_change(saved: dict, settings: dict) -> str:
     return f"{counts[0]} then, {counts[1]} now" if counts[0] != counts[1] else "files modified since"
 
 
+def holdings(out_dir: Path) -> str | None:
+    """What out_dir holds, in words: the source and token counts its meta.json (or, for an interrupted
+    run, progress.json) records, as far as they read; None where it holds neither file."""
+    for name, what in (("meta.json", "the dataset"), ("progress.json", "an interrupted preparation")):
+        if (out_dir / name).is_file():
+            try:
+                saved = json.loads((out_dir / name).read_bytes())
+                splits = saved["splits"]
+                train, val = (
+                    splits[split]["tokens"] if name == "meta.json" else sum(shard["tokens"] for shard in splits[split])
+                    for split in SPLITS
+                )
+                return f"{what} of {saved['source']} ({train:,} train and {val:,} val tokens)"
+            except (OSError, ValueError, KeyError, TypeError):
+                return f"a damaged {name}"
+    return None
+
+
 def other_settings(out_dir: Path, saved: dict, changed: list[str], settings: dict) -> UserError:
+    if "source" in changed:
+        return UserError(
+            f"{out_dir} holds {holdings(out_dir)}, another source; pass another --out_dir "
+            "(--force would delete it, and a run trained on it could not resume)"
+        )
     named = [f"input: {input_change(saved, settings)}" if key == "input" else key for key in changed]
     return UserError(
         f"{out_dir} holds shards prepared with other settings ({', '.join(named)}); "
-        "pass --force to rebuild, or another --out_dir"
+        "pass another --out_dir, or --force to rebuild it"
     )
 
 
@@ -426,6 +461,8 @@ def main(argv):
     in_use = f"{out_dir} is in use by another prepare.py"
     with hold_lock(lock.with_name(lock.name + ".lock"), in_use, "wait for it to end, or pick another --out_dir"):
         if cfg.force and out_dir.is_dir():
+            if replaced_data := holdings(out_dir):
+                print(f"--force: replacing {out_dir}, {replaced_data}")
             remove_own_files(out_dir, temps_only=False)
         write_dataset(cfg, out_dir, name, settings, documents, summary, replaced)
 

@@ -622,3 +622,39 @@ def test_a_finished_preparation_in_a_read_only_folder_is_reported_as_prepared(tm
     assert read.returncode == 0 and "is already prepared" in read.stdout, read.stderr
     one_line_error(write, "--out_dir")  # a run that must write needs write access and the lock
     reassemble(SMALL_DOCS, folder / "out")
+
+
+@pytest.mark.parametrize(
+    "pattern, name",
+    [
+        ("in/books.v2.txt", "books.v2"),
+        ("in/books.v2.TXT.gz", "books.v2"),
+        ("in/rows.jsonl", "rows"),
+        ("in/part.0.parquet", "part.0"),
+        ("in/.notes.txt", "notes"),
+        ("in/books.d", "books.d"),
+        ("in/books.d/*.txt", "books.d"),
+    ],
+)
+def test_a_dataset_is_named_after_its_input_less_only_the_input_extension(pattern, name):
+    assert prepare.input_name(pattern) == name
+
+
+def test_an_input_that_leaves_no_name_asks_for_out_dir():
+    with pytest.raises(ValueError, match="--input=in/.txt leaves the dataset no name; pass --out_dir"):
+        prepare.input_name("in/.txt")
+
+
+def test_a_directory_holding_another_sources_dataset_is_refused_naming_it_and_forced_says_what_it_replaces(tmp_path):
+    first = write_text_files(tmp_path / "first", SMALL_DOCS)
+    second = write_text_files(tmp_path / "second", [document.upper() for document in SMALL_DOCS])
+    out = tmp_path / "out"
+    run(f"--input={first}", f"--out_dir={out}", "--block_chars=300")
+    splits = json.loads((out / "meta.json").read_text())["splits"]
+    held = f"the dataset of {first} ({splits['train']['tokens']:,} train and {splits['val']['tokens']:,} val tokens)"
+    result = run_cli(f"--input={second}", f"--out_dir={out}", "--block_chars=300")
+    one_line_error(result, f"{out} holds {held}, another source; pass another --out_dir (--force would delete it")
+    reassemble(SMALL_DOCS, out)  # untouched
+    result = run_cli(f"--input={second}", f"--out_dir={out}", "--block_chars=300", "--force")
+    assert result.returncode == 0 and f"--force: replacing {out}, {held}" in result.stdout, result.stderr
+    reassemble([document.upper() for document in SMALL_DOCS], out)
