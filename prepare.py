@@ -53,7 +53,7 @@ from tqdm import tqdm
 import configurator
 from chunks import Unit, sized_chunks, split_chunks
 from common import UserError, atomic_write_bytes, hold_lock
-from shards import ShardWriter, is_count, open_shard, read_meta
+from shards import FORMAT_VERSION, ShardWriter, is_count, is_sha256, open_shard, read_meta
 from sources import (
     PARQUET_EXPORT,
     ROW_FORMATS,
@@ -71,7 +71,6 @@ AUSTEN_GLOB = "assets/austen/*.txt.gz"
 BOOKCORPUS = "bookcorpus/bookcorpus"
 BOOKCORPUS_REVISION = PARQUET_EXPORT
 OFFLINE_HINT = "offline, use --dataset=austen (bundled) or --input=PATH (.txt, .jsonl or .parquet files)"
-FORMAT_VERSION = 1  # of meta.json
 # what prepare writes in out_dir, with temp names: all it ever deletes there
 OWN_FILE = re.compile(r"((train|val)_\d{6}\.bin|(meta|progress)\.json)(\.tmp)?")
 SPLITS = ("train", "val")
@@ -223,7 +222,13 @@ class SplitWriter:
     def close_shard(self, end):
         self.shard.close()
         self.shards.append(
-            {"file": self.shard.path.name, "tokens": self.shard.tokens, "documents": self.documents, "end": end}
+            {
+                "file": self.shard.path.name,
+                "tokens": self.shard.tokens,
+                "documents": self.documents,
+                "sha256": self.shard.sha256,
+                "end": end,
+            }
         )
         self.shard = None
 
@@ -311,6 +316,7 @@ def read_progress(path: Path) -> tuple[dict | None, str]:
                 if not (
                     isinstance(shard["file"], str)
                     and all(map(is_count, (shard["tokens"], shard["documents"], *shard["end"])))
+                    and is_sha256(shard["sha256"])
                     and len(shard["end"]) == 2
                 ):
                     raise ValueError(f"shard entry {shard} is not a completed shard")
@@ -381,7 +387,7 @@ def finish(meta_path: Path, progress_path: Path, settings: dict, writers: dict, 
     meta.json's splits."""
     splits = {}
     for split, writer in writers.items():
-        shards = [{key: shard[key] for key in ("file", "tokens", "documents")} for shard in writer.shards]
+        shards = [{key: shard[key] for key in ("file", "tokens", "documents", "sha256")} for shard in writer.shards]
         splits[split] = {
             "tokens": sum(s["tokens"] for s in shards),
             "documents": sum(s["documents"] for s in shards),

@@ -1,5 +1,5 @@
 """Shared fixtures: tiny token-shard directories in the layout prepare.py writes; a Hub that never answers;
-write_shard, a whole shard in one call."""
+write_shard, a whole shard in one call, and replace_shard, one in a prepared directory."""
 
 import json
 import socket
@@ -12,10 +12,21 @@ import train
 from shards import ShardWriter
 
 
-def write_shard(path, tokens) -> None:
-    """A shard of these tokens at path, written as prepare.py writes one."""
+def write_shard(path, tokens) -> str:
+    """A shard of these tokens at path, written as prepare.py writes one; returns its sha256."""
     with ShardWriter(path) as shard:
         shard.write(tokens)
+    return shard.sha256
+
+
+def replace_shard(data_dir, name, tokens) -> None:
+    """Writes shard `name` of data_dir anew with these tokens, and its entry in meta.json as prepare.py would."""
+    meta = json.loads((data_dir / "meta.json").read_text())
+    for split in meta["splits"].values():
+        for shard in split["shards"]:
+            if shard["file"] == name:
+                shard.update(tokens=len(tokens), sha256=write_shard(data_dir / name, tokens))
+    (data_dir / "meta.json").write_text(json.dumps(meta))
 
 
 @pytest.fixture(autouse=True)
@@ -50,8 +61,7 @@ def make_token_data(tmp_path_factory):
             infos = []
             for i, part in enumerate(np.array_split(rng.integers(0, vocab_size - unused_tokens, total), count)):
                 name = f"{split}_{i:06d}.bin"
-                write_shard(directory / name, part)
-                infos.append({"file": name, "tokens": len(part)})
+                infos.append({"file": name, "tokens": len(part), "sha256": write_shard(directory / name, part)})
             splits[split] = {"shards": infos}
         meta = {"tokenizer": "test", "vocab_size": vocab_size, "eot_id": vocab_size - 1, "splits": splits}
         (directory / "meta.json").write_text(json.dumps(meta))

@@ -2,6 +2,7 @@
 
 import collections
 import gzip
+import hashlib
 import itertools
 import json
 import os
@@ -46,6 +47,7 @@ def split_segments(out_dir: Path, split: str) -> list[np.ndarray]:
     parts = [read_tokens(out_dir / shard["file"]) for shard in meta["shards"]]
     for tokens, shard in zip(parts, meta["shards"], strict=True):
         assert len(tokens) == shard["tokens"] and np.count_nonzero(tokens == EOT_ID) == shard["documents"]
+        assert hashlib.sha256((out_dir / shard["file"]).read_bytes()).hexdigest() == shard["sha256"]  # sha256sum's
     tokens = np.concatenate(parts)
     assert len(tokens) == meta["tokens"] and tokens[0] == EOT_ID
     starts = np.flatnonzero(tokens == EOT_ID)
@@ -232,6 +234,9 @@ def test_exception_mid_shard_leaves_no_partial_file_and_resumes(tmp_path, monkey
         run(*args, f"--out_dir={tmp_path / 'crashed'}")
     names = {p.name for p in (tmp_path / "crashed").iterdir()}
     assert "progress.json" in names and "meta.json" not in names and not any(n.endswith(".tmp") for n in names)
+    damaged = bytearray((tmp_path / "crashed" / "train_000001.bin").read_bytes())
+    damaged[-2] ^= 1  # a completed shard's last token becomes another valid id: rewritten, not reused
+    (tmp_path / "crashed" / "train_000001.bin").write_bytes(damaged)
     monkeypatch.setattr(prepare.ShardWriter, "write", real_write)
     run(*args, f"--out_dir={tmp_path / 'crashed'}")
     assert shard_bytes(tmp_path / "crashed") == shard_bytes(tmp_path / "clean")

@@ -1,11 +1,12 @@
 """shards.py: a damaged meta.json or shard is one line naming the file (and key) when the data is opened,
 before any training step."""
 
+import hashlib
 import json
 
 import numpy as np
 import pytest
-from conftest import write_shard
+from conftest import replace_shard
 
 import shards
 from common import UserError
@@ -14,15 +15,37 @@ from shards import TokenWindows
 
 def test_token_ids_beyond_the_vocabulary_are_refused_when_the_shards_are_opened(make_token_data):
     data = make_token_data(train_tokens=4000, vocab_size=64, shards=2)
-    write_shard(data / "train_000001.bin", np.arange(2000) % 65)  # the count meta.json records; ids up to 64
+    replace_shard(data, "train_000001.bin", np.arange(2000) % 65)  # ids up to 64
     with pytest.raises(UserError, match=r"train_000001\.bin: token id 64 is outside .*vocab_size 64.*--force"):
         TokenWindows(data, "train", block_size=16)
     assert len(TokenWindows(data, "val", block_size=16)) > 0  # the intact split still opens
 
 
+def test_a_shard_whose_bytes_changed_is_refused_naming_it(make_token_data):
+    data = make_token_data(train_tokens=4000, vocab_size=64, shards=2)
+    path = data / "train_000001.bin"
+    raw = bytearray(path.read_bytes())
+    raw[-2] ^= 1  # the last token's low byte: another id in the vocabulary, the size and header as they were
+    path.write_bytes(raw)
+    with pytest.raises(UserError, match=r"train_000001\.bin: its sha256 differs from the one meta.json records"):
+        TokenWindows(data, "train", block_size=16)
+
+
+def test_a_splits_fingerprint_is_the_sha256_of_its_shards_sha256s_in_order(make_token_data):
+    data = make_token_data(train_tokens=4000, vocab_size=64, shards=2)
+    shards = json.loads((data / "meta.json").read_text())["splits"]["train"]["shards"]
+    expected = hashlib.sha256("".join(shard["sha256"] for shard in shards).encode()).hexdigest()
+    assert TokenWindows(data, "train", block_size=16).fingerprint == expected
+    assert [shard["sha256"] for shard in shards] == [
+        hashlib.sha256(p.read_bytes()).hexdigest() for p in (data / "train_000000.bin", data / "train_000001.bin")
+    ]  # as `sha256sum` gives them
+    replace_shard(data, "train_000001.bin", np.arange(2000) % 48)
+    assert TokenWindows(data, "train", block_size=16).fingerprint != expected
+
+
 def test_tokens_present_are_those_of_every_shard_in_every_chunk(make_token_data, monkeypatch):
     data = make_token_data(train_tokens=4000, vocab_size=64, shards=2, unused_tokens=16)  # ids 0-47
-    write_shard(data / "train_000001.bin", np.r_[np.arange(1999) % 40, 60])  # 60 only at the very end
+    replace_shard(data, "train_000001.bin", np.r_[np.arange(1999) % 40, 60])  # 60 only at the very end
     monkeypatch.setattr(shards, "COUNT_CHUNK_TOKENS", 7)
     present = TokenWindows(data, "train", block_size=16).tokens_present()
     assert present.tolist() == [True] * 48 + [False] * 12 + [True] + [False] * 3
@@ -41,7 +64,7 @@ def test_tokens_present_are_those_of_every_shard_in_every_chunk(make_token_data,
         ),
         (
             lambda meta: {**meta, "splits": {**meta["splits"], "val": {"shards": [{"file": "val_000000.bin"}]}}},
-            r"'splits\.val\.shards\[0\]' needs keys 'file' \(a file name\) and 'tokens'",
+            r"'splits\.val\.shards\[0\]' needs keys 'file' \(a file name\), 'tokens' \(a count\) and 'sha256'",
         ),
         (
             lambda meta: {**meta, "splits": {**meta["splits"], "val": {"shards": [{"file": "../x.bin", "tokens": 1}]}}},
