@@ -8,9 +8,10 @@ A shard `<split>_NNNNNN.bin` is a header of 256 little-endian int32 followed by 
 "tokenizer_sha256" of its ranks, "vocab_size", "eot_id") and, under "splits" -> "train"/"val", each
 shard's "file", "tokens", "documents" and "sha256": the hex sha256 of the whole .bin file, header
 included, so `sha256sum` verifies it; prepare.py adds what it was given (source, input files, seed, ...).
-The reader checks meta.json's keys, and every shard against its header, its file size and meta.json
-(its token count, its sha256, every id below vocab_size, in one pass), so damage is one line before
-training starts.
+The reader checks every meta.json key it takes, for type and range (GPT-2's tokenizer must be this
+project's: its ranks' sha256, EOT id and vocab size), and every shard against its header, its file size
+and meta.json (its token count, its sha256, every id below vocab_size, in one pass), so damage is one
+line before training starts.
 """
 
 import contextlib
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+import tokenizer
 from common import UserError, publish, temp_path
 
 FORMAT_VERSION = 2  # of meta.json: 2 added each shard's sha256
@@ -137,18 +139,35 @@ def is_sha256(value) -> bool:
 
 
 def meta_problem(meta) -> str | None:
-    """What makes a meta.json unusable to its readers, or None: they take vocab_size and, per split,
-    its shards' file names and token counts."""
+    """What makes a meta.json unusable to its readers, or None. They take format_version; the tokenizer's
+    name (GPT-2's must be this project's: its tokenizer_sha256, eot_id and vocab_size as tokenizer.py has
+    them), vocab_size (ids are uint16) and eot_id; and per split its shards' file names, token counts and
+    sha256s."""
     if not isinstance(meta, dict):
         return "not a JSON object"
-    if not is_count(meta.get("vocab_size")) or meta["vocab_size"] == 0:
-        return "key 'vocab_size' is missing or not a positive integer"
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION or not is_count(version):
+        older = is_count(version) and version < FORMAT_VERSION
+        return f"key 'format_version' is {version!r}, " + (
+            "prepared by an older prepare.py" if older else f"not this code's {FORMAT_VERSION}"
+        )
+    name = meta.get("tokenizer")
+    if not isinstance(name, str) or not name:
+        return "key 'tokenizer' is missing or not a name"
+    gpt2 = {"tokenizer_sha256": tokenizer.RANKS_SHA256, "eot_id": tokenizer.EOT_ID, "vocab_size": tokenizer.VOCAB_SIZE}
+    for key, expected in gpt2.items() if name == "gpt2" else ():
+        if meta.get(key) != expected or type(meta.get(key)) is not type(expected):
+            return f"key '{key}' is {meta.get(key)!r}, but this project's GPT-2 tokenizer has {expected!r}"
+    if not is_count(meta.get("vocab_size")) or not 0 < meta["vocab_size"] <= 1 << 16:
+        return "key 'vocab_size' is missing or not an integer from 1 to 65536 (shards hold uint16 ids)"
+    if not is_count(meta.get("eot_id")) or meta["eot_id"] >= meta["vocab_size"]:
+        return "key 'eot_id' is missing or not an id below vocab_size"
     splits = meta.get("splits")
     if not isinstance(splits, dict) or not all(isinstance(split, dict) for split in splits.values()):
         return "key 'splits' is missing or not an object of splits"
-    for name, split in splits.items():
+    for split_name, split in splits.items():
         if not isinstance(split.get("shards"), list):
-            return f"key 'splits.{name}.shards' is missing or not a list"
+            return f"key 'splits.{split_name}.shards' is missing or not a list"
         for i, shard in enumerate(split["shards"]):
             if not (
                 isinstance(shard, dict)
@@ -158,8 +177,8 @@ def meta_problem(meta) -> str | None:
                 and is_sha256(shard.get("sha256"))
             ):
                 return (
-                    f"'splits.{name}.shards[{i}]' needs keys 'file' (a file name), 'tokens' (a count) and 'sha256' "
-                    "(64 hex digits)"
+                    f"'splits.{split_name}.shards[{i}]' needs keys 'file' (a file name), 'tokens' (a count) and "
+                    "'sha256' (64 hex digits)"
                 )
     return None
 
@@ -168,7 +187,10 @@ def read_meta(data_dir: Path) -> dict:
     """meta.json, with the keys its readers take checked (meta_problem); errors name the file and key."""
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
-        raise UserError(f"{path} not found; run `python prepare.py` (or --dataset=austen) first")
+        raise UserError(
+            f"{path} not found; prepare the data first (`python prepare.py --dataset=austen`, or `python prepare.py` "
+            "for BookCorpus), or pass --data_dir=DIR of data prepare.py wrote"
+        )
     try:
         meta = json.loads(path.read_bytes())
     except OSError as e:

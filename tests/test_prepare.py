@@ -583,11 +583,17 @@ def test_out_dir_that_is_a_file_is_one_line_saying_so(tmp_path):
     "damage, message",
     [
         (lambda out: (out / "meta.json").write_text('{"splits": '), "meta.json is not valid JSON"),
-        (lambda out: (out / "meta.json").write_text('{"vocab_size": 50257}'), "'splits' is missing"),
+        (lambda out: (out / "meta.json").write_text('{"vocab_size": 50257}'), "'format_version' is None"),
+        (
+            lambda out: (out / "meta.json").write_text(
+                json.dumps({**json.loads((out / "meta.json").read_text()), "format_version": 1})
+            ),
+            "'format_version' is 1, prepared by an older prepare.py; rerun prepare.py",
+        ),
         (lambda out: (out / "train_000001.bin").write_bytes(b"\0" * 100), "train_000001.bin: truncated shard"),
         (lambda out: (out / "val_000000.bin").unlink(), "val_000000.bin not found"),
     ],
-    ids=["meta-invalid-json", "meta-missing-key", "truncated-shard", "missing-shard"],
+    ids=["meta-invalid-json", "meta-missing-key", "meta-older-format", "truncated-shard", "missing-shard"],
 )
 def test_a_damaged_preparation_is_not_reported_as_prepared(tmp_path, damage, message):
     corpus = write_text_files(tmp_path / "docs", SMALL_DOCS)
@@ -595,7 +601,8 @@ def test_a_damaged_preparation_is_not_reported_as_prepared(tmp_path, damage, mes
     run(*args)
     damage(tmp_path / "out")
     one_line_error(run_cli(*args), message, "--force")
-    run(*args, "--force")
+    forced = run_cli(*args, "--force")
+    assert forced.returncode == 0 and f"--force: replacing {tmp_path / 'out'}, " in forced.stdout, forced.stderr
     reassemble(SMALL_DOCS, tmp_path / "out")
 
 
