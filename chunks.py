@@ -2,7 +2,8 @@
 
 Validation: the text goes in chunks of ~block_chars characters (small documents whole, large ones cut
 before a space between two non-space characters, where GPT-2's pre-tokenizer splits anyway, so tokens
-are exactly those of the whole document). Each chunk is held out with probability val_fraction, drawn
+are exactly those of the whole document; text with no such space for a whole chunk, as a long URL, is
+cut at the chunk's end, where its tokens may differ). Each chunk is held out with probability val_fraction, drawn
 from a generator seeded with `seed`; the first chunk always trains. Chunks are contiguous text, so
 nothing is in both splits; text that resumes after the other split's chunks starts with <|endoftext|>.
 
@@ -27,6 +28,8 @@ from common import UserError
 
 MIN_CHUNKS = 16  # an input of fewer chunks is cut into this many smaller ones (see the docstring)
 MIN_CHARS = 4096  # ~1k tokens: less cannot give both splits something to work with
+# the smallest chunk the read-ahead cuts, and the smallest block_chars: dozens of spaces to cut at in prose
+MIN_BLOCK_CHARS = MIN_CHARS // MIN_CHUNKS
 
 
 class Unit(NamedTuple):

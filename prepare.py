@@ -51,9 +51,9 @@ import numpy as np
 from tqdm import tqdm
 
 import configurator
-from chunks import Unit, sized_chunks, split_chunks
+from chunks import MIN_BLOCK_CHARS, Unit, sized_chunks, split_chunks
 from common import UserError, atomic_write_bytes, hold_lock
-from shards import FORMAT_VERSION, ShardWriter, is_count, is_sha256, open_shard, read_meta
+from shards import FORMAT_VERSION, MAX_TOKENS, ShardWriter, is_count, is_sha256, open_shard, read_meta
 from sources import (
     PARQUET_EXPORT,
     ROW_FORMATS,
@@ -74,6 +74,9 @@ OFFLINE_HINT = "offline, use --dataset=austen (bundled) or --input=PATH (.txt, .
 # what prepare writes in out_dir, with temp names: all it ever deletes there
 OWN_FILE = re.compile(r"((train|val)_\d{6}\.bin|(meta|progress)\.json)(\.tmp)?")
 SPLITS = ("train", "val")
+# windows never cross shards: a shard shorter than one window (block_size + 1) at GPT-2's context is never read
+MIN_SHARD_TOKENS = 1024 + 1
+HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")  # a Hub dataset's name, with or without its owner
 # the CPUs this process may use (as os.process_cpu_count of Python 3.13; affinity is Linux-only)
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -88,15 +91,34 @@ class PrepareConfig:
     out_dir: str = ""  # where the shards go; empty: data/<name of the dataset or input>
     val_fraction: float = 0.0015  # chance that a chunk of text is held out for validation (see the module docstring)
     seed: int = 1337  # seeds the validation draws: the same seed and input give the same split
-    shard_tokens: int = 100_000_000  # tokens per shard file (the last of each split holds the rest)
-    block_chars: int = 1 << 18  # characters per chunk of text: a validation draw and a tokenizer task
+    shard_tokens: int = 100_000_000  # tokens per shard file, >= 1025: one window of GPT-2's 1024-token context each
+    block_chars: int = 1 << 18  # characters per chunk (a val draw, a tokenizer task); >= 256: spaces to cut at
     workers: int = CPUS  # tokenizer threads; default: the CPUs this process may use
     force: bool = False  # delete this dataset's shards and rebuild
 
 
 def check_config(cfg: PrepareConfig) -> None:
-    if not 0 <= cfg.val_fraction < 1 or min(cfg.shard_tokens, cfg.block_chars, cfg.workers) < 1:
-        raise UserError("need 0 <= --val_fraction < 1 and --shard_tokens, --block_chars, --workers >= 1")
+    """Each value's range, as one line naming the key (configurator has checked the types)."""
+    if not cfg.input and not HUB_NAME.fullmatch(cfg.dataset):
+        raise UserError(f"--dataset={cfg.dataset}: not bookcorpus, austen or a Hub dataset's owner/name")
+    for key, meaning in (("text_column", "the column that holds the text"), ("split", "a split, such as train")):
+        if not getattr(cfg, key):
+            raise UserError(f"--{key} is empty; name {meaning}")
+    if cfg.revision == "":
+        raise UserError("--revision is empty; name a branch or commit, or leave it None")
+    if cfg.out_dir and Path(cfg.out_dir).resolve() == Path(cfg.out_dir).resolve().parent:
+        raise UserError(f"--out_dir={cfg.out_dir} is the root of the file system; pass a directory under it")
+    if not 0 <= cfg.val_fraction < 1:
+        raise UserError(f"--val_fraction={cfg.val_fraction}: need 0 <= val_fraction < 1")
+    if not MIN_SHARD_TOKENS <= cfg.shard_tokens <= MAX_TOKENS:
+        raise UserError(
+            f"--shard_tokens={cfg.shard_tokens}: need {MIN_SHARD_TOKENS:,} to {MAX_TOKENS:,} (a window of GPT-2's "
+            "context fits in a shard; the header counts in int32)"
+        )
+    if cfg.block_chars < MIN_BLOCK_CHARS:
+        raise UserError(f"--block_chars={cfg.block_chars}: need {MIN_BLOCK_CHARS} or more (spaces to cut chunks at)")
+    if cfg.workers < 1:
+        raise UserError(f"--workers={cfg.workers}: need 1 or more")
     max_id = get_tokenizer().max_token_value
     if max_id > np.iinfo(np.uint16).max:
         raise UserError(

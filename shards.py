@@ -31,6 +31,7 @@ VERSION = 1  # of a shard's header
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.uint16
+MAX_TOKENS = 2**31 - 1  # in one shard: header[2] is an int32
 COUNT_CHUNK_TOKENS = 1 << 24  # tokens_present counts in int64 chunks of 128 MB
 SCAN_CHUNK_TOKENS = 1 << 19  # open_shard hashes and checks 1 MB at a time, while it is in the CPU's cache
 
@@ -222,6 +223,12 @@ class TokenWindows:
         counts = np.array([max(0, (len(s) - 1) // block_size) for s in self.shards], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(counts)])  # window index where each shard begins
         if self.starts[-1] == 0:
+            if (tokens := sum(map(len, self.shards))) > block_size:
+                raise UserError(
+                    f"{self.data_dir}: '{split}' has {tokens:,} tokens, but none of its {len(self.shards):,} shards "
+                    f"holds block_size + 1 = {block_size + 1} (windows do not cross shards); use a smaller "
+                    "block_size, or prepare the data again with a larger --shard_tokens"
+                )
             raise UserError(
                 f"{self.data_dir}: '{split}' has fewer than block_size + 1 = {block_size + 1} tokens; "
                 "use a smaller block_size or more data"

@@ -136,8 +136,8 @@ def test_split_is_deterministic_disjoint_and_independent_of_workers(tmp_path):
             f"--input={corpus}",
             f"--out_dir={tmp_path / name}",
             "--val_fraction=0.3",
-            "--shard_tokens=1000",
-            "--block_chars=150",
+            "--shard_tokens=1025",
+            "--block_chars=256",
             *args,
         )
         outputs[name] = shard_bytes(tmp_path / name)
@@ -145,9 +145,9 @@ def test_split_is_deterministic_disjoint_and_independent_of_workers(tmp_path):
     used = reassemble(SMALL_DOCS, tmp_path / "a")
     assert not set(used["train"]) & set(used["val"]) and 15 < len(used["val"]) < 60
     assert reassemble(SMALL_DOCS, tmp_path / "seed")["val"] != used["val"]
-    # with nothing drawn, the last block is held out, and only it
+    # with nothing drawn, the last block is held out, and only it (256 characters: at most 4 of these documents)
     held_out = reassemble(SMALL_DOCS, tmp_path / "none")["val"]
-    assert held_out == list(range(len(SMALL_DOCS) - len(held_out), len(SMALL_DOCS))) and len(held_out) <= 2
+    assert held_out == list(range(len(SMALL_DOCS) - len(held_out), len(SMALL_DOCS))) and len(held_out) <= 4
 
 
 AUSTEN_TEXT = "".join(AUSTEN)
@@ -217,7 +217,7 @@ def test_rerun_after_a_kill_reuses_shards_and_is_byte_identical(tmp_path):
 
 def test_exception_mid_shard_leaves_no_partial_file_and_resumes(tmp_path, monkeypatch):
     corpus = write_text_files(tmp_path / "docs", SMALL_DOCS)
-    args = [f"--input={corpus}", "--val_fraction=0.3", "--shard_tokens=700", "--block_chars=300"]
+    args = [f"--input={corpus}", "--val_fraction=0.3", "--shard_tokens=1025", "--block_chars=300"]
     run(*args, f"--out_dir={tmp_path / 'clean'}")
     writes = 0
     real_write = prepare.ShardWriter.write
@@ -234,6 +234,8 @@ def test_exception_mid_shard_leaves_no_partial_file_and_resumes(tmp_path, monkey
         run(*args, f"--out_dir={tmp_path / 'crashed'}")
     names = {p.name for p in (tmp_path / "crashed").iterdir()}
     assert "progress.json" in names and "meta.json" not in names and not any(n.endswith(".tmp") for n in names)
+    progress = json.loads((tmp_path / "crashed" / "progress.json").read_text())
+    assert "train_000001.bin" in [shard["file"] for shard in progress["splits"]["train"]]
     damaged = bytearray((tmp_path / "crashed" / "train_000001.bin").read_bytes())
     damaged[-2] ^= 1  # a completed shard's last token becomes another valid id: rewritten, not reused
     (tmp_path / "crashed" / "train_000001.bin").write_bytes(damaged)
@@ -245,7 +247,7 @@ def test_exception_mid_shard_leaves_no_partial_file_and_resumes(tmp_path, monkey
 def test_prepared_directory_is_reused_guarded_and_forced(tmp_path, capsys):
     corpus = write_text_files(tmp_path / "docs", SMALL_DOCS)
     out = tmp_path / "out"
-    args = [f"--input={corpus}", f"--out_dir={out}", "--block_chars=150"]
+    args = [f"--input={corpus}", f"--out_dir={out}", "--block_chars=256"]
     run(*args)
     before = shard_bytes(out)
     run(*args)
@@ -266,7 +268,7 @@ def test_row_files_and_hub_code_path_on_local_data(tmp_path, monkeypatch):
         "--text_column=body",
         f"--out_dir={tmp_path / 'parquet'}",
         "--val_fraction=0.3",
-        "--block_chars=150",
+        "--block_chars=256",
     )
     assert reassemble(SMALL_DOCS, tmp_path / "parquet")["val"]
     with pytest.raises(ValueError, match="no column 'text'.*--text_column"):
@@ -386,9 +388,9 @@ def test_only_prepares_own_temp_files_are_removed(tmp_path):
     out.mkdir()
     for name in ["notes.tmp", "train_000000.bin.tmp", "progress.json.tmp", "train_7.bin.tmp"]:
         (out / name).write_text("left here")
-    run(f"--input={corpus}", f"--out_dir={out}", "--block_chars=150")
+    run(f"--input={corpus}", f"--out_dir={out}", "--block_chars=256")
     assert sorted(p.name for p in out.glob("*.tmp")) == ["notes.tmp", "train_7.bin.tmp"]
-    run(f"--input={corpus}", f"--out_dir={out}", "--block_chars=150", "--force")
+    run(f"--input={corpus}", f"--out_dir={out}", "--block_chars=256", "--force")
     assert sorted(p.name for p in out.glob("*.tmp")) == ["notes.tmp", "train_7.bin.tmp"]
 
 
@@ -463,7 +465,7 @@ def interrupted_run(args: list[str], monkeypatch, after_writes: int) -> None:
 
 def test_a_resume_over_changed_input_files_starts_over_and_says_so(tmp_path, monkeypatch, capsys):
     corpus = write_text_files(tmp_path / "docs", SMALL_DOCS)
-    args = [f"--input={corpus}", "--val_fraction=0.3", "--shard_tokens=700", "--block_chars=300"]
+    args = [f"--input={corpus}", "--val_fraction=0.3", "--shard_tokens=1025", "--block_chars=300"]
     interrupted_run([*args, f"--out_dir={tmp_path / 'resumed'}"], monkeypatch, after_writes=40)
     assert (tmp_path / "resumed" / "progress.json").exists()
     edited = [f"{document} An edit." for document in SMALL_DOCS]
@@ -487,7 +489,7 @@ def test_a_resume_over_changed_input_files_starts_over_and_says_so(tmp_path, mon
 
 def test_a_damaged_progress_file_starts_over(tmp_path, monkeypatch, capsys):
     corpus = write_text_files(tmp_path / "docs", SMALL_DOCS)
-    args = [f"--input={corpus}", "--val_fraction=0.3", "--shard_tokens=700", "--block_chars=300"]
+    args = [f"--input={corpus}", "--val_fraction=0.3", "--shard_tokens=1025", "--block_chars=300"]
     run(*args, f"--out_dir={tmp_path / 'clean'}")
     interrupted_run([*args, f"--out_dir={tmp_path / 'out'}"], monkeypatch, after_writes=40)
     (tmp_path / "out" / "progress.json").write_text('{"splits": {"train": [{"file": 3}]}}')
@@ -554,7 +556,7 @@ def test_empty_row_files_are_skipped_and_said(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "limit, shard_tokens, failed", [(99_000, 50_000, "train_000000.bin"), (8000, 1000, "progress.json")]
+    "limit, shard_tokens, failed", [(99_000, 50_000, "train_000000.bin"), (8000, 1025, "progress.json")]
 )
 def test_a_full_disk_anywhere_is_one_line_and_leaves_no_temp_file(tmp_path, limit, shard_tokens, failed):
     resource = pytest.importorskip("resource", reason="file size limits are POSIX-only")
@@ -597,7 +599,7 @@ def test_out_dir_that_is_a_file_is_one_line_saying_so(tmp_path):
 )
 def test_a_damaged_preparation_is_not_reported_as_prepared(tmp_path, damage, message):
     corpus = write_text_files(tmp_path / "docs", SMALL_DOCS)
-    args = [f"--input={corpus}", f"--out_dir={tmp_path / 'out'}", "--shard_tokens=700", "--val_fraction=0.3"]
+    args = [f"--input={corpus}", f"--out_dir={tmp_path / 'out'}", "--shard_tokens=1025", "--val_fraction=0.3"]
     run(*args)
     damage(tmp_path / "out")
     one_line_error(run_cli(*args), message, "--force")
@@ -670,3 +672,29 @@ def test_a_directory_holding_another_sources_dataset_is_refused_naming_it_and_fo
     result = run_cli(f"--input={second}", f"--out_dir={out}", "--block_chars=300", "--force")
     assert result.returncode == 0 and f"--force: replacing {out}, {held}" in result.stdout, result.stderr
     reassemble([document.upper() for document in SMALL_DOCS], out)
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("--dataset=a/b/c", "--dataset=a/b/c: not bookcorpus, austen or a Hub dataset's owner/name"),
+        ("--text_column=", "--text_column is empty; name the column that holds the text"),
+        ("--split=", "--split is empty; name a split"),
+        ("--revision=", "--revision is empty; name a branch or commit"),
+        ("--out_dir=/", "--out_dir=/ is the root of the file system; pass a directory under it"),
+        ("--val_fraction=1", "--val_fraction=1.0: need 0 <= val_fraction < 1"),
+        ("--val_fraction=nan", "--val_fraction=nan: need 0 <= val_fraction < 1"),
+        ("--seed=1.5", "--seed=1.5: expected int"),
+        ("--shard_tokens=1024", "--shard_tokens=1024: need 1,025 to 2,147,483,647 (a window of GPT-2's context"),
+        ("--shard_tokens=2147483648", "--shard_tokens=2147483648: need 1,025 to 2,147,483,647"),
+        ("--block_chars=255", "--block_chars=255: need 256 or more (spaces to cut chunks at)"),
+        ("--workers=0", "--workers=0: need 1 or more"),
+        ("--force=maybe", "--force=maybe: expected bool"),
+    ],
+)
+def test_each_setting_out_of_range_is_one_line_naming_it_before_anything_is_read(tmp_path, monkeypatch, arg, message):
+    monkeypatch.chdir(tmp_path)  # the default out_dir, data/bookcorpus, is relative to the repository, not here
+    with pytest.raises(ValueError) as error:
+        run(arg, *(["--out_dir=out"] if not arg.startswith("--out_dir") else []))
+    assert str(error.value).startswith(message), error.value
+    assert not list(tmp_path.iterdir())

@@ -121,3 +121,11 @@ def test_missing_data_names_the_commands_that_prepare_it_and_data_dir(tmp_path):
         f"{tmp_path / 'meta.json'} not found; prepare the data first (`python prepare.py --dataset=austen`, or "
         "`python prepare.py` for BookCorpus), or pass --data_dir=DIR of data prepare.py wrote"
     )
+
+
+def test_a_split_whose_shards_are_each_shorter_than_a_window_says_so(make_token_data):
+    data = make_token_data(train_tokens=300, shards=5)  # 5 shards of 60 tokens
+    with pytest.raises(UserError, match=r"'train' has 300 tokens, but none of its 5 shards holds block_size \+ 1 = 65"):
+        TokenWindows(data, "train", block_size=64)
+    with pytest.raises(UserError, match=r"'val' has fewer than block_size \+ 1 = 601 tokens"):
+        TokenWindows(data, "val", block_size=600)
