@@ -9,8 +9,6 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from filelock import FileLock, Timeout
-
 
 class UserError(ValueError):
     """A mistake or an environment problem the user fixes (a bad value, a missing file, the Hub out of
@@ -83,6 +81,8 @@ def hold_lock(path: Path, in_use: str, fix: str):
     """Holds the lock file at path while the block runs; when another process holds it, refuses at once:
     UserError(f"{in_use} (it holds {path}); {fix}"). It is an OS lock, released with its process however
     that ends (kill -9 included); the empty file stays."""
+    from filelock import FileLock, Timeout  # here: every module imports this one, few take a lock
+
     lock = FileLock(path)
     try:
         lock.acquire(timeout=0)
