@@ -21,18 +21,17 @@ import json
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock, Timeout
 from safetensors import SafetensorError
 
 import tokenizer
 from checksums import checksum_problem, sha256, write_checksums
-from common import UserError, first_nonfinite, first_sentence, fsync, publish, temp_path
+from common import UserError, first_nonfinite, first_sentence, fsync, hold_lock, publish, temp_path
 from distributed import Job
 from hf import save_pretrained
 
@@ -90,26 +89,16 @@ def make_dir(path: Path) -> None:
 def run_dir_lock(job: Job, run_dir: Path):
     """Holds out/<run>.lock on rank 0 while the block runs; refuses at once (on every rank) when
     another process holds it."""
-    lock = FileLock(run_dir.with_name(run_dir.name + ".lock")) if job.rank == 0 else None
+    with ExitStack() as held:
 
-    def acquire() -> None:
-        make_dir(run_dir.parent)
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            raise UserError(
-                f"{run_dir} is in use by another train.py (it holds {lock.lock_file}); "
-                "wait for it to end, or pick another --run_name"
-            ) from None
-        except OSError as e:
-            raise UserError(f"cannot lock {lock.lock_file} ({e.strerror}); pick another --out_dir") from None
+        def acquire() -> None:
+            make_dir(run_dir.parent)
+            lock = run_dir.with_name(run_dir.name + ".lock")
+            in_use, fix = f"{run_dir} is in use by another train.py", "wait for it to end, or pick another --run_name"
+            held.enter_context(hold_lock(lock, in_use, fix))
 
-    job.on_rank0(acquire)
-    try:
+        job.on_rank0(acquire)
         yield
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def damage(checkpoint: Path) -> str | None:

@@ -1,10 +1,12 @@
 """What every module shares: the error for mistakes the user can fix and short forms of errors, the check
-of a --device, writes that never leave half a file, and how the process's allocator keeps memory."""
+of a --device, writes that never leave half a file, the lock that keeps a second job out of a directory,
+and how the process's allocator keeps memory."""
 
 import ctypes
 import math
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -72,6 +74,26 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def hold_lock(path: Path, in_use: str, fix: str):
+    """Holds the lock file at path while the block runs; when another process holds it, refuses at once:
+    UserError(f"{in_use} (it holds {path}); {fix}"). It is an OS lock, released with its process however
+    that ends (kill -9 included); the empty file stays."""
+    from filelock import FileLock, Timeout  # here: every module imports this one, few take a lock
+
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UserError(f"{in_use} (it holds {path}); {fix}") from None
+    except OSError as e:
+        raise UserError(f"cannot lock {path} ({e.strerror}); pick another --out_dir") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def check_device(device: str) -> None:

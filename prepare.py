@@ -5,30 +5,18 @@
     python prepare.py --input='books/*.txt'   # .txt(.gz): a document per file; .jsonl/.parquet: one per row
     python prepare.py --dataset=owner/name --text_column=text --split=train   # any Hub dataset, streamed
 
-Writes data/<name>/{train,val}_NNNNNN.bin in llm.c's format (shards.py) and meta.json. Each document
-starts with <|endoftext|>, as in llm.c; BookCorpus rows are sentences of one running text, joined by spaces.
+Writes data/<name>/{train,val}_NNNNNN.bin in llm.c's format (shards.py) and meta.json; <name> is the
+dataset's, or --input's file or folder name less its input extension (input_name). A directory that holds
+another source's dataset is refused. Each document starts with <|endoftext|>, as in llm.c; BookCorpus rows
+are sentences of one running text, joined by spaces.
 
 Input (sources.py reads it): --input takes a file, a glob, or a directory and all files under it but
 hidden ones. Text is UTF-8 unless a byte-order mark says UTF-16 or UTF-32; undecodable bytes become
 U+FFFD (counted, warned), and a file that is mostly NUL or undecodable is refused. Row files are checked
 before they are read together; a damaged file is one line naming it, and the line of a .jsonl at fault.
 
-Validation: the text goes in chunks of ~block_chars characters (small documents whole, large ones cut
-before a space between two non-space characters, where GPT-2's pre-tokenizer splits anyway, so tokens
-are exactly those of the whole document). Each chunk is held out with probability val_fraction, drawn
-from a generator seeded with `seed`; the first chunk always trains. Chunks are contiguous text, so
-nothing is in both splits; text that resumes after the other split's chunks starts with <|endoftext|>.
-
-The share held out suits the input's size, which a stream does not tell up front; two rules settle it
-in one pass, in bounded memory:
-- Read-ahead: the first MIN_CHUNKS chunks are read before any is assigned. An input that ends within
-  them is small, and wholly in memory: it is cut again into MIN_CHUNKS chunks of equal size.
-- Fallback: when the input ends with less than half a chunk held out, the last chunk is held out,
-  and the one before it too if the last is under half a chunk (the last two chunks wait for this).
-So a small input holds out a few percent of itself, a larger one at least half a chunk, and one of
-~1/val_fraction chunks or more about val_fraction, from the draws (BENCHMARKS.md has the shares at the
-defaults). Inputs under MIN_CHARS are refused. The read-ahead holds at most MIN_CHUNKS chunks; inputs
-of MIN_CHUNKS chunks or more are cut and drawn with the read-ahead changing nothing.
+Validation (chunks.py): the text goes in chunks of ~block_chars characters, each held out with probability
+val_fraction; the share held out suits the input's size.
 
 Speed and memory: the main thread reads and cuts chunks, `workers` threads tokenize them (tiktoken
 releases the GIL), at most 2 * workers chunks are in flight and shards stream to disk: peak RSS does
@@ -39,8 +27,11 @@ Crash safety: a shard is written under a temp name and renamed once complete, th
 where it ended in the input, and the input files' names, sizes and modification times. A rerun over
 the same files verifies those shards, reads the input again and tokenizes only what follows them: its
 output is byte-identical to an uninterrupted run's; over changed files it starts over. meta.json,
-written last, marks a finished preparation, whose shards a rerun checks; --force rebuilds from scratch.
-Only prepare's own files (OWN_FILE) are ever deleted in the output directory.
+written last, marks a finished preparation, whose shards a rerun checks, reading only (a read-only folder
+will do); --force rebuilds from scratch.
+Only prepare's own files (OWN_FILE) are ever deleted in the output directory. While prepare writes it
+holds <out_dir>.lock beside it (data/<name>.lock), as train.py holds out/<run>.lock: a second prepare.py
+on the same directory, however its path is spelled, is refused at once.
 """
 
 import collections
@@ -49,26 +40,26 @@ import hashlib
 import itertools
 import json
 import os
-import random
 import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
 
 import configurator
-from common import UserError, atomic_write_bytes
-from shards import ShardWriter, is_count, open_shard, read_meta
+from chunks import MIN_BLOCK_CHARS, Unit, sized_chunks, split_chunks
+from common import UserError, atomic_write_bytes, hold_lock
+from shards import FORMAT_VERSION, MAX_TOKENS, ShardWriter, is_count, is_sha256, open_shard, read_meta
 from sources import (
     PARQUET_EXPORT,
     ROW_FORMATS,
     dataset_documents,
     input_kind,
+    input_stem,
     local_files,
     text_file_pieces,
 )
@@ -80,12 +71,12 @@ AUSTEN_GLOB = "assets/austen/*.txt.gz"
 BOOKCORPUS = "bookcorpus/bookcorpus"
 BOOKCORPUS_REVISION = PARQUET_EXPORT
 OFFLINE_HINT = "offline, use --dataset=austen (bundled) or --input=PATH (.txt, .jsonl or .parquet files)"
-FORMAT_VERSION = 1  # of meta.json
 # what prepare writes in out_dir, with temp names: all it ever deletes there
 OWN_FILE = re.compile(r"((train|val)_\d{6}\.bin|(meta|progress)\.json)(\.tmp)?")
 SPLITS = ("train", "val")
-MIN_CHUNKS = 16  # an input of fewer chunks is cut into this many smaller ones (see the docstring)
-MIN_CHARS = 4096  # ~1k tokens: less cannot give both splits something to work with
+# windows never cross shards: a shard shorter than one window (block_size + 1) at GPT-2's context is never read
+MIN_SHARD_TOKENS = 1024 + 1
+HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")  # a Hub dataset's name, with or without its owner
 # the CPUs this process may use (as os.process_cpu_count of Python 3.13; affinity is Linux-only)
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -100,29 +91,40 @@ class PrepareConfig:
     out_dir: str = ""  # where the shards go; empty: data/<name of the dataset or input>
     val_fraction: float = 0.0015  # chance that a chunk of text is held out for validation (see the module docstring)
     seed: int = 1337  # seeds the validation draws: the same seed and input give the same split
-    shard_tokens: int = 100_000_000  # tokens per shard file (the last of each split holds the rest)
-    block_chars: int = 1 << 18  # characters per chunk of text: a validation draw and a tokenizer task
+    shard_tokens: int = 100_000_000  # tokens per shard file, >= 1025: one window of GPT-2's 1024-token context each
+    block_chars: int = 1 << 18  # characters per chunk (a val draw, a tokenizer task); >= 256: spaces to cut at
     workers: int = CPUS  # tokenizer threads; default: the CPUs this process may use
     force: bool = False  # delete this dataset's shards and rebuild
 
 
 def check_config(cfg: PrepareConfig) -> None:
-    if not 0 <= cfg.val_fraction < 1 or min(cfg.shard_tokens, cfg.block_chars, cfg.workers) < 1:
-        raise UserError("need 0 <= --val_fraction < 1 and --shard_tokens, --block_chars, --workers >= 1")
+    """Each value's range, as one line naming the key (configurator has checked the types)."""
+    if not cfg.input and not HUB_NAME.fullmatch(cfg.dataset):
+        raise UserError(f"--dataset={cfg.dataset}: not bookcorpus, austen or a Hub dataset's owner/name")
+    for key, meaning in (("text_column", "the column that holds the text"), ("split", "a split, such as train")):
+        if not getattr(cfg, key):
+            raise UserError(f"--{key} is empty; name {meaning}")
+    if cfg.revision == "":
+        raise UserError("--revision is empty; name a branch or commit, or leave it None")
+    if cfg.out_dir and Path(cfg.out_dir).resolve() == Path(cfg.out_dir).resolve().parent:
+        raise UserError(f"--out_dir={cfg.out_dir} is the root of the file system; pass a directory under it")
+    if not 0 <= cfg.val_fraction < 1:
+        raise UserError(f"--val_fraction={cfg.val_fraction}: need 0 <= val_fraction < 1")
+    if not MIN_SHARD_TOKENS <= cfg.shard_tokens <= MAX_TOKENS:
+        raise UserError(
+            f"--shard_tokens={cfg.shard_tokens}: need {MIN_SHARD_TOKENS:,} to {MAX_TOKENS:,} (a window of GPT-2's "
+            "context fits in a shard; the header counts in int32)"
+        )
+    if cfg.block_chars < MIN_BLOCK_CHARS:
+        raise UserError(f"--block_chars={cfg.block_chars}: need {MIN_BLOCK_CHARS} or more (spaces to cut chunks at)")
+    if cfg.workers < 1:
+        raise UserError(f"--workers={cfg.workers}: need 1 or more")
     max_id = get_tokenizer().max_token_value
     if max_id > np.iinfo(np.uint16).max:
         raise UserError(
             f"the tokenizer has ids up to {max_id}, but shards store uint16 (at most 65535); "
             "use a GPT-2-sized vocabulary"
         )
-
-
-class Unit(NamedTuple):
-    """A chunk, numbered in input order and assigned to a split: one tokenizer task."""
-
-    index: int
-    split: str
-    pieces: list[tuple[bool, str]]  # (starts with <|endoftext|>, text)
 
 
 def input_fingerprint(files: list[Path]) -> dict:
@@ -135,12 +137,21 @@ def input_fingerprint(files: list[Path]) -> dict:
     }
 
 
+def input_name(pattern: str) -> str:
+    """The dataset's name (data/<name>) for --input: the file or directory it names (a glob: the folder
+    before its first wildcard), less the extension that makes it an input and any leading dots."""
+    name = input_stem(Path(re.split(r"[*?\[]", pattern)[0]).resolve()).lstrip(".")
+    if not name:
+        raise UserError(f"--input={pattern} leaves the dataset no name; pass --out_dir")
+    return name
+
+
 def open_source(cfg: PrepareConfig, replaced: collections.Counter):
     """Returns (name, source description, documents, the local files or None, a line on what is read or
     None); a document is an iterable of text pieces."""
     if cfg.input or cfg.dataset == "austen":
         files, summary = local_files(cfg.input) if cfg.input else (sorted(ROOT.glob(AUSTEN_GLOB)), None)
-        name = Path(re.split(r"[*?\[]", cfg.input)[0]).resolve().name.split(".")[0] if cfg.input else "austen"
+        name = input_name(cfg.input) if cfg.input else "austen"
         kind = input_kind(files[0])
         if kind in ROW_FORMATS:
             source = f"{cfg.input} column {cfg.text_column}"
@@ -159,106 +170,6 @@ def open_source(cfg: PrepareConfig, replaced: collections.Counter):
         split=cfg.split,
     )  # fmt: skip
     return repo.split("/")[-1], source, documents, None, None
-
-
-def safe_cut(text: str, start: int, end: int) -> int:
-    """The last index in (start, end) of a space between two non-space characters, else end."""
-    i = text.rfind(" ", start + 1, end)
-    while i > start and (text[i - 1].isspace() or i + 1 == len(text) or text[i + 1].isspace()):
-        i = text.rfind(" ", start + 1, i)
-    return i if i > start else end
-
-
-def cut_chunks(documents, chunk_chars: int):
-    """Yields chunks of about chunk_chars characters, as lists of (starts_document, text).
-
-    Small documents share a chunk (fewer, larger tokenizer tasks); a large one is cut into several.
-    """
-    chunk, size = [], 0  # the documents that ended since the last chunk
-    for document in documents:
-        rest, starts_document = "", True
-        for piece in document:
-            text, start = rest + piece, 0
-            while size + len(text) - start >= chunk_chars:
-                if chunk:  # cut between documents rather than inside this one
-                    yield chunk
-                    chunk, size = [], 0
-                    continue
-                cut = safe_cut(text, start, start + chunk_chars)
-                yield [(starts_document, text[start:cut])]
-                starts_document, start = False, cut
-            rest = text[start:]
-        if rest:
-            chunk.append((starts_document, rest))
-            size += len(rest)
-    if chunk:
-        yield chunk
-
-
-def chunk_chars_of(chunk) -> int:
-    return sum(len(text) for _, text in chunk)
-
-
-def documents_of(chunks):
-    """The documents that cut_chunks cut these chunks from, each as a list of pieces."""
-    document = []
-    for chunk in chunks:
-        for starts_document, text in chunk:
-            if starts_document and document:
-                yield document
-                document = []
-            document.append(text)
-    if document:
-        yield document
-
-
-def sized_chunks(documents, chunk_chars: int):
-    """cut_chunks at a length that suits the input's size (the docstring's read-ahead); returns (chunks, length)."""
-    chunks = cut_chunks(documents, chunk_chars)
-    head = list(itertools.islice(chunks, MIN_CHUNKS))
-    if len(head) == MIN_CHUNKS:
-        return itertools.chain(head, chunks), chunk_chars
-    chars = sum(map(chunk_chars_of, head))
-    if chars == 0:
-        raise UserError("the input has no text; check the files (or --text_column)")
-    if chars < MIN_CHARS:
-        raise UserError(
-            f"the input has {chars:,} characters, too little to hold out validation text; "
-            f"prepare at least {MIN_CHARS:,}"
-        )
-    small = -(-chars // MIN_CHUNKS)
-    return cut_chunks(documents_of(head), small), small
-
-
-def held_out_chunks(chunks, chunk_chars: int, val_fraction: float, seed: int):
-    """Yields (chunk, whether it is held out): the seeded draws, then the docstring's fallback."""
-    rng = random.Random(seed)
-    last_two = collections.deque()  # [index, chunk, held out], still open to the fallback
-    held_out_chars = 0
-    for index, chunk in enumerate(chunks):
-        held_out = rng.random() < val_fraction and index > 0
-        held_out_chars += held_out * chunk_chars_of(chunk)
-        last_two.append([index, chunk, held_out])
-        if len(last_two) > 2:
-            yield last_two.popleft()[1:]
-    for entry in reversed(last_two):
-        index, chunk, held_out = entry
-        if held_out_chars >= chunk_chars / 2 or index == 0:
-            break
-        if not held_out:
-            entry[2] = True
-            held_out_chars += chunk_chars_of(chunk)
-    yield from (entry[1:] for entry in last_two)
-
-
-def split_chunks(chunks, chunk_chars: int, val_fraction: float, seed: int):
-    """Numbers the chunks and assigns each to a split, as the module docstring says."""
-    previous_split = None
-    for index, (chunk, held_out) in enumerate(held_out_chunks(chunks, chunk_chars, val_fraction, seed)):
-        split = "val" if held_out else "train"
-        (starts_document, text), *others = chunk
-        yield Unit(index, split, [(starts_document or split != previous_split, text), *others])
-        previous_split = split
 
 
 def tokenize(units, workers: int):
@@ -333,7 +244,13 @@ class SplitWriter:
     def close_shard(self, end):
         self.shard.close()
         self.shards.append(
-            {"file": self.shard.path.name, "tokens": self.shard.tokens, "documents": self.documents, "end": end}
+            {
+                "file": self.shard.path.name,
+                "tokens": self.shard.tokens,
+                "documents": self.documents,
+                "sha256": self.shard.sha256,
+                "end": end,
+            }
         )
         self.shard = None
 
@@ -381,11 +298,34 @@ def input_change(saved: dict, settings: dict) -> str:
     return f"{counts[0]} then, {counts[1]} now" if counts[0] != counts[1] else "files modified since"
 
 
+def holdings(out_dir: Path) -> str | None:
+    """What out_dir holds, in words: the source and token counts its meta.json (or, for an interrupted
+    run, progress.json) records, as far as they read; None where it holds neither file."""
+    for name, what in (("meta.json", "the dataset"), ("progress.json", "an interrupted preparation")):
+        if (out_dir / name).is_file():
+            try:
+                saved = json.loads((out_dir / name).read_bytes())
+                splits = saved["splits"]
+                train, val = (
+                    splits[split]["tokens"] if name == "meta.json" else sum(shard["tokens"] for shard in splits[split])
+                    for split in SPLITS
+                )
+                return f"{what} of {saved['source']} ({train:,} train and {val:,} val tokens)"
+            except (OSError, ValueError, KeyError, TypeError):
+                return f"a damaged {name}"
+    return None
+
+
 def other_settings(out_dir: Path, saved: dict, changed: list[str], settings: dict) -> UserError:
+    if "source" in changed:
+        return UserError(
+            f"{out_dir} holds {holdings(out_dir)}, another source; pass another --out_dir "
+            "(--force would delete it, and a run trained on it could not resume)"
+        )
     named = [f"input: {input_change(saved, settings)}" if key == "input" else key for key in changed]
     return UserError(
         f"{out_dir} holds shards prepared with other settings ({', '.join(named)}); "
-        "pass --force to rebuild, or another --out_dir"
+        "pass another --out_dir, or --force to rebuild it"
     )
 
 
@@ -398,6 +338,7 @@ def read_progress(path: Path) -> tuple[dict | None, str]:
                 if not (
                     isinstance(shard["file"], str)
                     and all(map(is_count, (shard["tokens"], shard["documents"], *shard["end"])))
+                    and is_sha256(shard["sha256"])
                     and len(shard["end"]) == 2
                 ):
                     raise ValueError(f"shard entry {shard} is not a completed shard")
@@ -415,6 +356,7 @@ def intact(out_dir: Path, shard: dict) -> bool:
 
 
 def check_out_dir(out_dir: Path) -> None:
+    """Refuses an out_dir that prepare cannot write in."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out_dir={out_dir} is a file; pass a directory (it is created if missing)")
     if out_dir.is_dir() and not os.access(out_dir, os.R_OK | os.W_OK | os.X_OK):
@@ -467,7 +409,7 @@ def finish(meta_path: Path, progress_path: Path, settings: dict, writers: dict, 
     meta.json's splits."""
     splits = {}
     for split, writer in writers.items():
-        shards = [{key: shard[key] for key in ("file", "tokens", "documents")} for shard in writer.shards]
+        shards = [{key: shard[key] for key in ("file", "tokens", "documents", "sha256")} for shard in writer.shards]
         splits[split] = {
             "tokens": sum(s["tokens"] for s in shards),
             "documents": sum(s["documents"] for s in shards),
@@ -487,35 +429,12 @@ def finish(meta_path: Path, progress_path: Path, settings: dict, writers: dict, 
     return splits
 
 
-def main(argv):
-    cfg = configurator.parse_config(PrepareConfig, argv)
-    check_config(cfg)
-    replaced = collections.Counter()
-    name, source, documents, files, summary = open_source(cfg, replaced)
-    out_dir = Path(cfg.out_dir or ROOT / "data" / name)
-    check_out_dir(out_dir)
-    settings = {
-        "format_version": FORMAT_VERSION,
-        "tokenizer": "gpt2",
-        "tokenizer_sha256": RANKS_SHA256,
-        "vocab_size": VOCAB_SIZE,
-        "eot_id": EOT_ID,
-        "source": source,
-        **({"input": input_fingerprint(files)} if files else {}),
-        "seed": cfg.seed,
-        "val_fraction": cfg.val_fraction,
-        "block_chars": cfg.block_chars,
-        "shard_tokens": cfg.shard_tokens,
-    }
+def write_dataset(cfg: PrepareConfig, out_dir: Path, name: str, settings: dict, documents, summary, replaced) -> None:
+    """Tokenizes the documents into out_dir's shards, after those an interrupted run left, then meta.json."""
     meta_path, progress_path = out_dir / "meta.json", out_dir / "progress.json"
-    if cfg.force and out_dir.is_dir():
-        remove_own_files(out_dir, temps_only=False)
-    if already_prepared(out_dir, settings):
-        return
     completed = completed_shards(out_dir, progress_path, settings)
     if out_dir.is_dir():
         remove_own_files(out_dir, temps_only=True)  # left by a killed run
-
     writers = {split: SplitWriter(out_dir, split, cfg.shard_tokens, completed[split]) for split in SPLITS}
     chunks, chunk_chars = sized_chunks(documents, cfg.block_chars)
     if summary:
@@ -542,6 +461,38 @@ def main(argv):
         f"{out_dir}: {splits['train']['tokens']:,} train and {splits['val']['tokens']:,} val tokens "
         f"({tokenized / seconds / 1e6:.1f}M tokens/s)"
     )
+
+
+def main(argv):
+    cfg = configurator.parse_config(PrepareConfig, argv)
+    check_config(cfg)
+    replaced = collections.Counter()
+    name, source, documents, files, summary = open_source(cfg, replaced)
+    out_dir = Path(cfg.out_dir or ROOT / "data" / name)
+    settings = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": "gpt2",
+        "tokenizer_sha256": RANKS_SHA256,
+        "vocab_size": VOCAB_SIZE,
+        "eot_id": EOT_ID,
+        "source": source,
+        **({"input": input_fingerprint(files)} if files else {}),
+        "seed": cfg.seed,
+        "val_fraction": cfg.val_fraction,
+        "block_chars": cfg.block_chars,
+        "shard_tokens": cfg.shard_tokens,
+    }
+    if not cfg.force and already_prepared(out_dir, settings):
+        return  # a read: it needs neither write access nor the lock
+    check_out_dir(out_dir)
+    lock = out_dir.resolve()
+    in_use = f"{out_dir} is in use by another prepare.py"
+    with hold_lock(lock.with_name(lock.name + ".lock"), in_use, "wait for it to end, or pick another --out_dir"):
+        if cfg.force and out_dir.is_dir():
+            if replaced_data := holdings(out_dir):
+                print(f"--force: replacing {out_dir}, {replaced_data}")
+            remove_own_files(out_dir, temps_only=False)
+        write_dataset(cfg, out_dir, name, settings, documents, summary, replaced)
 
 
 if __name__ == "__main__":

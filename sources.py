@@ -25,6 +25,7 @@ from pathlib import Path
 
 from common import UserError, first_sentence
 
+TEXT_SUFFIXES = (".txt", ".txt.gz")
 ROW_FORMATS = {".jsonl": "json", ".parquet": "parquet"}  # the datasets builder for each
 INPUT_KINDS = "a .txt, .txt.gz, .jsonl or .parquet file"
 # The Hub's dataset viewer publishes every public dataset as Parquet on this branch, which load_dataset
@@ -50,9 +51,15 @@ NO_MARK = (b"", "utf-8", codecs.utf_8_decode)
 def input_kind(path: Path) -> str | None:
     """'text' for .txt(.gz), the suffix for row files, in any case; None for files prepare does not read."""
     name = path.name.lower()
-    if name.endswith((".txt", ".txt.gz")):
+    if name.endswith(TEXT_SUFFIXES):
         return "text"
     return Path(name).suffix if Path(name).suffix in ROW_FORMATS else None
+
+
+def input_stem(path: Path) -> str:
+    """A file's name less the extension that makes it an input (.txt, .txt.gz, .jsonl, .parquet, in any case)."""
+    suffix = next((s for s in (*TEXT_SUFFIXES, *ROW_FORMATS) if path.name.lower().endswith(s)), "")
+    return path.name[: len(path.name) - len(suffix)]
 
 
 def unlisted(error: OSError):

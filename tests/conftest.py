@@ -1,5 +1,5 @@
 """Shared fixtures: tiny token-shard directories in the layout prepare.py writes; a Hub that never answers;
-write_shard, a whole shard in one call."""
+write_shard, a whole shard in one call, and replace_shard, one in a prepared directory."""
 
 import json
 import socket
@@ -9,13 +9,25 @@ import numpy as np
 import pytest
 
 import train
-from shards import ShardWriter
+from shards import FORMAT_VERSION, ShardWriter
+from tokenizer import RANKS_SHA256
 
 
-def write_shard(path, tokens) -> None:
-    """A shard of these tokens at path, written as prepare.py writes one."""
+def write_shard(path, tokens) -> str:
+    """A shard of these tokens at path, written as prepare.py writes one; returns its sha256."""
     with ShardWriter(path) as shard:
         shard.write(tokens)
+    return shard.sha256
+
+
+def replace_shard(data_dir, name, tokens) -> None:
+    """Writes shard `name` of data_dir anew with these tokens, and its entry in meta.json as prepare.py would."""
+    meta = json.loads((data_dir / "meta.json").read_text())
+    for split in meta["splits"].values():
+        for shard in split["shards"]:
+            if shard["file"] == name:
+                shard.update(tokens=len(tokens), sha256=write_shard(data_dir / name, tokens))
+    (data_dir / "meta.json").write_text(json.dumps(meta))
 
 
 @pytest.fixture(autouse=True)
@@ -35,14 +47,16 @@ def dtype_is_pinned(request, monkeypatch):
 
 @pytest.fixture(scope="session")
 def make_token_data(tmp_path_factory):
-    """make_token_data(train_tokens=..., val_tokens=..., vocab_size=..., shards=..., unused_tokens=...) -> data dir.
+    """make_token_data(train_tokens=..., val_tokens=..., vocab_size=..., shards=..., unused_tokens=..., gpt2=...)
+    -> data dir.
 
     Random token ids (seeded) split into `shards` train shards and one val shard, with the
-    meta.json fields that shards.TokenWindows reads. The last `unused_tokens` ids of the vocabulary
+    meta.json fields that shards.TokenWindows reads: of a tokenizer "test" of vocab_size ids, or with
+    gpt2=True of this project's GPT-2 tokenizer. The last `unused_tokens` ids of the vocabulary
     never occur, as most of GPT-2's never occur in a corpus: a new model trains with loss.CompactVocab.
     """
 
-    def make(train_tokens=4000, val_tokens=600, vocab_size=64, shards=2, seed=0, unused_tokens=16):
+    def make(train_tokens=4000, val_tokens=600, vocab_size=64, shards=2, seed=0, unused_tokens=16, gpt2=False):
         directory = tmp_path_factory.mktemp("data")
         rng = np.random.default_rng(seed)
         splits = {}
@@ -50,10 +64,11 @@ def make_token_data(tmp_path_factory):
             infos = []
             for i, part in enumerate(np.array_split(rng.integers(0, vocab_size - unused_tokens, total), count)):
                 name = f"{split}_{i:06d}.bin"
-                write_shard(directory / name, part)
-                infos.append({"file": name, "tokens": len(part)})
+                infos.append({"file": name, "tokens": len(part), "sha256": write_shard(directory / name, part)})
             splits[split] = {"shards": infos}
-        meta = {"tokenizer": "test", "vocab_size": vocab_size, "eot_id": vocab_size - 1, "splits": splits}
+        tokenizer = {"tokenizer": "gpt2", "tokenizer_sha256": RANKS_SHA256} if gpt2 else {"tokenizer": "test"}
+        meta = {"format_version": FORMAT_VERSION, **tokenizer, "vocab_size": vocab_size, "eot_id": vocab_size - 1}
+        meta["splits"] = splits
         (directory / "meta.json").write_text(json.dumps(meta))
         return directory
 

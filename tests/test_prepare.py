@@ -2,6 +2,7 @@
 
 import collections
 import gzip
+import hashlib
 import itertools
 import json
 import os
@@ -19,7 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 import tiktoken
 from conftest import write_shard
+from filelock import FileLock
 
+import chunks
 import prepare
 import sources
 from shards import TokenWindows
@@ -44,6 +47,7 @@ def split_segments(out_dir: Path, split: str) -> list[np.ndarray]:
     parts = [read_tokens(out_dir / shard["file"]) for shard in meta["shards"]]
     for tokens, shard in zip(parts, meta["shards"], strict=True):
         assert len(tokens) == shard["tokens"] and np.count_nonzero(tokens == EOT_ID) == shard["documents"]
+        assert hashlib.sha256((out_dir / shard["file"]).read_bytes()).hexdigest() == shard["sha256"]  # sha256sum's
     tokens = np.concatenate(parts)
     assert len(tokens) == meta["tokens"] and tokens[0] == EOT_ID
     starts = np.flatnonzero(tokens == EOT_ID)
@@ -132,8 +136,8 @@ def test_split_is_deterministic_disjoint_and_independent_of_workers(tmp_path):
             f"--input={corpus}",
             f"--out_dir={tmp_path / name}",
             "--val_fraction=0.3",
-            "--shard_tokens=1000",
-            "--block_chars=150",
+            "--shard_tokens=1025",
+            "--block_chars=256",
             *args,
         )
         outputs[name] = shard_bytes(tmp_path / name)
@@ -141,9 +145,9 @@ def test_split_is_deterministic_disjoint_and_independent_of_workers(tmp_path):
     used = reassemble(SMALL_DOCS, tmp_path / "a")
     assert not set(used["train"]) & set(used["val"]) and 15 < len(used["val"]) < 60
     assert reassemble(SMALL_DOCS, tmp_path / "seed")["val"] != used["val"]
-    # with nothing drawn, the last block is held out, and only it
+    # with nothing drawn, the last block is held out, and only it (256 characters: at most 4 of these documents)
     held_out = reassemble(SMALL_DOCS, tmp_path / "none")["val"]
-    assert held_out == list(range(len(SMALL_DOCS) - len(held_out), len(SMALL_DOCS))) and len(held_out) <= 2
+    assert held_out == list(range(len(SMALL_DOCS) - len(held_out), len(SMALL_DOCS))) and len(held_out) <= 4
 
 
 AUSTEN_TEXT = "".join(AUSTEN)
@@ -169,7 +173,7 @@ def test_small_inputs_hold_out_a_share_that_suits_their_size(tmp_path, documents
 @pytest.mark.parametrize("last_block, held_out", [(60, [20]), (10, [19, 20])])
 def test_without_draws_at_least_half_a_block_is_held_out_at_the_end(last_block, held_out):
     blocks = [[(True, "x" * 100)]] * 20 + [[(True, "x" * last_block)]]
-    assigned = prepare.held_out_chunks(iter(blocks), 100, val_fraction=0.0, seed=0)
+    assigned = chunks.held_out_chunks(iter(blocks), 100, val_fraction=0.0, seed=0)
     assert [i for i, (_, is_held_out) in enumerate(assigned) if is_held_out] == held_out
 
 
@@ -178,13 +182,13 @@ def test_large_inputs_are_split_by_the_seeded_draws_alone():
     blocks = [[(True, "x" * 10)]] * 20_000
     rng = random.Random(1337)
     drawn = [i for i in range(len(blocks)) if rng.random() < 0.0015 and i > 0]
-    assigned = prepare.held_out_chunks(iter(blocks), 10, val_fraction=0.0015, seed=1337)
+    assigned = chunks.held_out_chunks(iter(blocks), 10, val_fraction=0.0015, seed=1337)
     assert [i for i, (_, is_held_out) in enumerate(assigned) if is_held_out] == drawn and len(drawn) > 10
 
 
 def test_an_endless_stream_is_read_ahead_by_a_bounded_amount():
     endless = (["word " * 100] for _ in itertools.count())  # documents of 500 characters, forever
-    blocks, block_chars = prepare.sized_chunks(endless, 1000)
+    blocks, block_chars = chunks.sized_chunks(endless, 1000)
     assert block_chars == 1000 and len(list(itertools.islice(blocks, 50))) == 50
 
 
@@ -213,7 +217,7 @@ def test_rerun_after_a_kill_reuses_shards_and_is_byte_identical(tmp_path):
 
 def test_exception_mid_shard_leaves_no_partial_file_and_resumes(tmp_path, monkeypatch):
     corpus = write_text_files(tmp_path / "docs", SMALL_DOCS)
-    args = [f"--input={corpus}", "--val_fraction=0.3", "--shard_tokens=700", "--block_chars=300"]
+    args = [f"--input={corpus}", "--val_fraction=0.3", "--shard_tokens=1025", "--block_chars=300"]
     run(*args, f"--out_dir={tmp_path / 'clean'}")
     writes = 0
     real_write = prepare.ShardWriter.write
@@ -230,6 +234,11 @@ def test_exception_mid_shard_leaves_no_partial_file_and_resumes(tmp_path, monkey
         run(*args, f"--out_dir={tmp_path / 'crashed'}")
     names = {p.name for p in (tmp_path / "crashed").iterdir()}
     assert "progress.json" in names and "meta.json" not in names and not any(n.endswith(".tmp") for n in names)
+    progress = json.loads((tmp_path / "crashed" / "progress.json").read_text())
+    assert "train_000001.bin" in [shard["file"] for shard in progress["splits"]["train"]]
+    damaged = bytearray((tmp_path / "crashed" / "train_000001.bin").read_bytes())
+    damaged[-2] ^= 1  # a completed shard's last token becomes another valid id: rewritten, not reused
+    (tmp_path / "crashed" / "train_000001.bin").write_bytes(damaged)
     monkeypatch.setattr(prepare.ShardWriter, "write", real_write)
     run(*args, f"--out_dir={tmp_path / 'crashed'}")
     assert shard_bytes(tmp_path / "crashed") == shard_bytes(tmp_path / "clean")
@@ -238,7 +247,7 @@ def test_exception_mid_shard_leaves_no_partial_file_and_resumes(tmp_path, monkey
 def test_prepared_directory_is_reused_guarded_and_forced(tmp_path, capsys):
     corpus = write_text_files(tmp_path / "docs", SMALL_DOCS)
     out = tmp_path / "out"
-    args = [f"--input={corpus}", f"--out_dir={out}", "--block_chars=150"]
+    args = [f"--input={corpus}", f"--out_dir={out}", "--block_chars=256"]
     run(*args)
     before = shard_bytes(out)
     run(*args)
@@ -259,7 +268,7 @@ def test_row_files_and_hub_code_path_on_local_data(tmp_path, monkeypatch):
         "--text_column=body",
         f"--out_dir={tmp_path / 'parquet'}",
         "--val_fraction=0.3",
-        "--block_chars=150",
+        "--block_chars=256",
     )
     assert reassemble(SMALL_DOCS, tmp_path / "parquet")["val"]
     with pytest.raises(ValueError, match="no column 'text'.*--text_column"):
@@ -379,9 +388,9 @@ def test_only_prepares_own_temp_files_are_removed(tmp_path):
     out.mkdir()
     for name in ["notes.tmp", "train_000000.bin.tmp", "progress.json.tmp", "train_7.bin.tmp"]:
         (out / name).write_text("left here")
-    run(f"--input={corpus}", f"--out_dir={out}", "--block_chars=150")
+    run(f"--input={corpus}", f"--out_dir={out}", "--block_chars=256")
     assert sorted(p.name for p in out.glob("*.tmp")) == ["notes.tmp", "train_7.bin.tmp"]
-    run(f"--input={corpus}", f"--out_dir={out}", "--block_chars=150", "--force")
+    run(f"--input={corpus}", f"--out_dir={out}", "--block_chars=256", "--force")
     assert sorted(p.name for p in out.glob("*.tmp")) == ["notes.tmp", "train_7.bin.tmp"]
 
 
@@ -456,7 +465,7 @@ def interrupted_run(args: list[str], monkeypatch, after_writes: int) -> None:
 
 def test_a_resume_over_changed_input_files_starts_over_and_says_so(tmp_path, monkeypatch, capsys):
     corpus = write_text_files(tmp_path / "docs", SMALL_DOCS)
-    args = [f"--input={corpus}", "--val_fraction=0.3", "--shard_tokens=700", "--block_chars=300"]
+    args = [f"--input={corpus}", "--val_fraction=0.3", "--shard_tokens=1025", "--block_chars=300"]
     interrupted_run([*args, f"--out_dir={tmp_path / 'resumed'}"], monkeypatch, after_writes=40)
     assert (tmp_path / "resumed" / "progress.json").exists()
     edited = [f"{document} An edit." for document in SMALL_DOCS]
@@ -480,7 +489,7 @@ def test_a_resume_over_changed_input_files_starts_over_and_says_so(tmp_path, mon
 
 def test_a_damaged_progress_file_starts_over(tmp_path, monkeypatch, capsys):
     corpus = write_text_files(tmp_path / "docs", SMALL_DOCS)
-    args = [f"--input={corpus}", "--val_fraction=0.3", "--shard_tokens=700", "--block_chars=300"]
+    args = [f"--input={corpus}", "--val_fraction=0.3", "--shard_tokens=1025", "--block_chars=300"]
     run(*args, f"--out_dir={tmp_path / 'clean'}")
     interrupted_run([*args, f"--out_dir={tmp_path / 'out'}"], monkeypatch, after_writes=40)
     (tmp_path / "out" / "progress.json").write_text('{"splits": {"train": [{"file": 3}]}}')
@@ -547,7 +556,7 @@ def test_empty_row_files_are_skipped_and_said(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "limit, shard_tokens, failed", [(99_000, 50_000, "train_000000.bin"), (8000, 1000, "progress.json")]
+    "limit, shard_tokens, failed", [(99_000, 50_000, "train_000000.bin"), (8000, 1025, "progress.json")]
 )
 def test_a_full_disk_anywhere_is_one_line_and_leaves_no_temp_file(tmp_path, limit, shard_tokens, failed):
     resource = pytest.importorskip("resource", reason="file size limits are POSIX-only")
@@ -576,17 +585,116 @@ def test_out_dir_that_is_a_file_is_one_line_saying_so(tmp_path):
     "damage, message",
     [
         (lambda out: (out / "meta.json").write_text('{"splits": '), "meta.json is not valid JSON"),
-        (lambda out: (out / "meta.json").write_text('{"vocab_size": 50257}'), "'splits' is missing"),
+        (lambda out: (out / "meta.json").write_text('{"vocab_size": 50257}'), "'format_version' is None"),
+        (
+            lambda out: (out / "meta.json").write_text(
+                json.dumps({**json.loads((out / "meta.json").read_text()), "format_version": 1})
+            ),
+            "'format_version' is 1, prepared by an older prepare.py; rerun prepare.py",
+        ),
         (lambda out: (out / "train_000001.bin").write_bytes(b"\0" * 100), "train_000001.bin: truncated shard"),
         (lambda out: (out / "val_000000.bin").unlink(), "val_000000.bin not found"),
     ],
-    ids=["meta-invalid-json", "meta-missing-key", "truncated-shard", "missing-shard"],
+    ids=["meta-invalid-json", "meta-missing-key", "meta-older-format", "truncated-shard", "missing-shard"],
 )
 def test_a_damaged_preparation_is_not_reported_as_prepared(tmp_path, damage, message):
     corpus = write_text_files(tmp_path / "docs", SMALL_DOCS)
-    args = [f"--input={corpus}", f"--out_dir={tmp_path / 'out'}", "--shard_tokens=700", "--val_fraction=0.3"]
+    args = [f"--input={corpus}", f"--out_dir={tmp_path / 'out'}", "--shard_tokens=1025", "--val_fraction=0.3"]
     run(*args)
     damage(tmp_path / "out")
     one_line_error(run_cli(*args), message, "--force")
-    run(*args, "--force")
+    forced = run_cli(*args, "--force")
+    assert forced.returncode == 0 and f"--force: replacing {tmp_path / 'out'}, " in forced.stdout, forced.stderr
     reassemble(SMALL_DOCS, tmp_path / "out")
+
+
+def test_a_directory_another_prepare_is_writing_is_refused_at_once(tmp_path):
+    corpus = write_text_files(tmp_path / "docs", SMALL_DOCS)
+    args = [f"--input={corpus}", "--block_chars=300"]
+    with FileLock(tmp_path / "out.lock"):  # as a first prepare.py on tmp_path / "out" holds it
+        result = run_cli(*args, f"--out_dir={corpus / '..' / 'out'}")  # the same directory, spelled otherwise
+    one_line_error(result, "is in use by another prepare.py", f"(it holds {tmp_path / 'out.lock'}); wait for it")
+    assert not (tmp_path / "out").exists()
+    run(*args, f"--out_dir={tmp_path / 'out'}")  # released: the lock is taken and given back
+    reassemble(SMALL_DOCS, tmp_path / "out")
+
+
+def test_a_finished_preparation_in_a_read_only_folder_is_reported_as_prepared(tmp_path):
+    corpus = write_text_files(tmp_path / "docs", SMALL_DOCS)
+    folder = tmp_path / "shared"
+    args = [f"--input={corpus}", f"--out_dir={folder / 'out'}", "--block_chars=300"]
+    run(*args)
+    (folder / "out.lock").unlink()
+    (folder / "out.lock").mkdir()  # no lock can be taken there, even by root, whom the modes below do not stop
+    for path in (folder / "out", folder):
+        path.chmod(0o555)
+    try:
+        read, write = run_cli(*args), run_cli(*args, "--force")
+    finally:
+        for path in (folder, folder / "out"):
+            path.chmod(0o755)
+    assert read.returncode == 0 and "is already prepared" in read.stdout, read.stderr
+    one_line_error(write, "--out_dir")  # a run that must write needs write access and the lock
+    reassemble(SMALL_DOCS, folder / "out")
+
+
+@pytest.mark.parametrize(
+    "pattern, name",
+    [
+        ("in/books.v2.txt", "books.v2"),
+        ("in/books.v2.TXT.gz", "books.v2"),
+        ("in/rows.jsonl", "rows"),
+        ("in/part.0.parquet", "part.0"),
+        ("in/.notes.txt", "notes"),
+        ("in/books.d", "books.d"),
+        ("in/books.d/*.txt", "books.d"),
+    ],
+)
+def test_a_dataset_is_named_after_its_input_less_only_the_input_extension(pattern, name):
+    assert prepare.input_name(pattern) == name
+
+
+def test_an_input_that_leaves_no_name_asks_for_out_dir():
+    with pytest.raises(ValueError, match="--input=in/.txt leaves the dataset no name; pass --out_dir"):
+        prepare.input_name("in/.txt")
+
+
+def test_a_directory_holding_another_sources_dataset_is_refused_naming_it_and_forced_says_what_it_replaces(tmp_path):
+    first = write_text_files(tmp_path / "first", SMALL_DOCS)
+    second = write_text_files(tmp_path / "second", [document.upper() for document in SMALL_DOCS])
+    out = tmp_path / "out"
+    run(f"--input={first}", f"--out_dir={out}", "--block_chars=300")
+    splits = json.loads((out / "meta.json").read_text())["splits"]
+    held = f"the dataset of {first} ({splits['train']['tokens']:,} train and {splits['val']['tokens']:,} val tokens)"
+    result = run_cli(f"--input={second}", f"--out_dir={out}", "--block_chars=300")
+    one_line_error(result, f"{out} holds {held}, another source; pass another --out_dir (--force would delete it")
+    reassemble(SMALL_DOCS, out)  # untouched
+    result = run_cli(f"--input={second}", f"--out_dir={out}", "--block_chars=300", "--force")
+    assert result.returncode == 0 and f"--force: replacing {out}, {held}" in result.stdout, result.stderr
+    reassemble([document.upper() for document in SMALL_DOCS], out)
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("--dataset=a/b/c", "--dataset=a/b/c: not bookcorpus, austen or a Hub dataset's owner/name"),
+        ("--text_column=", "--text_column is empty; name the column that holds the text"),
+        ("--split=", "--split is empty; name a split"),
+        ("--revision=", "--revision is empty; name a branch or commit"),
+        ("--out_dir=/", "--out_dir=/ is the root of the file system; pass a directory under it"),
+        ("--val_fraction=1", "--val_fraction=1.0: need 0 <= val_fraction < 1"),
+        ("--val_fraction=nan", "--val_fraction=nan: need 0 <= val_fraction < 1"),
+        ("--seed=1.5", "--seed=1.5: expected int"),
+        ("--shard_tokens=1024", "--shard_tokens=1024: need 1,025 to 2,147,483,647 (a window of GPT-2's context"),
+        ("--shard_tokens=2147483648", "--shard_tokens=2147483648: need 1,025 to 2,147,483,647"),
+        ("--block_chars=255", "--block_chars=255: need 256 or more (spaces to cut chunks at)"),
+        ("--workers=0", "--workers=0: need 1 or more"),
+        ("--force=maybe", "--force=maybe: expected bool"),
+    ],
+)
+def test_each_setting_out_of_range_is_one_line_naming_it_before_anything_is_read(tmp_path, monkeypatch, arg, message):
+    monkeypatch.chdir(tmp_path)  # the default out_dir, data/bookcorpus, is relative to the repository, not here
+    with pytest.raises(ValueError) as error:
+        run(arg, *(["--out_dir=out"] if not arg.startswith("--out_dir") else []))
+    assert str(error.value).startswith(message), error.value
+    assert not list(tmp_path.iterdir())

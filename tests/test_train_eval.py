@@ -37,9 +37,7 @@ PROMPT = "I was telling her that"
 @pytest.fixture(scope="module")
 def data(make_token_data, tmp_path_factory):
     """Random ids of GPT-2's vocabulary in shards labelled as prepare.py labels GPT-2 tokens, and the tasks' rows."""
-    directory = make_token_data(vocab_size=tokenizer.VOCAB_SIZE)
-    meta = json.loads((directory / "meta.json").read_text())
-    (directory / "meta.json").write_text(json.dumps({**meta, "tokenizer": "gpt2"}))
+    directory = make_token_data(vocab_size=tokenizer.VOCAB_SIZE, gpt2=True)
     rows = tmp_path_factory.mktemp("rows")
     write_jsonl(rows / "hellaswag.jsonl", HELLASWAG_ROWS)
     write_jsonl(rows / "lambada.jsonl", LAMBADA_ROWS)
