@@ -230,14 +230,14 @@ def refuse_another_run(
     path: Path, saved_order: dict, data_order: dict, saved_config: dict, model_shape: dict, data_dir: str
 ) -> None:
     """Refuses a resume that would not continue the checkpoint's run, naming the key: other batches (the
-    data order's seed, batch_size, block_size; its train_data and tokenizer_sha256, what data_dir holds) or
+    data order's seed, batch_size, block_size; its train_data and tokenizer, what data_dir holds) or
     another model shape than the checkpoint's own config."""
     start_anew = "or start a new run (another --run_name)"
     for key, value in data_order.items():
         saved = saved_order.get(key)
         if saved == value:
             continue
-        if key in ("train_data", "tokenizer_sha256"):
+        if key in ("train_data", "tokenizer", "tokenizer_sha256"):
             raise UserError(
                 f"{path} was trained on other data than {data_dir} holds ({key} {str(saved)[:12]}... then, "
                 f"{str(value)[:12]}... now); resume with the data it was trained on (--data_dir), {start_anew}"

@@ -238,7 +238,8 @@ def load_data(cfg: TrainConfig) -> RunData:
         )
     order = {
         "seed": cfg.seed, "batch_size": cfg.batch_size, "block_size": cfg.block_size,
-        "train_data": train.fingerprint, "tokenizer_sha256": train.meta["tokenizer_sha256"],
+        "train_data": train.fingerprint, "tokenizer": train.meta["tokenizer"],
+        "tokenizer_sha256": train.meta.get("tokenizer_sha256"),  # GPT-2's; other tokenizers' data may leave it out
     }  # fmt: skip
     return RunData(val, val_indices, train, steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch, order)
 
