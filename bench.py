@@ -131,9 +131,10 @@ def train_with_plain_loss() -> None:
 def train_with_independent_rows() -> None:
     """train.py (arguments from sys.argv) with a new model's output rows all drawn on their own, as GPT-2
     initializes them, instead of the unseen tokens' rows tied for loss.CompactVocab: the whole softmax."""
+    import loss
     import train
 
-    train.tie_unseen_rows = lambda weight, seen: None
+    loss.tie_unseen_rows = lambda weight, seen: None
     configurator.run(train.main)
 
 

@@ -6,7 +6,7 @@ directory is whole (a process killed mid-write leaves only a .tmp, cleared at th
     vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json, generation_config.json
                                       GPT-2's tokenizer and generation ids: a complete HF model directory
                                       that AutoTokenizer, pipeline("text-generation") and lm_eval open
-    optimizer.pt                      AdamW state
+    optimizer.pt                      the optimizer's state (AdamW's, or Muon's and AdamW's: optim.py)
     trainer_state.pt                  TrainerState as a plain dict: step, scheduler, RNG state of every rank, ...
     train_config.json                 the TrainConfig that wrote it
 Everything is loaded with weights_only=True. A checkpoint is written only when every weight and
@@ -173,16 +173,16 @@ def find_resume_checkpoint(
     run_dir: Path,
     *,
     data_order: dict | None,
-    model_shape: dict | None,
+    fixed: dict | None,
     data_dir: str,
     max_steps: int,
     steps_key: str,
 ) -> Checkpoint | None:
     """The checkpoint a run continues from (resume: '' none, 'auto' the newest, or a checkpoint's path), or
     None for a new run. Refuses to overwrite a run's checkpoints (unless eval_only), a damaged checkpoint
-    (naming the intact one to take instead), and to continue one with another data order or model shape
-    ({config key: value}; None: not training, as eval_only) or past the run's last step (max_steps, set by
-    steps_key, a flag).
+    (naming the intact one to take instead), and to continue one with another data order or other `fixed`
+    config keys, those a resume continues as they are, such as the model's shape ({config key: value}; None:
+    not training, as eval_only) or past the run's last step (max_steps, set by steps_key, a flag).
 
     Rank 0 alone decides (Job.on_rank0) and reads its trainer state: on a shared filesystem with stale
     directory caches, ranks could list different newest checkpoints and continue from different steps.
@@ -216,7 +216,7 @@ def find_resume_checkpoint(
             "resume into another --run_name so they stay apart"
         )
     if data_order is not None:
-        refuse_another_run(path, state.data_order or {}, data_order, config, model_shape, data_dir)
+        refuse_another_run(path, state.data_order or {}, data_order, config, fixed, data_dir)
     if data_order is not None and state.step > max_steps:
         raise UserError(
             f"{path} is at step {state.step}, past this run's last step {max_steps} "
@@ -227,11 +227,11 @@ def find_resume_checkpoint(
 
 
 def refuse_another_run(
-    path: Path, saved_order: dict, data_order: dict, saved_config: dict, model_shape: dict, data_dir: str
+    path: Path, saved_order: dict, data_order: dict, saved_config: dict, fixed: dict, data_dir: str
 ) -> None:
     """Refuses a resume that would not continue the checkpoint's run, naming the key: other batches (the
     data order's seed, batch_size, block_size; its train_data and tokenizer, what data_dir holds) or
-    another model shape than the checkpoint's own config."""
+    `fixed` config keys that differ from the checkpoint's own config."""
     start_anew = "or start a new run (another --run_name)"
     for key, value in data_order.items():
         saved = saved_order.get(key)
@@ -246,11 +246,11 @@ def refuse_another_run(
             f"{path} was trained with {key}={saved}, this run has {key}={value}, which makes other batches; "
             f"resume with --{key}={saved}, {start_anew}"
         )
-    for key, value in model_shape.items():
+    for key, value in fixed.items():
         if (saved := saved_config.get(key)) != value:
             raise UserError(
-                f"{path}'s model has {key}={saved}, this run asks for {key}={value}, and a resume continues the "
-                f"checkpoint's model as it is; resume with --{key}={saved}, {start_anew}"
+                f"{path} was trained with {key}={saved}, this run asks for {key}={value}, and a resume continues "
+                f"the checkpoint's model and optimizer as they are; resume with --{key}={saved}, {start_anew}"
             )
 
 

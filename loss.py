@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import torch
 
 IGNORE_INDEX = -100  # targets equal to this add nothing to the loss, as in HF
@@ -179,3 +180,21 @@ def _chunked_cross_entropy(
         else:  # a (V, C) temporary: CPU has no low-precision matmul into fp32, inductor splits one into mm + add
             grad_weight += probs.t() @ x_chunk
     return loss / n_counted
+
+
+def compact_output_layer(model, tokens_present: np.ndarray, new_model: bool) -> str:
+    """Gives a GPT's loss the softmax over the tokens the train data contains (tokens_present: (data vocab,)
+    bool; CompactVocab), a new model's rows of the others tied (at zero) first; says which softmax the model
+    takes. A loaded model whose unseen rows differ (a pretrained one) keeps the whole softmax."""
+    weight = model.lm_head.weight
+    seen = torch.from_numpy(tokens_present).to(weight.device)
+    seen = torch.cat([seen, seen.new_zeros(len(weight) - len(seen))])  # a model vocabulary beyond the data's
+    if new_model:
+        tie_unseen_rows(weight, seen)
+    model.compact_vocab = CompactVocab.of(weight, seen)
+    if model.compact_vocab is None:
+        return f"softmax over all {len(weight):,} tokens"
+    return (
+        f"softmax over the {int(seen.sum()):,} tokens of the train split, the other {int((~seen).sum()):,} "
+        "(one shared row) as one column"
+    )

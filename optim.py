@@ -1,10 +1,16 @@
-"""How the weights are updated: AdamW grouped as the HF Trainer does, its learning-rate schedule, and
-gradient clipping folded into the fused AdamW."""
+"""How the weights are updated: AdamW grouped as the HF Trainer does, or Muon on the blocks' matrices with
+AdamW on the rest; the learning-rate schedule; gradient clipping folded into the optimizer's step.
+
+Both optimizers take the fused AdamW's `grad_scale` (each gradient is divided by it as it is read: the
+clip) and `found_inf` (1.0: the step leaves weights and moments as they were), device tensors set by
+train_step, so that neither a clip nor a skip reads anything back from the GPU.
+"""
 
 import math
 
 import torch
 from torch import nn
+from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 from torch.optim.lr_scheduler import LambdaLR
 
 from model import GPT
@@ -12,29 +18,120 @@ from model import GPT
 
 def adamw(model: GPT, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8, fused: bool | None = None):
     """AdamW grouped as the HF Trainer does: no weight decay on biases and LayerNorm weights."""
-    decay, no_decay = {}, {}  # keyed by id: the tied embedding is one parameter
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            group = no_decay if name == "bias" or isinstance(module, nn.LayerNorm) else decay
-            group[id(p)] = p
-    groups = [
-        {"params": list(decay.values()), "weight_decay": weight_decay},
-        {"params": list(no_decay.values()), "weight_decay": 0.0},
-    ]
-    params = [*decay.values(), *no_decay.values()]
+    decay, no_decay = adamw_groups(model, exclude=set())
     if fused is None:  # fused AdamW exists for CUDA and CPU tensors in torch >= 2.4
-        fused = all(p.device.type in ("cuda", "cpu") for p in params)
+        fused = all(p.device.type in ("cuda", "cpu") for p in decay + no_decay)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 
-def lr_schedule(optimizer, max_steps: int, warmup_ratio: float, decay: str = "cosine") -> LambdaLR:
+def adamw_groups(model: GPT, exclude: set) -> tuple[list, list]:
+    """The parameters not in `exclude` (ids): (those with weight decay, those without: biases and LayerNorm
+    weights), each parameter once (the tied embedding is one)."""
+    decay, no_decay = {}, {}
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) not in exclude:
+                group = no_decay if name == "bias" or isinstance(module, nn.LayerNorm) else decay
+                group[id(p)] = p
+    return list(decay.values()), list(no_decay.values())
+
+
+def block_matrices(model: GPT) -> list[torch.Tensor]:
+    """The 2-D weights of the transformer blocks (attention's c_attn and c_proj, the MLP's c_fc and c_proj):
+    what Muon updates. Embeddings, LayerNorms and biases are not matrices of a linear map between hidden
+    states, and stay with AdamW."""
+    return [
+        p
+        for block in model.transformer.h
+        for name, p in block.named_parameters()
+        if name.endswith("weight") and p.ndim == 2
+    ]
+
+
+class Muon(torch.optim.Muon):
+    """torch's Muon, step for step (its momentum, Newton-Schulz orthogonalization and lr adjustment), that
+    also honours grad_scale and found_inf (module docstring): torch's takes neither, and a tensor learning
+    rate would be read back to the host once per matrix."""
+
+    grad_scale: torch.Tensor | None = None
+    found_inf: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params, grads, buffers = [], [], []
+            self._init_group(group, params, grads, buffers)
+            keep = 1.0 if self.found_inf is None else 1 - self.found_inf
+            for param, grad, buffer in zip(params, grads, buffers, strict=True):
+                if self.grad_scale is not None:
+                    grad = grad / self.grad_scale
+                if self.found_inf is not None:  # a skipped step moves the momentum toward itself: unchanged
+                    grad = torch.where(self.found_inf.bool(), buffer, grad)
+                buffer.lerp_(grad, 1 - group["momentum"])
+                update = grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
+                update = _zeropower_via_newtonschulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                param.mul_(1 - group["lr"] * group["weight_decay"] * keep)
+                param.add_(update * keep, alpha=-_adjust_lr(group["lr"], group["adjust_lr_fn"], param.shape))
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon on some parameter groups, the fused AdamW on the others, as one optimizer: one schedule (each
+    group's lr scaled alike from its own initial_lr), one state_dict, one step for train_step.
+
+    The two inner optimizers step on this one's groups and state, handed to them at each step: a
+    load_state_dict replaces both here."""
+
+    def __init__(self, muon: Muon, adamw: torch.optim.AdamW):
+        self._muon, self._adamw = muon, adamw
+        super().__init__([*adamw.param_groups, *muon.param_groups], {})
+        self.grad_scale = self.found_inf = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for inner in (self._muon, self._adamw):
+            is_muon = inner is self._muon
+            inner.param_groups = [group for group in self.param_groups if ("ns_steps" in group) == is_muon]
+            inner.state = self.state
+            inner.grad_scale, inner.found_inf = self.grad_scale, self.found_inf
+            inner.step()
+
+
+def muon_adamw(
+    model: GPT,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    *,
+    muon_lr: float,
+    muon_momentum: float,
+    muon_weight_decay: float,
+) -> MuonAdamW:
+    """Muon (lr muon_lr, Nesterov momentum muon_momentum, weight decay muon_weight_decay, torch's 'original'
+    lr adjustment) on the block matrices, the fused AdamW as `adamw` groups it on every other parameter."""
+    matrices = block_matrices(model)
+    decay, no_decay = adamw_groups(model, exclude={id(p) for p in matrices})
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    rest = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+    muon = Muon(matrices, lr=muon_lr, momentum=muon_momentum, weight_decay=muon_weight_decay, adjust_lr_fn="original")
+    return MuonAdamW(muon, rest)
+
+
+def lr_schedule(
+    optimizer, max_steps: int, warmup_ratio: float, decay: str = "cosine", cooldown_ratio: float = 0.2
+) -> LambdaLR:
     """transformers' get_cosine_schedule_with_warmup, or get_linear_schedule_with_warmup for decay='linear',
-    warmup steps rounded up as the Trainer does."""
+    warmup steps rounded up as the Trainer does; or decay='wsd' (warmup-stable-decay): after the warmup
+    the peak holds, then falls linearly to 0 over the last cooldown_ratio of the steps."""
     warmup_steps = math.ceil(max_steps * warmup_ratio)
+    cooldown_steps = max(1, math.ceil(max_steps * cooldown_ratio))
 
     def lr_factor(step: int) -> float:
         if step < warmup_steps:
             return step / max(1, warmup_steps)
+        if decay == "wsd":
+            return max(0.0, min(1.0, (max_steps - step) / cooldown_steps))
         if decay == "linear":
             return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
         progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)

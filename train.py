@@ -55,9 +55,9 @@ from common import UserError, check_device, keep_freed_memory, one_line
 from distributed import Job
 from evaluator import Evaluator
 from hf import from_pretrained
-from loss import CompactVocab, tie_unseen_rows
+from loss import compact_output_layer
 from model import GPT, GPTConfig
-from optim import adamw, clip_divisor, lr_schedule
+from optim import adamw, clip_divisor, lr_schedule, muon_adamw
 from plot import plot_run
 from reporting import Reporter, flops_per_token, open_run
 from shards import TokenWindows
@@ -92,14 +92,19 @@ class TrainConfig:
     micro_batch_size: int | None = None  # sequences per process per forward/backward; None: the largest that fits
     epochs: int = 1  # passes over the train split, when max_steps is None
     max_steps: int | None = None  # None: epochs x steps per epoch
-    # AdamW and schedule, as the HF Trainer: linear warmup then cosine (or linear) decay to 0
-    learning_rate: float = 2.5e-4  # the peak, reached at the end of the warmup
+    # optimizer and schedule; the defaults are the HF Trainer's: AdamW, linear warmup then cosine decay to 0
+    optimizer: str = "adamw"  # 'adamw'; or 'muon': Muon on the blocks' matrices, AdamW (the keys below) on the rest
+    learning_rate: float = 2.5e-4  # AdamW's peak, reached at the end of the warmup
     weight_decay: float = 0.01  # not on biases and LayerNorm weights
     beta1: float = 0.9  # AdamW's first-moment decay
     beta2: float = 0.999  # AdamW's second-moment decay
     eps: float = 1e-8  # AdamW's denominator term
     warmup_ratio: float = 0.05  # warmup steps = ceil(warmup_ratio x max_steps), as transformers
-    lr_decay: str = "cosine"  # after the warmup, down to 0 at max_steps: 'cosine' (the HF Trainer's) or 'linear'
+    lr_decay: str = "cosine"  # after the warmup, down to 0 at max_steps: 'cosine' (the HF Trainer's), 'linear', 'wsd'
+    cooldown_ratio: float = 0.2  # wsd: the peak holds until the last cooldown_ratio of the steps, then falls linearly
+    muon_learning_rate: float = 0.02  # Muon's peak (scaled by the schedule as learning_rate is)
+    muon_momentum: float = 0.95  # Muon's Nesterov momentum
+    muon_weight_decay: float = 0.0  # Muon's decoupled weight decay on the blocks' matrices
     grad_clip: float = 1.0  # the largest gradient norm; larger ones are scaled down to it
     # eval, logging, checkpoints
     eval_interval: int = 500  # steps between evaluations on the val split (and at the last step)
@@ -125,8 +130,9 @@ class TrainConfig:
 # The keys a resumed run takes from its own config rather than the checkpoint's: AdamW's hyperparameters,
 # the clipping, the schedule (evaluated from the step reached on) and dropout.
 OPTIMIZATION_KEYS = (
-    "learning_rate weight_decay beta1 beta2 eps grad_clip warmup_ratio lr_decay max_steps epochs dropout".split()
-)
+    "learning_rate weight_decay beta1 beta2 eps grad_clip warmup_ratio lr_decay cooldown_ratio muon_learning_rate "
+    "muon_momentum muon_weight_decay max_steps epochs dropout"
+).split()
 MODEL_SHAPE_KEYS = ("vocab_size", "n_layer", "n_head", "n_embd")  # a loaded model keeps its own
 
 
@@ -144,8 +150,8 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
     """Refuses values that could only fail later (or silently do nothing), before anything is built."""
     positive = (
         "block_size vocab_size n_layer n_head n_embd batch_size micro_batch_size epochs max_steps learning_rate "
-        "grad_clip eval_interval eval_windows task_limit sample_tokens log_interval checkpoint_interval "
-        "keep_checkpoints dist_timeout_minutes"
+        "muon_learning_rate grad_clip eval_interval eval_windows task_limit sample_tokens log_interval "
+        "checkpoint_interval keep_checkpoints dist_timeout_minutes"
     ).split()
     for key in positive:
         if (value := getattr(cfg, key)) is not None and not value > 0:
@@ -156,18 +162,22 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
     for field in dataclasses.fields(cfg):
         if isinstance(value := getattr(cfg, field.name), float) and not math.isfinite(value):
             raise UserError(f"{field.name}={value}: must be a finite number")
-    for key in ("weight_decay", "eps"):
+    for key in ("weight_decay", "eps", "muon_weight_decay"):
         if (value := getattr(cfg, key)) < 0:
             raise UserError(f"{key}={value}: must be 0 or more")
     if not 0 <= cfg.seed < 2**63:
         raise UserError(f"seed={cfg.seed}: must be an integer in [0, 2**63)")
-    for key in ("dropout", "beta1", "beta2"):
+    for key in ("dropout", "beta1", "beta2", "muon_momentum"):
         if not 0 <= (value := getattr(cfg, key)) < 1:
             raise UserError(f"{key}={value}: must be in [0, 1)")
     if not 0 <= cfg.warmup_ratio <= 1:
         raise UserError(f"warmup_ratio={cfg.warmup_ratio}: must be in [0, 1] (a fraction of the steps)")
-    if cfg.lr_decay not in ("cosine", "linear"):
-        raise UserError(f"lr_decay={cfg.lr_decay!r}: use 'cosine' or 'linear'")
+    if cfg.lr_decay not in ("cosine", "linear", "wsd"):
+        raise UserError(f"lr_decay={cfg.lr_decay!r}: use 'cosine', 'linear' or 'wsd'")
+    if not 0 < cfg.cooldown_ratio <= 1:
+        raise UserError(f"cooldown_ratio={cfg.cooldown_ratio}: must be in (0, 1] (a fraction of the steps)")
+    if cfg.optimizer not in ("adamw", "muon"):
+        raise UserError(f"optimizer={cfg.optimizer!r}: use 'adamw' or 'muon'")
     if cfg.run_name.strip() in ("", ".", "..") or Path(cfg.run_name).name != cfg.run_name or "\\" in cfg.run_name:
         raise UserError(
             f"run_name={cfg.run_name!r}: must name the run's own directory under out_dir, such as gpt2 "
@@ -270,24 +280,6 @@ def build_model(cfg: TrainConfig, source, meta: dict) -> GPT:
     return model
 
 
-def compact_output_layer(model: GPT, windows: TokenWindows, new_model: bool) -> str:
-    """Gives the model's loss the softmax over the tokens of the train windows (loss.CompactVocab), a new
-    model's rows of the others tied (at zero) first; says which softmax the model takes. A loaded model whose unseen
-    rows differ (a pretrained one) keeps the whole softmax."""
-    weight = model.lm_head.weight
-    seen = torch.from_numpy(windows.tokens_present()).to(weight.device)
-    seen = torch.cat([seen, seen.new_zeros(len(weight) - len(seen))])  # a model vocabulary beyond the data's
-    if new_model:
-        tie_unseen_rows(weight, seen)
-    model.compact_vocab = CompactVocab.of(weight, seen)
-    if model.compact_vocab is None:
-        return f"softmax over all {len(weight):,} tokens"
-    return (
-        f"softmax over the {int(seen.sum()):,} tokens of the train split, the other {int((~seen).sum()):,} "
-        "(one shared row) as one column"
-    )
-
-
 def with_model_shape(cfg: TrainConfig, model: GPT) -> TrainConfig:
     """cfg with a loaded model's own shape, so that the config a run saves tells the truth."""
     return dataclasses.replace(cfg, **{key: getattr(model.config, key) for key in MODEL_SHAPE_KEYS})
@@ -304,6 +296,18 @@ def distribute(model: GPT, cfg: TrainConfig, job: Job):
             gradient_as_bucket_view=True,  # gradients live in the buckets: not copied in and out, not held twice
         )
     return torch.compile(model) if cfg.compile else model
+
+
+def build_optimizer(cfg: TrainConfig, model: GPT):
+    """The fused AdamW (its found_inf lets train_step skip a non-finite step on the device), or Muon on the
+    blocks' matrices with it on the rest (optim.py)."""
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.optimizer == "adamw":
+        return adamw(model, cfg.learning_rate, cfg.weight_decay, betas, cfg.eps, fused=True)
+    return muon_adamw(
+        model, cfg.learning_rate, cfg.weight_decay, betas, cfg.eps, muon_lr=cfg.muon_learning_rate,
+        muon_momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay,
+    )  # fmt: skip
 
 
 def describe_batches(cfg: TrainConfig, job: Job, micro_batch_size: int, data: RunData, start_step: int) -> str:
@@ -394,13 +398,14 @@ def train(cfg: TrainConfig, job: Job) -> int:
     steps_key = f"max_steps={cfg.max_steps}" if cfg.max_steps else f"epochs={cfg.epochs}"
     # the shape keys a resume must repeat: those a new model of this run is built from (not init_from's)
     shape = {key: getattr(cfg, key) for key in MODEL_SHAPE_KEYS} if cfg.init_from == "scratch" else {}
+    fixed = {**shape, "optimizer": cfg.optimizer}  # what a resume continues as it is
     resume_from = job.on_rank0(
         lambda: find_resume_checkpoint(
             cfg.resume,
             cfg.eval_only,
             run_dir,
             data_order=data.order,
-            model_shape=shape,
+            fixed=fixed,
             data_dir=cfg.data_dir,
             max_steps=data.max_steps,
             steps_key=steps_key,
@@ -419,21 +424,18 @@ def train(cfg: TrainConfig, job: Job) -> int:
         block_size=cfg.block_size,
         micro_batch_size=cfg.micro_batch_size,
     )
-    softmax = compact_output_layer(raw_model, data.train, source is None) if data.train is not None else None
+    train_tokens = data.train.tokens_present() if data.train is not None else None
+    softmax = f"; {compact_output_layer(raw_model, train_tokens, source is None)}" if train_tokens is not None else ""
     job.announce(f"config: {json.dumps(asdict(cfg))}")
-    job.announce(
-        f"model: {raw_model.num_params():,} parameters, {'from ' + str(source) if source else 'new'}"
-        + (f"; {softmax}" if softmax else "")
-    )
+    job.announce(f"model: {raw_model.num_params():,} parameters, {'from ' + str(source) if source else 'new'}{softmax}")
     evaluator = build_evaluator(cfg, job, raw_model, data, micro_batch_size, autocast)
     if cfg.eval_only:
         job.announce(f"{len(data.val_indices)} windows of {cfg.block_size} tokens: {evaluator().describe()}")
         return 0
 
     model = distribute(raw_model, cfg, job)
-    # fused: its found_inf lets train_step skip a non-finite step on the device
-    optimizer = adamw(raw_model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, fused=True)
-    scheduler = lr_schedule(optimizer, data.max_steps, cfg.warmup_ratio, cfg.lr_decay)
+    optimizer = build_optimizer(cfg, raw_model)
+    scheduler = lr_schedule(optimizer, data.max_steps, cfg.warmup_ratio, cfg.lr_decay, cfg.cooldown_ratio)
     checkpointer = Checkpointer(
         job, run_dir, raw_model, optimizer, scheduler, data_order=data.order, config=asdict(cfg), seed=cfg.seed,
         interval=cfg.checkpoint_interval, keep=cfg.keep_checkpoints,

@@ -20,6 +20,7 @@ import train
 from checkpoint import latest_checkpoint
 from common import UserError
 from hf import hf_config, hf_state_dict
+from loss import compact_output_layer
 from model import GPT, GPTConfig
 from recipe import RecipeWindows, recipe_arguments
 from shards import TokenWindows
@@ -78,7 +79,7 @@ def recipe(data, tmp_path_factory):
     torch.manual_seed(SEED)  # as train.py builds a new model
     ours = GPT(GPTConfig(**SHAPE))
     windows = TokenWindows(data, "train", BLOCK)
-    train.compact_output_layer(ours, windows, new_model=True)  # ties the rows of tokens not in the data
+    compact_output_layer(ours, windows.tokens_present(), new_model=True)  # ties the rows of tokens not in the data
     model = GPT2LMHeadModel(GPT2Config(**hf_config(ours.config)))
     model.load_state_dict(hf_state_dict(ours), strict=False)  # lm_head.weight is tied to wte
     args = recipe_arguments(

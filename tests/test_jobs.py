@@ -240,8 +240,12 @@ def test_a_failed_checkpoint_write_ends_the_job_and_the_previous_one_resumes(dat
     assert "resumed from" in capsys.readouterr().out and latest_checkpoint(run).name == "ckpt_0000008"
 
 
-def test_a_step_nonfinite_on_one_rank_is_skipped_by_every_rank(data, tmp_path):
-    run_job(data, tmp_path, "--batch_size=4", "--max_steps=5", "--log_interval=5", fault="nan_loss_on_rank1_at_step_3")
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_step_nonfinite_on_one_rank_is_skipped_by_every_rank(data, tmp_path, optimizer):
+    run_job(
+        data, tmp_path, "--batch_size=4", "--max_steps=5", "--log_interval=5", f"--optimizer={optimizer}",
+        fault="nan_loss_on_rank1_at_step_3",
+    )  # fmt: skip
     records = metrics(tmp_path)  # rank 0's, whose own loss was finite
     assert [m["step"] for m in records if "skipped" in m] == [3] and records[-2]["nonfinite_steps"] == 1
     assert all(torch.isfinite(t).all() for t in weights(latest_checkpoint(tmp_path / "run")).values())

@@ -27,6 +27,7 @@ import train
 from checkpoint import CHECKPOINT_PATTERN, TrainerState, latest_checkpoint
 from common import UserError
 from hf import from_pretrained, save_pretrained
+from loss import compact_output_layer
 from model import GPT, GPTConfig
 from shards import TokenWindows
 
@@ -86,9 +87,11 @@ def assert_same_training(out, ref, rtol=1e-5, atol=1e-5):
         assert torch.allclose(ours[name], theirs[name], rtol=rtol, atol=atol), name
 
 
-def test_resume_is_bitwise_identical(data, tmp_path, capsys):
+@pytest.mark.parametrize("optimizer", [["--optimizer=adamw"], ["--optimizer=muon", "--lr_decay=wsd"]])
+def test_resume_is_bitwise_identical(data, tmp_path, capsys, optimizer):
     # dropout on: a resumed run must also continue every RNG stream exactly.
     extra = [
+        *optimizer,
         "--dropout=0.1",
         "--batch_size=4",
         "--micro_batch_size=2",
@@ -202,7 +205,7 @@ def test_mfu_counts_the_output_layer_columns_computed(data, tmp_path):
     cfg = configurator.parse_config(train.TrainConfig, args(data, tmp_path))
     model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16))
     whole = reporting.flops_per_token(model, cfg.block_size)
-    train.compact_output_layer(model, TokenWindows(data, "train", 16), new_model=True)
+    compact_output_layer(model, TokenWindows(data, "train", 16).tokens_present(), new_model=True)
     assert (
         whole - reporting.flops_per_token(model, cfg.block_size) == 6 * 15 * 16
     )  # 49 of 64 columns: 15 rows of 16 fewer

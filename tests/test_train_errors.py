@@ -51,7 +51,10 @@ def copy_run(finished, tmp_path) -> Path:
         ("--grad_clip=inf", "grad_clip=inf: must be a finite number"),
         ("--eps=nan", "eps=nan: must be a finite number"),
         ("--weight_decay=-0.1", "weight_decay=-0.1: must be 0 or more"),
-        ("--lr_decay=step", "lr_decay='step': use 'cosine' or 'linear'"),
+        ("--lr_decay=step", "lr_decay='step': use 'cosine', 'linear' or 'wsd'"),
+        ("--optimizer=sgd", "optimizer='sgd': use 'adamw' or 'muon'"),
+        ("--cooldown_ratio=0", r"cooldown_ratio=0.0: must be in \(0, 1\]"),
+        ("--muon_momentum=1", r"muon_momentum=1.0: must be in \[0, 1\)"),
         ("--dist_timeout_minutes=inf", "dist_timeout_minutes=inf: must be a finite number"),
         ("--run_name=", "run_name='': must name the run's own directory under out_dir"),
         (
@@ -276,14 +279,15 @@ def test_a_damaged_metrics_line_is_named(data, finished, tmp_path):
     [
         (
             "--n_layer=3",
-            r"ckpt_0000004's model has n_layer=2, this run asks for n_layer=3, .* resume with --n_layer=2,",
+            r"ckpt_0000004 was trained with n_layer=2, this run asks for n_layer=3, .* resume with --n_layer=2,",
         ),
         (
             "--n_embd=32",
-            r"ckpt_0000004's model has n_embd=16, this run asks for n_embd=32, .* resume with --n_embd=16,",
+            r"ckpt_0000004 was trained with n_embd=16, this run asks for n_embd=32, .* resume with --n_embd=16,",
         ),
         ("--block_size=8", r"trained with block_size=16, this run has block_size=8, .* resume with --block_size=16,"),
         ("--seed=7", r"trained with seed=42, this run has seed=7, which makes other batches; resume with --seed=42,"),
+        ("--optimizer=muon", r"trained with optimizer=adamw, this run asks for optimizer=muon, .* --optimizer=adamw,"),
         ("--batch_size=4", r"trained with batch_size=8, this run has batch_size=4, .* resume with --batch_size=8,"),
     ],
 )
