@@ -30,10 +30,11 @@ import torch
 from safetensors import SafetensorError
 
 import tokenizer
-from checksums import checksum_problem, sha256, write_checksums
+from checksums import Damaged, checksum_problem, sha256, write_checksums
 from common import UserError, first_nonfinite, first_sentence, fsync, hold_lock, publish, temp_path
 from distributed import Job
-from hf import save_pretrained
+from hf import from_pretrained, save_pretrained
+from model import GPT
 
 CHECKPOINT_PATTERN = re.compile(r"ckpt_(\d+)")
 # what write_checkpoint writes (and checksums.sha256 lists): the files below, in the module docstring's order
@@ -116,10 +117,26 @@ def newest_intact(run_dir: Path, before: int | None = None) -> Path | None:
     return next((path for step, path in steps if (before is None or step < before) and damage(path) is None), None)
 
 
+def intact_before(checkpoint: Path) -> Path | None:
+    """The newest intact checkpoint of the run of `checkpoint` (a ckpt_* directory) before it, or None."""
+    step = CHECKPOINT_PATTERN.fullmatch(checkpoint.name)
+    return newest_intact(checkpoint.parent, before=int(step.group(1))) if step else None
+
+
+def from_checkpoint(source: str, flag: str, dropout: float | None) -> GPT:
+    """hf.from_pretrained, where a damaged checkpoint's error names the newest intact one before it as the
+    value to pass to `flag` (the option that named source)."""
+    try:
+        return from_pretrained(source, dropout=dropout)
+    except Damaged as e:
+        intact = intact_before(Path(source))
+        fix = f"pass {flag}={intact}, the newest intact checkpoint before it" if intact else "pass an intact one"
+        raise UserError(f"{e.problem}; {fix}") from None
+
+
 def refuse_damaged(path: Path, problem: str, run_dir: Path) -> UserError:
     """The error for a damaged checkpoint: its problem, and the newest intact checkpoint before it."""
-    step = int(m.group(1)) if (m := CHECKPOINT_PATTERN.fullmatch(path.name)) else None
-    intact = newest_intact(path.parent, before=step)
+    intact = intact_before(path)
     if intact is None:
         fix = "no earlier checkpoint is intact: start a new run (another --run_name, or remove the damaged one)"
     elif path.parent.resolve() == run_dir.resolve():
@@ -229,29 +246,28 @@ def find_resume_checkpoint(
 def refuse_another_run(
     path: Path, saved_order: dict, data_order: dict, saved_config: dict, fixed: dict, data_dir: str
 ) -> None:
-    """Refuses a resume that would not continue the checkpoint's run, naming the key: other batches (the
-    data order's seed, batch_size, block_size; its train_data and tokenizer, what data_dir holds) or
-    `fixed` config keys that differ from the checkpoint's own config."""
+    """Refuses a resume that would not continue the checkpoint's run, naming what differs: other batches (the
+    data order's seed, batch_size, block_size; its train_data and tokenizer, what data_dir holds) or `fixed`
+    config keys other than the checkpoint's own config (its model's shape, its optimizer), all of them at once."""
     start_anew = "or start a new run (another --run_name)"
-    for key, value in data_order.items():
-        saved = saved_order.get(key)
-        if saved == value:
-            continue
-        if key in ("train_data", "tokenizer", "tokenizer_sha256"):
+    if None in (saved_order.get(key) for key in ("seed", "batch_size", "train_data")):
+        raise UserError(f"{path} does not record its data order (an older train.py wrote it); start a new run")
+    for key in ("train_data", "tokenizer", "tokenizer_sha256"):
+        if (saved := saved_order.get(key)) != (value := data_order[key]):
+            short = (lambda text: f"{text[:12]}...") if key != "tokenizer" else str  # hashes are long
             raise UserError(
-                f"{path} was trained on other data than {data_dir} holds ({key} {str(saved)[:12]}... then, "
-                f"{str(value)[:12]}... now); resume with the data it was trained on (--data_dir), {start_anew}"
+                f"{path} was trained on other data than {data_dir} holds ({key} {short(str(saved))} then, "
+                f"{short(str(value))} now); resume with the data it was trained on (--data_dir), {start_anew}"
             )
+    differ = {key: (saved_order.get(key), value) for key, value in data_order.items() if saved_order.get(key) != value}
+    differ |= {key: (saved_config.get(key), value) for key, value in fixed.items() if saved_config.get(key) != value}
+    if differ:
+        then_now = ", ".join(f"{key}={saved} then, {value} now" for key, (saved, value) in differ.items())
+        flags = " ".join(f"--{key}={saved}" for key, (saved, _) in differ.items())
         raise UserError(
-            f"{path} was trained with {key}={saved}, this run has {key}={value}, which makes other batches; "
-            f"resume with --{key}={saved}, {start_anew}"
+            f"{path} was trained with other settings than this run's ({then_now}); a resume continues its batches, "
+            f"its model and optimizer as they were: resume with {flags}, {start_anew}"
         )
-    for key, value in fixed.items():
-        if (saved := saved_config.get(key)) != value:
-            raise UserError(
-                f"{path} was trained with {key}={saved}, this run asks for {key}={value}, and a resume continues "
-                f"the checkpoint's model and optimizer as they are; resume with --{key}={saved}, {start_anew}"
-            )
 
 
 def rng_state(device: str) -> dict:
@@ -347,7 +363,7 @@ class Checkpointer:
         def write() -> Path:
             if broken := nonfinite_tensor(self.model, self.optimizer):
                 raise UserError(
-                    f"step {step}: {broken} holds inf or NaN, so no checkpoint is written; "
+                    f"step {step}: {broken} holds inf or NaN, or values near it, so no checkpoint is written; "
                     + then_resume(self.run_dir, "lower learning_rate (or check the data)")
                 )
             state = TrainerState(

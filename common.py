@@ -25,8 +25,13 @@ def perplexity(loss: float) -> float:
 
 
 def first_nonfinite(named_tensors) -> str | None:
-    """The name of the first of (name, tensor) pairs that holds inf or NaN; None when all are finite."""
-    return next((name for name, tensor in named_tensors if not bool(tensor.detach().isfinite().all())), None)
+    """The name of the first of (name, tensor) pairs that holds inf or NaN, or values so large (past ~1e19 in
+    float32) that its norm overflows: a diverged tensor; None when all are finite."""
+    import torch  # here: prepare.py, which needs no torch, imports this module
+
+    return next(
+        (name for name, tensor in named_tensors if not torch.linalg.vector_norm(tensor.detach()).isfinite()), None
+    )
 
 
 def one_line(error: BaseException) -> str:
@@ -89,7 +94,9 @@ def hold_lock(path: Path, in_use: str, fix: str):
     except Timeout:
         raise UserError(f"{in_use} (it holds {path}); {fix}") from None
     except OSError as e:
-        raise UserError(f"cannot lock {path} ({e.strerror}); pick another --out_dir") from None
+        raise UserError(
+            f"cannot lock {path} ({e.strerror}): its folder must be writable; pick another --out_dir"
+        ) from None
     try:
         yield
     finally:

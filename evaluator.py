@@ -129,7 +129,7 @@ class Evaluator:
     def _sample(self) -> str | None:
         """The eval's sample; None, said in one line, where the weights hold inf or NaN (nothing to sample)."""
         if broken := first_nonfinite(self._model.named_parameters()):
-            print(f"no sample at this eval: {broken} holds inf or NaN", flush=True)
+            print(f"no sample at this eval: {broken} holds inf or NaN, or values near it", flush=True)
             return None
         generator = torch.Generator(self._job.device).manual_seed(self._seed)
         with self._autocast:

@@ -201,7 +201,7 @@ def from_pretrained(path_or_name: str, dropout: float | None = None) -> GPT:
             f"{config_path} not found; expected an HF GPT-2 checkpoint directory (config.json and its weights)"
         )
     if (directory / CHECKSUMS).is_file() and (problem := checksum_problem(directory, MODEL_FILES)):
-        raise Damaged(problem, f"pass an intact HF GPT-2 directory ({DAMAGED_CHECKPOINT})")
+        raise Damaged(problem, "pass an intact HF GPT-2 directory")
     try:
         try:
             config = config_from_hf(json.loads(config_path.read_text()))

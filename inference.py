@@ -5,10 +5,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import CHECKPOINT_PATTERN, latest_checkpoint, newest_intact
-from checksums import Damaged
+from checkpoint import from_checkpoint, latest_checkpoint
 from common import UserError, first_nonfinite
-from hf import from_pretrained
 from model import GPT, GPTConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,13 +43,9 @@ def load_model(ckpt: str | None, init: str) -> GPT:
             raise UserError(f"{source} has neither config.json nor ckpt_* checkpoints; {TRAIN_HINT}")
         source = str(checkpoint)
     print(f"loading {source}", file=sys.stderr)
-    try:
-        model = from_pretrained(source, dropout=0.0)
-    except Damaged as e:
-        step = CHECKPOINT_PATTERN.fullmatch(Path(source).name)
-        intact = newest_intact(Path(source).parent, before=int(step.group(1))) if step else None
-        fix = f"pass --ckpt={intact}, the newest intact checkpoint before it" if intact else "pass an intact checkpoint"
-        raise UserError(f"{e.problem}; {fix}") from None
+    model = from_checkpoint(source, "--ckpt", dropout=0.0)
     if broken := first_nonfinite(model.named_parameters()):
-        raise UserError(f"{source}: {broken} holds inf or NaN (training diverged before it); pass an earlier one")
+        raise UserError(
+            f"{source}: {broken} holds inf or NaN, or values near it (training diverged before it); pass an earlier one"
+        )
     return model

@@ -129,7 +129,7 @@ def check_config(cfg: PrepareConfig) -> None:
 
 def input_fingerprint(files: list[Path]) -> dict:
     """Names, sizes and modification times of the input files: a resume over changed files starts over."""
-    stats = [(str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in files]
+    stats = [(os.path.abspath(path), path.stat().st_size, path.stat().st_mtime_ns) for path in files]
     return {
         "files": len(stats),
         "bytes": sum(size for _, size, _ in stats),
@@ -138,8 +138,9 @@ def input_fingerprint(files: list[Path]) -> dict:
 
 
 def input_name(pattern: str) -> str:
-    """The dataset's name (data/<name>) for --input: the file or directory it names (a glob: the folder
-    before its first wildcard), less the extension that makes it an input and any leading dots."""
+    """The dataset's name (data/<name>) for --input: the file or directory it names (a glob: the path up
+    to its first wildcard, so books/*.txt is books), less the extension that makes it an input and any
+    leading dots."""
     name = input_stem(Path(re.split(r"[*?\[]", pattern)[0]).resolve()).lstrip(".")
     if not name:
         raise UserError(f"--input={pattern} leaves the dataset no name; pass --out_dir")
@@ -152,15 +153,16 @@ def open_source(cfg: PrepareConfig, replaced: collections.Counter):
     if cfg.input or cfg.dataset == "austen":
         files, summary = local_files(cfg.input) if cfg.input else (sorted(ROOT.glob(AUSTEN_GLOB)), None)
         name = input_name(cfg.input) if cfg.input else "austen"
+        where = os.path.abspath(cfg.input) if cfg.input else AUSTEN_GLOB  # one source however it is spelled
         kind = input_kind(files[0])
         if kind in ROW_FORMATS:
-            source = f"{cfg.input} column {cfg.text_column}"
+            source = f"{where} column {cfg.text_column}"
             documents = dataset_documents(
                 ROW_FORMATS[kind], source, cfg.text_column, sentences=False, files=files, hint=OFFLINE_HINT,
                 data_files=[str(f) for f in files], split="train",
             )  # fmt: skip
             return name, source, documents, files, summary
-        return name, cfg.input or AUSTEN_GLOB, (text_file_pieces(f, replaced) for f in files), files, summary
+        return name, where, (text_file_pieces(f, replaced) for f in files), files, summary
     bookcorpus = cfg.dataset == "bookcorpus"
     repo = BOOKCORPUS if bookcorpus else cfg.dataset
     revision = cfg.revision or (BOOKCORPUS_REVISION if bookcorpus else None)
@@ -470,24 +472,20 @@ def main(argv):
     name, source, documents, files, summary = open_source(cfg, replaced)
     out_dir = Path(cfg.out_dir or ROOT / "data" / name)
     settings = {
-        "format_version": FORMAT_VERSION,
-        "tokenizer": "gpt2",
-        "tokenizer_sha256": RANKS_SHA256,
-        "vocab_size": VOCAB_SIZE,
-        "eot_id": EOT_ID,
-        "source": source,
+        "format_version": FORMAT_VERSION, "tokenizer": "gpt2", "tokenizer_sha256": RANKS_SHA256,
+        "vocab_size": VOCAB_SIZE, "eot_id": EOT_ID, "source": source,
         **({"input": input_fingerprint(files)} if files else {}),
-        "seed": cfg.seed,
-        "val_fraction": cfg.val_fraction,
-        "block_chars": cfg.block_chars,
+        "seed": cfg.seed, "val_fraction": cfg.val_fraction, "block_chars": cfg.block_chars,
         "shard_tokens": cfg.shard_tokens,
-    }
+    }  # fmt: skip
     if not cfg.force and already_prepared(out_dir, settings):
         return  # a read: it needs neither write access nor the lock
     check_out_dir(out_dir)
     lock = out_dir.resolve()
     in_use = f"{out_dir} is in use by another prepare.py"
     with hold_lock(lock.with_name(lock.name + ".lock"), in_use, "wait for it to end, or pick another --out_dir"):
+        if not cfg.force and already_prepared(out_dir, settings):  # by a prepare that held the lock until now
+            return
         if cfg.force and out_dir.is_dir():
             if replaced_data := holdings(out_dir):
                 print(f"--force: replacing {out_dir}, {replaced_data}")

@@ -115,8 +115,8 @@ class Reporter:
         for s, (loss, grad_norm, skipped, weights_broken) in enumerate(results, start=step - len(results) + 1):
             if weights_broken:
                 raise UserError(
-                    f"step {s}: its update left weights holding inf or NaN (loss {loss}, grad norm {grad_norm}), "
-                    "so the run stops here; " + then_resume(self._run_dir, "lower learning_rate")
+                    f"step {s}: its update left weights holding inf or NaN, or near it (loss {loss:.4g}, grad norm "
+                    f"{grad_norm:.4g}), so the run stops here; " + self._then_resume("lower learning_rate")
                 )
             if skipped:
                 self._skipped(s, loss, grad_norm)
@@ -136,8 +136,12 @@ class Reporter:
         if self._in_a_row == NONFINITE_STEPS_BEFORE_STOP:
             raise UserError(
                 f"loss was non-finite for {self._in_a_row} steps in a row (up to step {step}); "
-                + then_resume(self._run_dir, "lower learning_rate or check the data")
+                + self._then_resume("lower learning_rate or check the data")
             )
+
+    def _then_resume(self, fix: str) -> str:
+        """checkpoint.then_resume, worked out on rank 0 alone: it verifies checkpoints, reading every byte."""
+        return self._job.on_rank0(lambda: then_resume(self._run_dir, fix), share=True)
 
     def log(self, step: int, lr: float) -> None:
         """The log line and record of the steps read since the last one; none while all of them were skipped."""

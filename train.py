@@ -50,11 +50,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import configurator
 import zero_shot
 from batching import batches, choose_micro_batch
-from checkpoint import Checkpoint, Checkpointer, find_resume_checkpoint, run_dir_lock
+from checkpoint import Checkpoint, Checkpointer, find_resume_checkpoint, from_checkpoint, run_dir_lock
 from common import UserError, check_device, keep_freed_memory, one_line
 from distributed import Job
 from evaluator import Evaluator
-from hf import from_pretrained
 from loss import compact_output_layer
 from model import GPT, GPTConfig
 from optim import adamw, clip_divisor, lr_schedule, muon_adamw
@@ -275,7 +274,7 @@ def build_model(cfg: TrainConfig, source, meta: dict) -> GPT:
         config.check_data_fits(cfg.block_size, meta["vocab_size"], cfg.data_dir)
         torch.manual_seed(cfg.seed)  # the same initial weights whatever the number of ranks
         return GPT(config)
-    model = from_pretrained(str(source), dropout=cfg.dropout).train()  # eval mode from from_pretrained, as HF's
+    model = from_checkpoint(str(source), "--init_from", cfg.dropout).train()  # eval mode from from_pretrained, as HF's
     model.config.check_data_fits(cfg.block_size, meta["vocab_size"], cfg.data_dir)
     return model
 
@@ -328,9 +327,9 @@ def train_step(
     Gradients are clipped to grad_clip by the optimizer (grad_scale). A non-finite loss or gradient norm
     skips the update inside the fused AdamW (found_inf, as a GradScaler would tell it), on the device;
     every rank sees the same all-reduced loss and norm, so all skip alike. The schedule advances
-    either way, as the HF Trainer's does. A finite step can still push a weight to inf (a learning rate
-    far too large): the weights are checked after each update, and the optimizer state need not be, as
-    it holds moments of clipped, finite gradients (and is checked at each checkpoint).
+    either way, as the HF Trainer's does. A finite step can still push weights to inf or near it (a
+    learning rate far too large): the weights' norm is checked after each update, and the optimizer state
+    need not be, as it holds moments of clipped, finite gradients (and is checked at each checkpoint).
     """
     micro_steps = tokens.shape[0]
     loss_sum = torch.zeros((), device=tokens.device)
@@ -353,8 +352,8 @@ def train_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    with torch.no_grad():  # the largest weight: inf or NaN where the update made any weight so
-        weights_broken = ~torch.nn.utils.get_total_norm(raw_model.parameters(), norm_type=math.inf).isfinite()
+    with torch.no_grad():  # inf or NaN where a weight is, or is past ~1e19 (its square overflows): diverged
+        weights_broken = ~torch.nn.utils.get_total_norm(raw_model.parameters()).isfinite()
     return torch.stack([loss, grad_norm, skipped, weights_broken.float()])
 
 

@@ -155,7 +155,7 @@ DRIFTS = {
     "warmup steps rounded down": (
         train,
         "lr_schedule",
-        lambda opt, steps, ratio, decay: LR_SCHEDULE(opt, steps, math.floor(steps * ratio) / steps, decay),
+        lambda opt, steps, ratio, *rest: LR_SCHEDULE(opt, steps, math.floor(steps * ratio) / steps, *rest),
     ),
     "weight decay on biases and LayerNorm too": (train, "adamw", weight_decay_on_every_parameter),
     "no gradient clipping": (train, "clip_divisor", lambda grad_norm, max_norm: CLIP(grad_norm, math.inf)),

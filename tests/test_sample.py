@@ -269,5 +269,5 @@ def test_weights_of_a_diverged_run_are_one_line(tmp_path):
     with torch.no_grad():
         model.transformer.wte.weight[3, 3] = float("inf")
     save_pretrained(model, tmp_path / "ckpt")
-    with pytest.raises(UserError, match="ckpt: transformer.wte.weight holds inf or NaN .*; pass an earlier one"):
+    with pytest.raises(UserError, match="ckpt: transformer.wte.weight holds inf or NaN.*; pass an earlier one"):
         sample.main([f"--ckpt={tmp_path / 'ckpt'}", "--max_new_tokens=2"])

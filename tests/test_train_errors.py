@@ -213,16 +213,20 @@ def test_a_damaged_checkpoint_names_the_intact_one_before_it(data, finished, tmp
 
 @pytest.mark.parametrize("file", ["model.safetensors", "config.json"])
 def test_a_damaged_init_from_directory_is_named(data, finished, tmp_path, file):
-    hf = tmp_path / "hf"
-    shutil.copytree(finished / "run" / "ckpt_0000004", hf)
-    (hf / file).write_bytes((hf / file).read_bytes()[:20])
-    with pytest.raises(UserError, match=rf"hf/{file} is damaged \(its sha256 differs .*; pass an intact HF"):
-        train.main(args(data, tmp_path, f"--init_from={hf}", "--max_steps=1"))
-    (hf / "checksums.sha256").unlink()  # as an HF directory from elsewhere: its readers find the damage
+    run = copy_run(finished, tmp_path / "old")
+    damaged = run / "ckpt_0000004"
+    (damaged / file).write_bytes((damaged / file).read_bytes()[:20])
     with pytest.raises(
-        UserError, match=r"hf: its model does not load \((SafetensorError|JSONDecodeError): .*intact HF"
+        UserError,
+        match=rf"ckpt_0000004/{file} is damaged \(its sha256 differs .*; pass --init_from={run / 'ckpt_0000002'}, "
+        "the newest intact checkpoint before it",
     ):
-        train.main(args(data, tmp_path, f"--init_from={hf}", "--max_steps=1"))
+        train.main(args(data, tmp_path, f"--init_from={damaged}", "--max_steps=1"))
+    (damaged / "checksums.sha256").unlink()  # as an HF directory from elsewhere: its readers find the damage
+    with pytest.raises(
+        UserError, match=r"ckpt_0000004: its model does not load \((SafetensorError|JSONDecodeError): .*intact HF"
+    ):
+        train.main(args(data, tmp_path, f"--init_from={damaged}", "--max_steps=1"))
 
 
 def test_a_checkpoint_is_never_written_with_nonfinite_optimizer_state(data, tmp_path, monkeypatch):
@@ -240,7 +244,7 @@ def test_a_checkpoint_is_never_written_with_nonfinite_optimizer_state(data, tmp_
     monkeypatch.setattr(train, "train_step", breaks_the_moments)
     with pytest.raises(
         UserError,
-        match="step 4: .*wte.weight's exp_avg holds inf or NaN, so no checkpoint is written; "
+        match="step 4: .*wte.weight's exp_avg holds inf or NaN, or values near it, so no checkpoint is written; "
         r"lower learning_rate \(or check the data\), then --resume=auto continues from .*ckpt_0000002, which is intact",
     ):
         train.main(args(data, tmp_path, "--max_steps=8", "--checkpoint_interval=2", "--log_interval=4"))
@@ -248,9 +252,12 @@ def test_a_checkpoint_is_never_written_with_nonfinite_optimizer_state(data, tmp_
 
 
 def test_an_update_that_makes_weights_nonfinite_stops_the_run_at_that_step(data, finished, tmp_path):
-    # A learning rate beyond float32 makes every updated weight inf or NaN at the first step it applies.
+    # A learning rate beyond float32 makes every updated weight inf or NaN at the first step it applies; one of
+    # 1e37 makes them finite but ~1e37, whose squares overflow: diverged as surely.
     huge = ["--learning_rate=1e39", "--warmup_ratio=0", "--log_interval=3"]
-    message = r"step {}: its update left weights holding inf or NaN .*so the run stops here; lower learning_rate, then "
+    message = (
+        r"step {}: its update left weights holding inf or NaN, or near it .*run stops here; lower learning_rate, then "
+    )
     with pytest.raises(
         UserError, match=message.format(1) + r"--resume=auto starts the run again \(no checkpoint yet\)"
     ):
@@ -259,7 +266,16 @@ def test_an_update_that_makes_weights_nonfinite_stops_the_run_at_that_step(data,
     run = copy_run(finished, tmp_path)  # resumed at step 4 with the huge rate: step 5 breaks, nothing is saved
     with pytest.raises(UserError, match=message.format(5) + f"--resume=auto continues from {run / 'ckpt_0000004'}, "):
         train.main(
-            args(data, tmp_path, "--batch_size=8", "--max_steps=8", "--checkpoint_interval=1", *huge, "--resume=auto")
+            args(
+                data,
+                tmp_path,
+                "--batch_size=8",
+                "--max_steps=8",
+                "--checkpoint_interval=1",
+                *huge,
+                "--resume=auto",
+                "--learning_rate=1e37",
+            )
         )
     assert latest_checkpoint(run).name == "ckpt_0000004"
 
@@ -275,26 +291,20 @@ def test_a_damaged_metrics_line_is_named(data, finished, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "override,message",
+    "overrides,differ,fix",
     [
-        (
-            "--n_layer=3",
-            r"ckpt_0000004 was trained with n_layer=2, this run asks for n_layer=3, .* resume with --n_layer=2,",
-        ),
-        (
-            "--n_embd=32",
-            r"ckpt_0000004 was trained with n_embd=16, this run asks for n_embd=32, .* resume with --n_embd=16,",
-        ),
-        ("--block_size=8", r"trained with block_size=16, this run has block_size=8, .* resume with --block_size=16,"),
-        ("--seed=7", r"trained with seed=42, this run has seed=7, which makes other batches; resume with --seed=42,"),
-        ("--optimizer=muon", r"trained with optimizer=adamw, this run asks for optimizer=muon, .* --optimizer=adamw,"),
-        ("--batch_size=4", r"trained with batch_size=8, this run has batch_size=4, .* resume with --batch_size=8,"),
+        (["--n_layer=3"], "n_layer=2 then, 3 now", "--n_layer=2"),
+        (["--n_embd=32", "--n_head=4"], "n_head=2 then, 4 now, n_embd=16 then, 32 now", "--n_head=2 --n_embd=16"),
+        (["--block_size=8"], "block_size=16 then, 8 now", "--block_size=16"),
+        (["--seed=7", "--batch_size=4"], "seed=42 then, 7 now, batch_size=8 then, 4 now", "--seed=42 --batch_size=8"),
+        (["--optimizer=muon"], "optimizer=adamw then, muon now", "--optimizer=adamw"),
     ],
 )
-def test_a_resume_that_would_not_continue_the_run_names_the_key(data, finished, tmp_path, override, message):
+def test_a_resume_that_would_not_continue_the_run_names_what_differs(data, finished, tmp_path, overrides, differ, fix):
     copy_run(finished, tmp_path)
-    with pytest.raises(UserError, match=message + r" or start a new run \(another --run_name\)"):
-        train.main(args(data, tmp_path, "--batch_size=8", "--max_steps=6", override, "--resume=auto"))
+    message = rf"ckpt_0000004 was trained with other settings than this run's \({differ}\); .* resume with {fix}, or"
+    with pytest.raises(UserError, match=message):
+        train.main(args(data, tmp_path, "--batch_size=8", "--max_steps=6", *overrides, "--resume=auto"))
 
 
 def test_a_resume_on_other_data_is_refused_naming_data_dir(data, finished, tmp_path, make_token_data):
