@@ -10,10 +10,7 @@ the same machine is the number to read. Results are printed as a table and writt
 """
 
 import json
-import math
-import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,18 +22,17 @@ import numpy as np
 import configurator
 from common import UserError
 from measure import (
-    ROOT,
     default_device,
     machine_name,
     prepare_austen,
     run_measured,
-    run_records,
     run_train_py,
     timed_logs,
     val_loss,
     write_austen_corpus,
 )
 from shards import TokenWindows
+from tuning import bench_optimizer, bench_quickstart
 
 
 @dataclass
@@ -379,135 +375,10 @@ def bench_fidelity(cfg):
 
 SECTIONS["fidelity"] = bench_fidelity
 
-# optimizer: AdamW against Muon (lr_decay='wsd') on a model whose blocks do most of the work (6 x 256 on the
-# Austen shards, the compact softmax), each at its own swept optimum: the val loss AdamW reaches in
-# OPTIMIZER_STEPS steps against what Muon reaches in 0.6x of them, over OPTIMIZER_SEEDS seeds. Loss only, so
-# two runs at a time, one thread each; the seconds a step are those of the runs, side by side.
-OPTIMIZER_SHAPE = dict(n_layer=6, n_head=4, n_embd=256, block_size=128, batch_size=8, dropout=0.0)
-OPTIMIZER_STEPS = 600
-OPTIMIZER_SEEDS = 3
-ADAMW_LRS = (1e-3, 2e-3, 4e-3)
-MUON_LRS = (0.01, 0.02, 0.04)  # Muon's; the rest takes AdamW's best
-
-
-def val_loss_and_step_seconds(overrides: dict) -> tuple[float, float]:
-    run_train_py(overrides)
-    records = run_records(Path(overrides["out_dir"]) / overrides["run_name"])
-    step_seconds = np.mean([OPTIMIZER_SHAPE["batch_size"] * OPTIMIZER_SHAPE["block_size"] / r["tokens_per_s"]
-                            for r in records if "tokens_per_s" in r][1:])  # fmt: skip
-    return [r["val_loss"] for r in records if "val_loss" in r][-1], step_seconds
-
-
-def bench_optimizer(cfg):
-    from concurrent.futures import ThreadPoolExecutor
-
-    os.environ["OMP_NUM_THREADS"] = "1"  # the runs' children: two at a time on two cores
-    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(2) as pool:
-        base = {
-            **OPTIMIZER_SHAPE, "data_dir": prepare_austen(Path(tmp) / "data"), "out_dir": tmp, "log_interval": 50,
-            "eval_interval": 10**9, "checkpoint_interval": 10**9, "sample_prompt": "", "device": cfg.device,
-        }  # fmt: skip
-        adamw = dict(optimizer="adamw", lr_decay="linear", max_steps=OPTIMIZER_STEPS)
-        muon = dict(optimizer="muon", lr_decay="wsd", cooldown_ratio=0.2)
-
-        def run(name: str, seed: int = 0, **overrides) -> tuple[float, float]:
-            result = pool.submit(
-                val_loss_and_step_seconds, {**base, **overrides, "seed": seed, "run_name": f"{name}{seed}"}
-            )
-            return result
-
-        def report(name, futures):
-            results = {key: future.result() for key, future in futures.items()}
-            for key, (loss, seconds) in results.items():
-                print(f"optimizer, {name} {key}: val loss {loss:.4f}, {seconds:.3f} s a step", flush=True)
-            return results
-
-        adamw_sweep = report("AdamW", {lr: run(f"adamw{lr}", learning_rate=lr, **adamw) for lr in ADAMW_LRS})
-        adamw_lr = min(adamw_sweep, key=lambda lr: adamw_sweep[lr][0])
-        muon_sweep = report("Muon", {
-            lr: run(f"muon{lr}", learning_rate=adamw_lr, muon_learning_rate=lr, max_steps=OPTIMIZER_STEPS, **muon)
-            for lr in MUON_LRS
-        })  # fmt: skip
-        muon_lr = min(muon_sweep, key=lambda lr: muon_sweep[lr][0])
-        short = int(OPTIMIZER_STEPS * 0.6)
-        seeds = report("seeds", {
-            **{("adamw", s): run("adamw", s, learning_rate=adamw_lr, **adamw) for s in range(1, OPTIMIZER_SEEDS)},
-            **{("muon", seed): run("muon", seed, learning_rate=adamw_lr, muon_learning_rate=muon_lr, max_steps=short,
-                                   **muon) for seed in range(OPTIMIZER_SEEDS)},
-        })  # fmt: skip
-    adamw_losses = [adamw_sweep[adamw_lr][0], *(seeds[("adamw", s)][0] for s in range(1, OPTIMIZER_SEEDS))]
-    muon_losses = [seeds[("muon", s)][0] for s in range(OPTIMIZER_SEEDS)]
-    size = f"6 x 256, 8 x 128 tokens a step, {OPTIMIZER_SEEDS} seeds"
-    return [
-        {"what": f"optimizer, {size}: val loss, Muon lr {muon_lr} + wsd in {short} steps vs AdamW lr {adamw_lr} in "
-                 f"{OPTIMIZER_STEPS} (lower is better)", "unit": "loss", "ours": np.mean(muon_losses),
-         "reference": np.mean(adamw_losses), "ours_runs": muon_losses, "reference_runs": adamw_losses},
-        {"what": f"optimizer, {size}: s a step, Muon vs AdamW (lower is better)", "unit": "s",
-         "ours": muon_sweep[muon_lr][1], "reference": adamw_sweep[adamw_lr][1]},
-    ]  # fmt: skip
-
-
+# quickstart and optimizer: train.py's settings against each other (tuning.py).
+SECTIONS["quickstart"] = bench_quickstart
 SECTIONS["optimizer"] = bench_optimizer
 
-# quickstart: the README's first run, `train.py config/austen.py` on the bundled corpus, against other
-# settings for it: each eval's val loss against the wall time since train.py started, and the time to
-# QUICKSTART_TARGET. Long (3-6 minutes a candidate on 2 cores), so on request; rerun it when the
-# step changes. The reference is config/austen.py; the others are the settings the sweep in BENCHMARKS.md
-# weighed it against in the same wall time.
-QUICKSTART_TARGET = 4.70
-QUICKSTART_CANDIDATES = {
-    "config/austen.py": {},
-    "2 x 256 per step, lr 1.4e-3, 3,360 steps (the same time)": dict(
-        batch_size=2, learning_rate=1.4e-3, max_steps=3360
-    ),
-    "6 layers, 2 x 256 per step, lr 1.4e-3, 2,850 steps (the same time)": dict(
-        n_layer=6, batch_size=2, learning_rate=1.4e-3, max_steps=2850
-    ),
-    "Muon lr 0.02 + wsd": dict(optimizer="muon", muon_learning_rate=0.02, lr_decay="wsd"),
-    "Muon lr 0.04 + wsd": dict(optimizer="muon", muon_learning_rate=0.04, lr_decay="wsd"),
-}
-
-
-def timed_val_losses(overrides: dict) -> list[tuple[float, float]]:
-    """Runs train.py config/austen.py with overrides, reading its lines as they come; returns (seconds
-    since it started, val loss) of each evaluation."""
-    command = [
-        sys.executable,
-        "train.py",
-        "config/austen.py",
-        *(f"--{key}={value}" for key, value in overrides.items()),
-    ]
-    started, curve = time.perf_counter(), []
-    with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
-        for line in process.stdout:
-            if match := re.match(r"step \d+: val loss ([\d.]+)", line):
-                curve.append((time.perf_counter() - started, float(match.group(1))))
-    if process.returncode:
-        raise RuntimeError(f"train.py {' '.join(command[2:])} failed with status {process.returncode}")
-    return curve
-
-
-def bench_quickstart(cfg):
-    results = {}  # name: (seconds to QUICKSTART_TARGET, final val loss)
-    with tempfile.TemporaryDirectory() as tmp:
-        data_dir = prepare_austen(Path(tmp) / "data")
-        for i, (name, overrides) in enumerate(QUICKSTART_CANDIDATES.items()):
-            curve = timed_val_losses({**overrides, "data_dir": data_dir, "out_dir": tmp, "run_name": f"run{i}"})
-            reached = next((seconds for seconds, loss in curve if loss <= QUICKSTART_TARGET), math.inf)
-            results[name] = (reached, curve[-1][1])
-            points = ", ".join(f"{seconds:.0f} s {loss:.3f}" for seconds, loss in curve)
-            print(f"quickstart, {name}: val loss by wall time since train.py started: {points}", flush=True)
-    reference = results["config/austen.py"]
-    rows = []
-    for name, (reached, final_loss) in results.items():
-        what = f"quickstart, {name} (lower is better)"
-        for measure, unit, ours, theirs in [(f"s to val {QUICKSTART_TARGET}", "s", reached, reference[0]),
-                                            ("final val loss", "loss", final_loss, reference[1])]:  # fmt: skip
-            rows.append({"what": f"{what}: {measure}", "unit": unit, "ours": ours, "reference": theirs})
-    return rows
-
-
-SECTIONS["quickstart"] = bench_quickstart
 
 # generate: generate.generate on a model with generate.use_onednn_linear applied (fp32, bf16, eager and
 # with the decode step compiled) and the bare matvecs of one token, each against GPT2LMHeadModel.generate
