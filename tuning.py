@@ -117,14 +117,13 @@ def bench_optimizer(cfg):
 QUICKSTART_TARGET = 4.70
 QUICKSTART_CANDIDATES = {
     "config/austen.py": {},
-    "2 x 256 per step, lr 1.4e-3, 3,360 steps (the same time)": dict(
-        batch_size=2, learning_rate=1.4e-3, max_steps=3360
+    "Muon lr 0.02": dict(muon_learning_rate=0.02),
+    "AdamW lr 2e-3, linear decay, 2,000 steps (the earlier setting)": dict(
+        optimizer="adamw", lr_decay="linear", max_steps=2000
     ),
-    "6 layers, 2 x 256 per step, lr 1.4e-3, 2,850 steps (the same time)": dict(
-        n_layer=6, batch_size=2, learning_rate=1.4e-3, max_steps=2850
+    "AdamW, 2 x 256 per step, lr 1.4e-3, linear decay, 3,360 steps": dict(
+        optimizer="adamw", lr_decay="linear", batch_size=2, learning_rate=1.4e-3, max_steps=3360
     ),
-    "Muon lr 0.01 + wsd": dict(optimizer="muon", muon_learning_rate=0.01, lr_decay="wsd"),
-    "Muon lr 0.02 + wsd": dict(optimizer="muon", muon_learning_rate=0.02, lr_decay="wsd"),
 }
 
 

@@ -178,3 +178,15 @@ def test_config_files_that_cannot_be_read_are_one_line_errors(tmp_path, name, te
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         parse_config(Example, [str(path)])
+
+
+def test_every_shipped_config_parses_and_the_muon_recipe_differs_from_the_recipe_only_in_its_optimizer():
+    import dataclasses
+
+    import train
+
+    configs = {path.name: parse_config(train.TrainConfig, [str(path)]) for path in (ROOT / "config").glob("*.py")}
+    assert {"austen.py", "bookcorpus.py", "bookcorpus_muon.py"} <= set(configs)
+    recipe, muon = (dataclasses.asdict(configs[name]) for name in ("bookcorpus.py", "bookcorpus_muon.py"))
+    differ = {key for key in recipe if recipe[key] != muon[key]}
+    assert differ == {"run_name", "optimizer", "muon_learning_rate", "lr_decay", "max_steps"}
