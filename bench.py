@@ -37,9 +37,7 @@ from tuning import bench_optimizer, bench_quickstart
 
 @dataclass
 class BenchConfig:
-    sections: str = (
-        "prepare,train,generate"  # comma-separated: prepare, train, generate, fidelity, quickstart, optimizer
-    )
+    sections: str = "prepare,train,generate"  # comma-separated of: those, fidelity, quickstart, optimizer
     full: bool = False  # the 124M config (slow on CPU) instead of small defaults
     fidelity_seeds: int = 8  # runs of each side in the fidelity section
     fidelity_steps: int = 300  # optimizer steps of each fidelity run
