@@ -7,6 +7,7 @@ it hashes, so files hash on several cores at once, and beside the writes and fsy
 """
 
 import hashlib
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,6 +29,11 @@ def sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def is_sha256(value) -> bool:
+    """Whether value is a sha256 as these files and meta.json write it: 64 lowercase hex digits."""
+    return isinstance(value, str) and re.fullmatch("[0-9a-f]{64}", value) is not None
+
+
 def write_checksums(directory: Path, digests: dict[str, str]) -> None:
     """checksums.sha256 of directory: digests is {file name: hex sha256}."""
     lines = "".join(f"{digest}  {name}\n" for name, digest in sorted(digests.items()))
@@ -39,7 +45,7 @@ def read_checksums(path: Path) -> dict[str, str]:
     digests = {}
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         digest, _, name = line.partition("  ")
-        if len(digest) != 64 or set(digest) - set("0123456789abcdef") or not name or Path(name).name != name:
+        if not is_sha256(digest) or not name or Path(name).name != name:
             raise ValueError(f"line {number} is not '<sha256>  <file name>'")
         digests[name] = digest
     return digests

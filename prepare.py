@@ -51,9 +51,10 @@ import numpy as np
 from tqdm import tqdm
 
 import configurator
+from checksums import is_sha256
 from chunks import MIN_BLOCK_CHARS, Unit, sized_chunks, split_chunks
 from common import UserError, atomic_write_bytes, hold_lock
-from shards import FORMAT_VERSION, MAX_TOKENS, ShardWriter, is_count, is_sha256, open_shard, read_meta
+from shards import FORMAT_VERSION, MAX_TOKENS, ShardWriter, is_count, open_shard, read_meta
 from sources import (
     PARQUET_EXPORT,
     ROW_FORMATS,

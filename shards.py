@@ -17,12 +17,12 @@ line before training starts.
 import contextlib
 import hashlib
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 
 import tokenizer
+from checksums import is_sha256, sha256
 from common import UserError, publish, temp_path
 
 FORMAT_VERSION = 2  # of meta.json: 2 added each shard's sha256
@@ -67,8 +67,7 @@ class ShardWriter:
         self.file.seek(0)
         self.file.write(header.tobytes())
         self.file.close()
-        with open(self.temp, "rb") as written:
-            self.sha256 = hashlib.file_digest(written, "sha256").hexdigest()
+        self.sha256 = sha256(self.temp)
         publish(self.temp, self.path)
 
     def abort(self) -> None:
@@ -133,10 +132,6 @@ def open_shard(data_dir: Path, info: dict, vocab_size: int) -> np.memmap:
 
 def is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def is_sha256(value) -> bool:
-    return isinstance(value, str) and re.fullmatch("[0-9a-f]{64}", value) is not None
 
 
 def meta_problem(meta) -> str | None:
