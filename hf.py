@@ -28,7 +28,6 @@ WEIGHT_FILES = (
 )
 HUB_WEIGHT_PATTERNS = (WEIGHT_FILES[:2] + ("model-*.safetensors",), WEIGHT_FILES[2:] + ("pytorch_model-*.bin",))
 MODEL_FILES = ("config.json", "model.safetensors")  # what save_pretrained writes
-DAMAGED_CHECKPOINT = "a damaged ckpt_* directory: move it aside, and --resume=auto takes the one before"
 
 
 def hf_config(config: GPTConfig) -> dict:
@@ -219,7 +218,7 @@ def from_pretrained(path_or_name: str, dropout: float | None = None) -> GPT:
         # a damaged file, or a config.json without a key GPT-2 needs; the readers have their own error types
         raise UserError(
             f"{directory}: its model does not load ({first_sentence(e)}); pass an intact HF GPT-2 directory "
-            f"({DAMAGED_CHECKPOINT})"
+            "(a damaged ckpt_* directory: move it aside, and --resume=auto takes the one before)"
         ) from None
     if dropout is not None:
         config.dropout = dropout
