@@ -297,7 +297,7 @@ def distribute(model: GPT, cfg: TrainConfig, job: Job):
     return torch.compile(model) if cfg.compile else model
 
 
-def build_optimizer(cfg: TrainConfig, model: GPT):
+def build_optimizer(cfg: TrainConfig, model: GPT, job: Job):
     """The fused AdamW (its found_inf lets train_step skip a non-finite step on the device), or Muon on the
     blocks' matrices with it on the rest (optim.py)."""
     betas = (cfg.beta1, cfg.beta2)
@@ -305,7 +305,8 @@ def build_optimizer(cfg: TrainConfig, model: GPT):
         return adamw(model, cfg.learning_rate, cfg.weight_decay, betas, cfg.eps, fused=True)
     return muon_adamw(
         model, cfg.learning_rate, cfg.weight_decay, betas, cfg.eps, muon_lr=cfg.muon_learning_rate,
-        muon_momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay,
+        muon_momentum=cfg.muon_momentum, muon_weight_decay=cfg.muon_weight_decay, rank=job.rank,
+        world_size=job.world_size,
     )  # fmt: skip
 
 
@@ -433,7 +434,7 @@ def train(cfg: TrainConfig, job: Job) -> int:
         return 0
 
     model = distribute(raw_model, cfg, job)
-    optimizer = build_optimizer(cfg, raw_model)
+    optimizer = build_optimizer(cfg, raw_model, job)
     scheduler = lr_schedule(optimizer, data.max_steps, cfg.warmup_ratio, cfg.lr_decay, cfg.cooldown_ratio)
     checkpointer = Checkpointer(
         job, run_dir, raw_model, optimizer, scheduler, data_order=data.order, config=asdict(cfg), seed=cfg.seed,

@@ -17,23 +17,21 @@ import configurator
 from measure import ROOT, prepare_austen, run_records, run_train_py
 
 
-def train_with_qkv_split() -> None:
-    """train.py (arguments from sys.argv) with Muon orthogonalizing c_attn's fused (3C, C) weight as three
-    (C, C) matrices, q, k and v, each with its own lr adjustment (1 where the whole one's is sqrt(3))."""
-    import torch
-
-    import optim
+def train_with_c_attn_whole() -> None:
+    """train.py (arguments from sys.argv) with Muon orthogonalizing c_attn's fused (3C, C) weight whole,
+    one lr adjustment (sqrt(3)) for it, where train.py's takes q, k and v apart (optim.muon_adamw)."""
     import train
 
-    whole = optim._zeropower_via_newtonschulz
+    build = train.muon_adamw
 
-    def per_matrix(update, *args):
-        rows, cols = update.shape
-        if rows != 3 * cols:
-            return whole(update, *args)
-        return torch.cat([whole(part, *args) for part in update.chunk(3)]) / math.sqrt(3)
+    def whole(*args, **kwargs):
+        optimizer = build(*args, **kwargs)
+        for group in optimizer.param_groups:
+            if "parts" in group:
+                group["parts"] = 1
+        return optimizer
 
-    optim._zeropower_via_newtonschulz = per_matrix
+    train.muon_adamw = whole
     configurator.run(train.main)
 
 
@@ -85,8 +83,8 @@ def bench_optimizer(cfg):
             for lr in MUON_LRS
         })  # fmt: skip
         muon_lr = min(muon_sweep, key=lambda lr: muon_sweep[lr][0])
-        split = report("Muon, c_attn as q, k, v apart", {muon_lr: run(
-            "split", variant="tuning.train_with_qkv_split", learning_rate=adamw_lr, muon_learning_rate=muon_lr,
+        whole = report("Muon, c_attn whole", {muon_lr: run(
+            "whole", variant="tuning.train_with_c_attn_whole", learning_rate=adamw_lr, muon_learning_rate=muon_lr,
             max_steps=OPTIMIZER_STEPS, **muon,
         )})  # fmt: skip
         short = int(OPTIMIZER_STEPS * 0.6)
@@ -103,7 +101,7 @@ def bench_optimizer(cfg):
                  f"{OPTIMIZER_STEPS} (lower is better)", "unit": "loss", "ours": np.mean(muon_losses),
          "reference": np.mean(adamw_losses), "ours_runs": muon_losses, "reference_runs": adamw_losses},
         {"what": f"optimizer, {size}: val loss in {OPTIMIZER_STEPS} steps, Muon with c_attn as q, k, v apart vs whole "
-                 "(lower is better)", "unit": "loss", "ours": split[muon_lr][0], "reference": muon_sweep[muon_lr][0]},
+                 "(lower is better)", "unit": "loss", "ours": muon_sweep[muon_lr][0], "reference": whole[muon_lr][0]},
         {"what": f"optimizer, {size}: s a step, Muon vs AdamW (lower is better)", "unit": "s",
          "ours": muon_sweep[muon_lr][1], "reference": adamw_sweep[adamw_lr][1]},
     ]  # fmt: skip

@@ -282,7 +282,10 @@ def two_nodes(data, out, *extra, fault=None):
     return [torchrun(data, out, *extra, fault=fault, nproc=1, launcher=launcher) for _ in range(2)]
 
 
-def test_two_nodes_train_as_one_process_with_the_same_global_batch(make_token_data, tmp_path, tmp_path_factory):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # Muon's orthogonalizations split over the two ranks
+def test_two_nodes_train_as_one_process_with_the_same_global_batch(
+    make_token_data, tmp_path, tmp_path_factory, optimizer
+):
     small = make_token_data()  # test_train's data and reference run: 1 process, batch 8, 4 steps
     reference = tmp_path_factory.mktemp("reference")
     train.main(
@@ -294,13 +297,20 @@ def test_two_nodes_train_as_one_process_with_the_same_global_batch(make_token_da
             "--batch_size=8",
             "--max_steps=4",
             "--eval_interval=2",
+            f"--optimizer={optimizer}",
         ]
     )
     # 2 nodes x 1 process x 2 micro-steps x 2 sequences: the same 8 sequences per step
     results = [
         finish(node)
         for node in two_nodes(
-            small, tmp_path, "--batch_size=8", "--micro_batch_size=2", "--max_steps=4", "--eval_interval=2"
+            small,
+            tmp_path,
+            "--batch_size=8",
+            "--micro_batch_size=2",
+            "--max_steps=4",
+            "--eval_interval=2",
+            f"--optimizer={optimizer}",
         )
     ]
     assert all(returncode == 0 for returncode, _, _ in results), results

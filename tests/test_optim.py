@@ -1,13 +1,22 @@
-"""optim.py: Muon steps as torch's Muon does and honours the clip and the skip on the device; Muon takes
-the blocks' matrices and AdamW the rest; the warmup-stable-decay schedule."""
+"""optim.py: Muon steps as torch's Muon does and honours the clip and the skip on the device; c_attn's
+weight orthogonalized as q, k, v apart; the orthogonalizations split over torchrun ranks (this file, run
+by torchrun, is the job); Muon takes the blocks' matrices and AdamW the rest; the warmup-stable-decay
+schedule."""
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import optim
 from model import GPT, GPTConfig
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def matrices(seed=0):
@@ -51,6 +60,67 @@ def test_a_skipped_muon_step_leaves_weights_and_momentum_as_they_were():
         assert torch.equal(p, weight) and torch.equal(muon.state[p]["momentum_buffer"], momentum)
 
 
+def test_a_group_of_parts_steps_as_torchs_muon_on_each_block_of_rows():
+    theirs = [torch.nn.Parameter(part.detach().clone()) for p in matrices() for part in p.chunk(2)]
+    ours = matrices()
+    reference = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.0, adjust_lr_fn="original")
+    muon = optim.Muon([{"params": ours, "parts": 2}], lr=0.02, weight_decay=0.0, adjust_lr_fn="original")
+    for _ in range(3):
+        for p in ours:
+            p.grad = torch.randn_like(p)
+        for p, part in zip(theirs, (part for q in ours for part in q.grad.chunk(2)), strict=True):
+            p.grad = part.clone()
+        reference.step(), muon.step()
+    assert torch.equal(torch.cat(theirs[:2]), ours[0]) and torch.equal(torch.cat(theirs[2:]), ours[1])
+
+
+def split_over_ranks() -> None:
+    """Under torchrun: Muon split over the job's ranks steps every rank's weights and momenta as one
+    process's Muon does, bit for bit; prints how many matrices this rank orthogonalized."""
+    dist.init_process_group("gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(12, 4)] * 3 + [(4, 16)] * 3 + [(8, 8)]  # turns of 2, 1; 2, 1; 1 on 2 ranks
+    start = [torch.randn(shape, generator=generator) for shape in shapes]
+    split, alone = ([torch.nn.Parameter(w.clone()) for w in start] for _ in range(2))
+
+    def groups(params):
+        return [{"params": params[:3], "parts": 3}, {"params": params[3:]}]
+
+    args = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn="original")
+    muon_split, muon_alone = (
+        optim.Muon(groups(split), rank=rank, world_size=world_size, **args),
+        optim.Muon(groups(alone), **args),
+    )
+    orthogonalize, calls = optim._zeropower_via_newtonschulz, []
+    optim._zeropower_via_newtonschulz = lambda *a: calls.append(1) or orthogonalize(*a)
+    for _ in range(3):
+        for p, q in zip(split, alone, strict=True):
+            p.grad = torch.randn(p.shape, generator=generator)
+            q.grad = p.grad.clone()
+        before = len(calls)
+        muon_split.step()
+        mine = len(calls) - before
+        muon_alone.step()
+    for p, q in zip(split, alone, strict=True):
+        assert torch.equal(p, q), "weights differ"
+        assert torch.equal(muon_split.state[p]["momentum_buffer"], muon_alone.state[q]["momentum_buffer"])
+    print(f"rank {rank} orthogonalized {mine} of {len(calls) - before - mine}")
+    dist.destroy_process_group()
+
+
+def test_ranks_split_the_orthogonalizations_and_apply_one_processs_updates():
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-3000:]
+    # 3 q, k, v weights (3 blocks each): ranks take 2 and 1; 3 wide: 2 and 1; 1 square: rank 0
+    assert sorted(line for line in job.stdout.splitlines() if "orthogonalized" in line) == [
+        "rank 0 orthogonalized 9 of 13",
+        "rank 1 orthogonalized 4 of 13",
+    ]
+
+
 def test_muon_takes_the_blocks_matrices_and_adamw_every_other_parameter_once():
     model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16))
     optimizer = optim.muon_adamw(
@@ -73,3 +143,7 @@ def test_wsd_holds_the_peak_then_falls_linearly_over_the_cooldown():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     factor = optim.lr_schedule(optimizer, 10, 0.1, "wsd", cooldown_ratio=0.3).lr_lambdas[0]
     assert [factor(step) for step in range(11)] == pytest.approx([0, 1, 1, 1, 1, 1, 1, 1, 2 / 3, 1 / 3, 0])
+
+
+if __name__ == "__main__":
+    split_over_ranks()

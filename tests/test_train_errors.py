@@ -18,6 +18,7 @@ from filelock import FileLock
 from test_train import ROOT, args, metrics
 
 import checkpoint
+import checksums
 import optim
 import train
 from checkpoint import CHECKPOINT_FILES, latest_checkpoint
@@ -278,6 +279,22 @@ def test_an_update_that_makes_weights_nonfinite_stops_the_run_at_that_step(data,
             )
         )
     assert latest_checkpoint(run).name == "ckpt_0000004"
+
+
+def test_optimizer_state_of_another_grouping_is_refused_naming_the_fix(data, finished, tmp_path):
+    checkpoint_dir = copy_run(finished, tmp_path) / "ckpt_0000004"
+    saved = torch.load(checkpoint_dir / "optimizer.pt", weights_only=True)
+    saved["param_groups"][0]["params"] += saved["param_groups"].pop()["params"]  # one group, as another version's
+    torch.save(saved, checkpoint_dir / "optimizer.pt")
+    digests = checksums.read_checksums(checkpoint_dir / "checksums.sha256")
+    checksums.write_checksums(
+        checkpoint_dir, {**digests, "optimizer.pt": checksums.sha256(checkpoint_dir / "optimizer.pt")}
+    )
+    message = (
+        r"optimizer.pt holds 1 parameter groups where this train.py's optimizer has 2: .* --init_from=.*ckpt_0000004"
+    )
+    with pytest.raises(UserError, match=message):
+        train.main(args(data, tmp_path, "--batch_size=8", "--max_steps=6", "--resume=auto"))
 
 
 def test_a_damaged_metrics_line_is_named(data, finished, tmp_path):
