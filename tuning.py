@@ -1,6 +1,7 @@
 """How train.py's own settings are weighed against each other, for bench.py's quickstart and optimizer
 sections: the quickstart's candidates by val loss against wall time, AdamW against Muon (+ wsd) by val
-loss against tokens, each run in a process of its own (measure.py)."""
+loss against tokens, each run in a process of its own (measure.py); and a Muon step at 124M with its
+orthogonalizations split over torchrun ranks or not."""
 
 import math
 import os
@@ -33,6 +34,44 @@ def train_with_c_attn_whole() -> None:
 
     train.muon_adamw = whole
     configurator.run(train.main)
+
+
+def muon_step_seconds() -> None:
+    """Under torchrun (gloo): prints the best of 3 Muon steps on GPT-2 124M's 48 block matrices (random
+    gradients, rank 0's clock between barriers), the orthogonalizations split over the ranks if argv[1] is
+    'split', else every rank doing them all."""
+    import torch
+    import torch.distributed as dist
+
+    import optim
+
+    dist.init_process_group("gloo")
+    split, width = sys.argv[1] == "split", 768
+    matrices = {shape: [torch.nn.Parameter(torch.randn(shape)) for _ in range(12)]
+                for shape in [(3 * width, width), (width, width), (4 * width, width), (width, 4 * width)]}  # fmt: skip
+    groups = [{"params": params, "parts": 3 if shape[0] == 3 * width else 1} for shape, params in matrices.items()]
+    ranks = dict(rank=dist.get_rank(), world_size=dist.get_world_size()) if split else {}
+    muon = optim.Muon(groups, lr=0.01, weight_decay=0.0, adjust_lr_fn="original", **ranks)
+    for params in matrices.values():
+        for p in params:
+            p.grad = torch.randn_like(p)
+    seconds = []
+    for _ in range(3):
+        dist.barrier()
+        started = time.perf_counter()
+        muon.step()
+        dist.barrier()
+        seconds.append(time.perf_counter() - started)
+    if dist.get_rank() == 0:
+        print(min(seconds))
+    dist.destroy_process_group()
+
+
+def muon_step_seconds_on_two_ranks(how: str) -> float:
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python"]
+    command = [*launch, sys.executable, "-c", "import tuning; tuning.muon_step_seconds()", how]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
+    return float(result.stdout.split()[-1])
 
 
 # optimizer: AdamW against Muon (lr_decay='wsd') on a model whose blocks do most of the work (6 x 256 on the
@@ -93,6 +132,7 @@ def bench_optimizer(cfg):
             **{("muon", seed): run("muon", seed, learning_rate=adamw_lr, muon_learning_rate=muon_lr, max_steps=short,
                                    **muon) for seed in range(OPTIMIZER_SEEDS)},
         })  # fmt: skip
+    split, unsplit = (muon_step_seconds_on_two_ranks(how) for how in ("split", "every rank"))
     adamw_losses = [adamw_sweep[adamw_lr][0], *(seeds[("adamw", s)][0] for s in range(1, OPTIMIZER_SEEDS))]
     muon_losses = [seeds[("muon", s)][0] for s in range(OPTIMIZER_SEEDS)]
     size = f"6 x 256, 8 x 128 tokens a step, {OPTIMIZER_SEEDS} seeds"
@@ -104,6 +144,9 @@ def bench_optimizer(cfg):
                  "(lower is better)", "unit": "loss", "ours": muon_sweep[muon_lr][0], "reference": whole[muon_lr][0]},
         {"what": f"optimizer, {size}: s a step, Muon vs AdamW (lower is better)", "unit": "s",
          "ours": muon_sweep[muon_lr][1], "reference": adamw_sweep[adamw_lr][1]},
+        {"what": "optimizer, GPT-2 124M's block matrices: s a Muon step on 2 torchrun ranks, one thread each, the "
+                 "orthogonalizations split over them vs every rank doing all (lower is better)", "unit": "s",
+         "ours": split, "reference": unsplit},
     ]  # fmt: skip
 
 
@@ -115,7 +158,7 @@ def bench_optimizer(cfg):
 QUICKSTART_TARGET = 4.70
 QUICKSTART_CANDIDATES = {
     "config/austen.py": {},
-    "Muon lr 0.02": dict(muon_learning_rate=0.02),
+    "Muon lr 0.005": dict(muon_learning_rate=0.005),
     "AdamW lr 2e-3, linear decay, 2,000 steps (the earlier setting)": dict(
         optimizer="adamw", lr_decay="linear", max_steps=2000
     ),

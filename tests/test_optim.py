@@ -105,7 +105,7 @@ def split_over_ranks() -> None:
     for p, q in zip(split, alone, strict=True):
         assert torch.equal(p, q), "weights differ"
         assert torch.equal(muon_split.state[p]["momentum_buffer"], muon_alone.state[q]["momentum_buffer"])
-    print(f"rank {rank} orthogonalized {mine} of {len(calls) - before - mine}")
+    print(f"rank {rank} orthogonalized {mine} of the {len(calls) - before - mine} blocks one process does")
     dist.destroy_process_group()
 
 
@@ -116,12 +116,12 @@ def test_ranks_split_the_orthogonalizations_and_apply_one_processs_updates():
     assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-3000:]
     # 3 q, k, v weights (3 blocks each): ranks take 2 and 1; 3 wide: 2 and 1; 1 square: rank 0
     assert sorted(line for line in job.stdout.splitlines() if "orthogonalized" in line) == [
-        "rank 0 orthogonalized 9 of 13",
-        "rank 1 orthogonalized 4 of 13",
+        "rank 0 orthogonalized 9 of the 13 blocks one process does",
+        "rank 1 orthogonalized 4 of the 13 blocks one process does",
     ]
 
 
-def test_muon_takes_the_blocks_matrices_and_adamw_every_other_parameter_once():
+def test_muon_takes_the_blocks_matrices_c_attn_as_q_k_v_and_adamw_every_other_parameter_once():
     model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16))
     optimizer = optim.muon_adamw(
         model, 1e-3, 0.01, (0.9, 0.99), 1e-8, muon_lr=0.02, muon_momentum=0.95, muon_weight_decay=0.0
@@ -134,6 +134,8 @@ def test_muon_takes_the_blocks_matrices_and_adamw_every_other_parameter_once():
         for i in range(2)
         for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     }
+    apart = {names[id(p)] for g in optimizer.param_groups if g.get("parts") == 3 for p in g["params"]}
+    assert apart == {f"transformer.h.{i}.attn.c_attn.weight" for i in range(2)}
     assert decayed == {"transformer.wte.weight", "transformer.wpe.weight"}  # lm_head.weight is wte's
     assert all(name.endswith("bias") or ".ln_" in name for name in undecayed)
     assert len(muon) + len(decayed) + len(undecayed) == len(list(model.parameters()))
