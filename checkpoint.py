@@ -341,11 +341,11 @@ class Checkpointer:
             # its bytes were verified (damage) as the checkpoint was found
             saved = torch.load(resume_from.path / "optimizer.pt", map_location=self.job.device, weights_only=True)
             saved_lr = saved["param_groups"][0]["lr"]
-            if len(saved["param_groups"]) != len(self.optimizer.param_groups):
+            if (groups := len(saved["param_groups"])) != len(self.optimizer.param_groups):
                 raise UserError(
-                    f"{resume_from.path / 'optimizer.pt'} holds {len(saved['param_groups'])} parameter groups where "
-                    f"this train.py's optimizer has {len(self.optimizer.param_groups)}: another version wrote it; "
-                    f"start a new run from its weights with --init_from={resume_from.path}"
+                    f"{resume_from.path / 'optimizer.pt'} groups the parameters in {groups} where this train.py's "
+                    f"optimizer has {len(self.optimizer.param_groups)}: another version wrote it; start a new run "
+                    f"(another --run_name) from its weights with --init_from={resume_from.path}"
                 )
             for saved_group, group in zip(saved["param_groups"], self.optimizer.param_groups, strict=True):
                 saved_group.update({key: value for key, value in group.items() if key != "params"})

@@ -58,19 +58,30 @@ class Muon(torch.optim.Muon):
 
     - a group's `parts` (default 1): each matrix is orthogonalized as that many blocks of rows apart, each
       with its own lr adjustment: c_attn's (3C, C) weight as q, k and v (measured lower loss: BENCHMARKS.md);
-    - over world_size ranks (rank this one), each rank orthogonalizes every world_size-th matrix of a
-      shape and all_gather hands the results to all: every rank applies the updates one process would,
-      bit for bit, for ~1/world_size of the Newton-Schulz work. Momentum, on every rank, is elementwise.
+    - over world_size ranks (rank this one), the matrices of each shape go in turns of world_size, one to a
+      rank, the first rank of a turn following on from where the last turn ended (so the remainders spread
+      over the ranks); each rank orthogonalizes its own and all_gather hands the results to all: every rank
+      applies the updates one process would, bit for bit. Momentum, elementwise, is stepped on every rank.
     """
 
     grad_scale: torch.Tensor | None = None
     found_inf: torch.Tensor | None = None
 
-    def __init__(self, params, *, rank: int = 0, world_size: int = 1, **muon_args):
-        super().__init__(params, **muon_args)
+    def __init__(self, params, *args, rank: int = 0, world_size: int = 1, **kwargs):
+        super().__init__(params, *args, **kwargs)
+        self.rank, self.world_size = rank, world_size
+
+    def add_param_group(self, param_group: dict) -> None:
+        param_group.setdefault("parts", 1)
+        for p in param_group["params"]:
+            if p.shape[0] % param_group["parts"]:
+                raise ValueError(f"a {tuple(p.shape)} matrix does not split into {param_group['parts']} parts")
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict) -> None:  # also load_state_dict's: a state dict from torch's Muon
+        super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("parts", 1)
-        self.rank, self.world_size = rank, world_size
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -78,7 +89,7 @@ class Muon(torch.optim.Muon):
         if self.world_size == 1:  # one matrix at a time, as torch's: one update held at once
             updates = ((param, group, orthogonalize(update, group)) for param, group, update in self._momenta())
         else:
-            updates = self._orthogonalized_over_ranks(list(self._momenta()))
+            updates = self._orthogonalized_over_ranks()
         for param, group, update in updates:
             part_shape = (param.shape[0] // group["parts"], param.shape[1])
             param.mul_(1 - group["lr"] * group["weight_decay"] * keep)
@@ -86,7 +97,7 @@ class Muon(torch.optim.Muon):
 
     def _momenta(self):
         """Steps each matrix's momentum buffer, yielding (param, its group, its update before orthogonalizing)
-        in the groups' order: the same on every rank."""
+        in the groups' order."""
         for group in self.param_groups:
             params, grads, buffers = [], [], []
             self._init_group(group, params, grads, buffers)
@@ -98,31 +109,47 @@ class Muon(torch.optim.Muon):
                 buffer.lerp_(grad, 1 - group["momentum"])
                 yield param, group, grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
 
-    def _orthogonalized_over_ranks(self, momenta: list) -> list:
-        """momenta's (param, group, update) with each update orthogonalized by one rank and all_gathered:
-        matrices of one shape go in turns of world_size, rank r taking the r-th of a turn."""
-        results, pending = [], []
+    def _orthogonalized_over_ranks(self) -> list:
+        """(param, group, orthogonalized update) of every matrix with a gradient: this rank's own computed
+        here, the others' all_gathered (bf16) from their ranks. Every rank plans the same turns (DDP gives
+        all the same gradients); a turn of n < world_size matrices leaves world_size - n ranks idle."""
         same_kind = defaultdict(list)  # all_gather's tensors share a shape
-        for param, group, update in momenta:
-            same_kind[update.shape, group["parts"]].append((param, group, update))
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:  # as _init_group takes them
+                    same_kind[param.shape, group["parts"]].append((param, group))
+        turns, first, ranks = [], 0, self.world_size  # turns: (matrices, the rank that takes the first)
         for matrices in same_kind.values():
-            for start in range(0, len(matrices), self.world_size):
-                turn = matrices[start : start + self.world_size]  # ranks past its end idle
-                shape, device = turn[0][2].shape, turn[0][2].device
-                gathered = [torch.empty(shape, dtype=torch.bfloat16, device=device) for _ in range(self.world_size)]
-                if self.rank < len(turn):
-                    _, group, update = turn[self.rank]
-                    gathered[self.rank] = orthogonalize(update, group).contiguous()
-                pending.append(dist.all_gather(gathered, gathered[self.rank], async_op=True))
-                results += [(param, group, result) for (param, group, _), result in zip(turn, gathered, strict=False)]
+            for start in range(0, len(matrices), ranks):
+                turns.append((matrices[start : start + ranks], first))
+                first = (first + len(turns[-1][0])) % ranks
+        mine = set()  # id(param) of this rank's matrices: only their updates are kept from the momentum pass
+        for turn, first in turns:
+            if (index := (self.rank - first) % ranks) < len(turn):
+                mine.add(id(turn[index][0]))
+        orthogonalized = {  # in the gather's dtype and layout (a tall matrix's comes back transposed)
+            id(param): orthogonalize(update, group).to(torch.bfloat16).contiguous()
+            for param, group, update in self._momenta()
+            if id(param) in mine
+        }
+        updates, pending = [], []
+        for turn, first in turns:
+            like = turn[0][0]
+            gathered = [torch.empty(like.shape, dtype=torch.bfloat16, device=like.device) for _ in range(ranks)]
+            if (index := (self.rank - first) % ranks) < len(turn):
+                gathered[self.rank] = orthogonalized[id(turn[index][0])]
+            pending.append(dist.all_gather(gathered, gathered[self.rank], async_op=True))
+            updates += [(param, group, gathered[(first + i) % ranks]) for i, (param, group) in enumerate(turn)]
         for work in pending:
             work.wait()
-        return results
+        return updates
 
 
 def orthogonalize(update: torch.Tensor, group: dict) -> torch.Tensor:
     """torch's Newton-Schulz orthogonalization (bf16) of update, as group's `parts` blocks of rows apart."""
     args = group["ns_coefficients"], group["ns_steps"], group["eps"]
+    if group["parts"] == 1:
+        return _zeropower_via_newtonschulz(update, *args)
     return torch.cat([_zeropower_via_newtonschulz(part, *args) for part in update.chunk(group["parts"])])
 
 

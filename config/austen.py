@@ -19,7 +19,7 @@ n_head = 4
 n_embd = 128
 dropout = 0.0  # about two passes over the data: nothing to overfit yet
 
-# 4 sequences of 256 tokens per step, 1,600 steps: 1.64M tokens, 1.75 epochs, in the time AdamW took for 2,000
+# 4 sequences of 256 tokens per step, 1,600 steps: 1.64M tokens, 1.71 epochs, in the time AdamW took for 2,000
 batch_size = 4
 max_steps = 1600
 

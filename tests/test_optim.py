@@ -8,12 +8,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 
 import optim
+import train
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,13 +76,28 @@ def test_a_group_of_parts_steps_as_torchs_muon_on_each_block_of_rows():
     assert torch.equal(torch.cat(theirs[:2]), ours[0]) and torch.equal(torch.cat(theirs[2:]), ours[1])
 
 
+def test_torchs_muon_state_loads_and_parts_must_divide_the_rows():
+    theirs = matrices()
+    reference = torch.optim.Muon(theirs, lr=0.02, adjust_lr_fn="original")
+    for p in theirs:
+        p.grad = torch.randn_like(p)
+    reference.step()
+    muon = optim.Muon(matrices(), 0.02, adjust_lr_fn="original")
+    muon.load_state_dict(reference.state_dict())  # its groups have no `parts`: 1
+    for p in muon.param_groups[0]["params"]:
+        p.grad = torch.randn_like(p)
+    muon.step()
+    with pytest.raises(ValueError, match=r"a \(12, 4\) matrix does not split into 5 parts"):
+        optim.Muon([{"params": matrices(), "parts": 5}])
+
+
 def split_over_ranks(out_dir: Path) -> None:
     """Under torchrun: Muon split over the job's ranks steps every rank's weights and momenta as one
     process's Muon does, bit for bit; writes how many blocks this rank orthogonalized to out_dir/rank<r>."""
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     generator = torch.Generator().manual_seed(0)
-    shapes = [(12, 4)] * 3 + [(4, 16)] * 3 + [(8, 8)]  # turns of 2, 1; 2, 1; 1 on 2 ranks
+    shapes = [(12, 4)] * 3 + [(4, 16)] * 3 + [(8, 8), (16, 4)]  # 3 q, k, v weights; wide; square; tall
     start = [torch.randn(shape, generator=generator) for shape in shapes]
     split, alone = ([torch.nn.Parameter(w.clone()) for w in start] for _ in range(2))
 
@@ -92,11 +109,13 @@ def split_over_ranks(out_dir: Path) -> None:
         optim.Muon(groups(split), rank=rank, world_size=world_size, **args),
         optim.Muon(groups(alone), **args),
     )
-    orthogonalize, calls = optim._zeropower_via_newtonschulz, []
-    optim._zeropower_via_newtonschulz = lambda *a: calls.append(1) or orthogonalize(*a)
-    for _ in range(3):
+    newton_schulz, calls = optim._zeropower_via_newtonschulz, []
+    optim._zeropower_via_newtonschulz = lambda *a: calls.append(1) or newton_schulz(*a)
+    for step in range(4):  # step 1 clipped, step 2 skipped (NaN gradients)
+        for muon in (muon_split, muon_alone):
+            muon.grad_scale, muon.found_inf = torch.tensor(2.0 if step == 1 else 1.0), torch.tensor(float(step == 2))
         for p, q in zip(split, alone, strict=True):
-            p.grad = torch.randn(p.shape, generator=generator)
+            p.grad = torch.randn(p.shape, generator=generator) if step != 2 else torch.full(p.shape, math.nan)
             q.grad = p.grad.clone()
         before = len(calls)
         muon_split.step()
@@ -109,15 +128,16 @@ def split_over_ranks(out_dir: Path) -> None:
     dist.destroy_process_group()
 
 
-def test_ranks_split_the_orthogonalizations_and_apply_one_processs_updates(tmp_path):
+def test_ranks_split_the_orthogonalizations_and_apply_the_updates_of_one_process(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, tmp_path]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-3000:]
-    # 3 q, k, v weights (3 blocks each): ranks take 2 and 1; 3 wide: 2 and 1; 1 square: rank 0
+    # turns [first rank]: q, k, v weights (3 blocks) 0, 1 [0] and 2 [0]; wide 3, 4 [1] and 5 [1]; square 6 [0];
+    # tall 7 [1]
     assert [(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)] == [
-        "9 of the 13 blocks one process does",
-        "4 of the 13 blocks one process does",
+        "8 of the 14 blocks one process does",  # 0, 2, 4 and 6
+        "6 of the 14 blocks one process does",  # 1, 3, 5 and 7
     ]
 
 
@@ -139,6 +159,12 @@ def test_muon_takes_the_blocks_matrices_c_attn_as_q_k_v_and_adamw_every_other_pa
     assert decayed == {"transformer.wte.weight", "transformer.wpe.weight"}  # lm_head.weight is wte's
     assert all(name.endswith("bias") or ".ln_" in name for name in undecayed)
     assert len(muon) + len(decayed) + len(undecayed) == len(list(model.parameters()))
+
+
+def test_train_py_hands_muon_the_jobs_rank_and_world_size():
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
+    optimizer = train.build_optimizer(train.TrainConfig(optimizer="muon"), model, SimpleNamespace(rank=1, world_size=2))
+    assert (optimizer._muon.rank, optimizer._muon.world_size) == (1, 2)
 
 
 def test_wsd_holds_the_peak_then_falls_linearly_over_the_cooldown():
