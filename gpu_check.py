@@ -18,10 +18,12 @@
 4. eval: eval.py on HellaSwag-shaped rows (made here, random words) at 124M bf16: items/s, and the time
    the 10,042 items of HellaSwag's validation set would take.
 5. generate: sample.py's compiled decode against HF generate (bench.py --sections=generate).
+6. muon: config/bookcorpus.py (AdamW) against config/bookcorpus_muon.py (Muon + wsd), 200 steps of 8 x 1024
+   each on the Austen shards: tok/s (Newton-Schulz's cost at 124M) and the val loss each reaches.
 A step that fails prints its error and the check goes on; the exit status is 1 if any failed. Each step
 starts from an empty folder of its own under out_dir, so a rerun measures anew; the results, with the
 machine and the torch and CUDA versions, go to json_path as each step ends. On a lent GPU with a
-per-command limit, two calls: --steps=throughput, then --steps=quickstart,stop,eval,generate.
+per-command limit, three calls: --steps=throughput, --steps=quickstart,stop,eval,generate, --steps=muon.
 """
 
 import json
@@ -51,12 +53,13 @@ from measure import (
 )
 
 HELLASWAG_VALIDATION_ITEMS = 10_042
+MUON_STEPS = 200  # the muon step's: 1.6M tokens, 1.7 passes over the Austen shards
 
 
 @dataclass
 class GpuCheckConfig:
     tiny: bool = False  # 2 layers x 64, 64-token windows, a few steps: the whole check in minutes on a CPU
-    steps: str = "throughput,quickstart,stop,eval,generate"  # which of the steps above to run, in that order
+    steps: str = "throughput,quickstart,stop,eval,generate,muon"  # which of the steps above to run, in that order
     device: str = field(default_factory=default_device)  # cuda (one GPU) or cpu
     out_dir: str = "gpu_check"  # the data and runs (checkpoints of 1.4 GB each)
     json_path: str = "gpu_check.json"  # the results, rewritten as each step ends
@@ -259,6 +262,26 @@ def stop(cfg: GpuCheckConfig, out: Path, data_dir: Path) -> dict:
     return {"stop_step": stop_step, "exit_status": job.returncode, "largest_loss_difference_after_resume": largest}
 
 
+def muon(cfg: GpuCheckConfig, out: Path, data_dir: Path) -> dict:
+    """config/bookcorpus.py (AdamW) against config/bookcorpus_muon.py (Muon + wsd) on the Austen shards at
+    8 x 1024 tokens a step (one GPU), the same MUON_STEPS steps each: tok/s, so what Newton-Schulz costs a
+    step at 124M with one GPU doing it all, and the val loss each reaches: a first look at tokens-to-loss at
+    124M (small data, a small batch, both configs' learning rates untuned for it)."""
+    steps = 10 if cfg.tiny else MUON_STEPS
+    keys = {**model_args(cfg), "batch_size": 8, "micro_batch_size": 8, "max_steps": steps, "eval_interval": 10**9,
+            "log_interval": steps // 5, "checkpoint_interval": 10**9, "tasks": "", "sample_prompt": "",
+            "wandb_log": False, "data_dir": data_dir, "out_dir": out, "device": cfg.device}  # fmt: skip
+    results = {}
+    for config in ("bookcorpus", "bookcorpus_muon"):
+        run([sys.executable, "train.py", f"config/{config}.py", *(f"--{k}={v}" for k, v in keys.items())], timeout=900)
+        timed = timed_logs(out / config)
+        val_loss = [r["val_loss"] for r in run_records(out / config) if "val_loss" in r][-1]
+        results[config] = {"tokens_per_s": sum(r["tokens_per_s"] for r in timed) / len(timed), "val_loss": val_loss}
+        say(f"muon, config/{config}.py, {steps} steps of 8 x {keys['block_size']}: {results[config]}")
+    results["Muon / AdamW tok/s"] = results["bookcorpus_muon"]["tokens_per_s"] / results["bookcorpus"]["tokens_per_s"]
+    return results
+
+
 def hellaswag_rows(count: int) -> list[dict]:
     """Rows in Rowan/hellaswag's shape, of random words: eval.py's speed, not its accuracy."""
     words = "the man then woman car snow ice window over writes smiles person board lift coat removing".split()
@@ -307,13 +330,14 @@ def main(argv: list[str]) -> None:
         "stop": lambda: stop(cfg, fresh(out / "stop"), data_dir),
         "eval": lambda: evaluate(cfg, fresh(out / "eval")),
         "generate": lambda: generate(cfg, fresh(out / "generate")),
+        "muon": lambda: muon(cfg, fresh(out / "muon"), data_dir),
     }
     chosen = [name for name in cfg.steps.split(",") if name]
     if unknown := [name for name in chosen if name not in steps]:
         raise UserError(f"--steps={cfg.steps}: {', '.join(unknown)} is no step; choose from {','.join(steps)}")
     results, failed = {"machine": machine_name(cfg.device), "versions": versions()}, []
     say(f"gpu_check on {results['machine']} ({results['versions']}), {'tiny shapes' if cfg.tiny else 'GPT-2 124M'}")
-    data_dir = prepare_austen(out / "data") if {"throughput", "stop"} & set(chosen) else None
+    data_dir = prepare_austen(out / "data") if {"throughput", "stop", "muon"} & set(chosen) else None
     for name in chosen:
         started = time.perf_counter()
         try:

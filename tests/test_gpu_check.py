@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_step_runs_on_tiny_shapes(tmp_path):
-    steps = "--steps=throughput,quickstart,stop,eval"
+    steps = "--steps=throughput,quickstart,stop,eval,muon"
     json_path = tmp_path / "gpu_check.json"
     command = [sys.executable, "gpu_check.py", "--tiny", "--device=cpu", f"--out_dir={tmp_path}", steps]
     command.append(f"--json_path={json_path}")
@@ -36,6 +36,7 @@ def test_every_step_runs_on_tiny_shapes(tmp_path):
     assert 40 <= results["stop"]["stop_step"] < 160
     assert results["stop"]["largest_loss_difference_after_resume"] == 0.0  # on CPU a resume is bitwise
     assert results["eval"]["items_per_s"] > 0
+    assert results["muon"]["Muon / AdamW tok/s"] > 0 and results["muon"]["bookcorpus_muon"]["val_loss"] < 11
 
 
 def test_an_unknown_step_is_one_line_before_anything_runs(tmp_path):
