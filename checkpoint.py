@@ -249,7 +249,7 @@ def refuse_another_run(
     """Refuses a resume that would not continue the checkpoint's run, naming what differs: other batches (the
     data order's seed, batch_size, block_size; its train_data and tokenizer, what data_dir holds) or `fixed`
     config keys other than the checkpoint's own config (its model's shape, its optimizer), all of them at once."""
-    start_anew = "or start a new run (another --run_name)"
+    start_anew = f"or start a new run (another --run_name), from its weights with --init_from={path}"
     if None in (saved_order.get(key) for key in ("seed", "batch_size", "train_data")):
         raise UserError(f"{path} does not record its data order (an older train.py wrote it); start a new run")
     for key in ("train_data", "tokenizer", "tokenizer_sha256"):
@@ -370,7 +370,9 @@ class Checkpointer:
             if broken := nonfinite_tensor(self.model, self.optimizer):
                 raise UserError(
                     f"step {step}: {broken} holds inf or NaN, or values near it, so no checkpoint is written; "
-                    + then_resume(self.run_dir, "lower learning_rate (or check the data)")
+                    + then_resume(
+                        self.run_dir, "lower learning_rate (and muon_learning_rate with Muon) or check the data"
+                    )
                 )
             state = TrainerState(
                 step, self.scheduler.state_dict(), rng_by_rank, self.data_order, nonfinite_steps, wandb_run_id

@@ -51,11 +51,21 @@ def _field_types(cls) -> dict[str, tuple[type, bool]]:
 
 
 def _unknown_key(key: str, valid) -> ConfigError:
-    # A misspelling, or an abbreviation by initials as other trainers spell them (lr, wd, bs).
-    initials = [name for name in valid if "".join(word[0] for word in name.split("_")) == key]
+    # A misspelling, or an abbreviation by initials as other trainers spell them (lr, wd, bs, muon_lr).
+    initials = [name for name in valid if _abbreviates(key.split("_"), name.split("_"))]
     close = difflib.get_close_matches(key, list(valid), n=1) or initials
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
     return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _abbreviates(parts: list[str], words: list[str]) -> bool:
+    """Whether parts spell words in order, each part one word whole or the initials of a run of them."""
+    if not parts or not words:
+        return not parts and not words
+    return any(
+        parts[0] in ("_".join(words[:n]), "".join(word[0] for word in words[:n])) and _abbreviates(parts[1:], words[n:])
+        for n in range(1, len(words) + 1)
+    )
 
 
 def parse_value(key: str, text: str, kind: type, optional: bool):

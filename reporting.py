@@ -116,7 +116,8 @@ class Reporter:
             if weights_broken:
                 raise UserError(
                     f"step {s}: its update left weights holding inf or NaN, or near it (loss {loss:.4g}, grad norm "
-                    f"{grad_norm:.4g}), so the run stops here; " + self._then_resume("lower learning_rate")
+                    f"{grad_norm:.4g}), so the run stops here; "
+                    + self._then_resume("lower learning_rate (and muon_learning_rate with Muon)")
                 )
             if skipped:
                 self._skipped(s, loss, grad_norm)
@@ -136,15 +137,16 @@ class Reporter:
         if self._in_a_row == NONFINITE_STEPS_BEFORE_STOP:
             raise UserError(
                 f"loss was non-finite for {self._in_a_row} steps in a row (up to step {step}); "
-                + self._then_resume("lower learning_rate or check the data")
+                + self._then_resume("lower learning_rate (and muon_learning_rate with Muon) or check the data")
             )
 
     def _then_resume(self, fix: str) -> str:
         """checkpoint.then_resume, worked out on rank 0 alone: it verifies checkpoints, reading every byte."""
         return self._job.on_rank0(lambda: then_resume(self._run_dir, fix), share=True)
 
-    def log(self, step: int, lr: float) -> None:
-        """The log line and record of the steps read since the last one; none while all of them were skipped."""
+    def log(self, step: int, lr: float, muon_lr: float | None = None) -> None:
+        """The log line and record of the steps read since the last one; none while all of them were skipped.
+        lr: AdamW's at this step; muon_lr: Muon's, with optimizer='muon'."""
         if not self._finite:
             return
         losses, grad_norms = zip(*self._finite, strict=True)
@@ -157,11 +159,15 @@ class Reporter:
         )
         eta = timedelta(seconds=round((self._max_steps - step) * seconds / steps))
         self._job.announce(
-            f"step {step}/{self._max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
+            f"step {step}/{self._max_steps} | loss {loss:.4f} | lr {lr:.2e}"
+            + (f" (Muon {muon_lr:.2e})" if muon_lr is not None else "")
+            + f" | grad norm {grad_norm:.3f} | "
             f"{tokens_per_s:,.0f} tok/s | MFU {f'{mfu:.1%}' if mfu else '-'} | ETA {eta}"
         )
         if self._job.rank == 0:
             metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu}
+            if muon_lr is not None:
+                metrics["muon_lr"] = muon_lr
             self._record(step, {**metrics, "nonfinite_steps": self.nonfinite_steps})
 
     def log_changes(self, step: int, changes: dict) -> None:

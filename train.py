@@ -101,7 +101,7 @@ class TrainConfig:
     warmup_ratio: float = 0.05  # warmup steps = ceil(warmup_ratio x max_steps), as transformers
     lr_decay: str = "cosine"  # after the warmup, down to 0 at max_steps: 'cosine' (the HF Trainer's), 'linear', 'wsd'
     cooldown_ratio: float = 0.2  # wsd: the peak holds until the last cooldown_ratio of the steps, then falls linearly
-    muon_learning_rate: float = 0.02  # Muon's peak (scaled by the schedule as learning_rate is)
+    muon_learning_rate: float = 0.01  # Muon's peak (scaled by the schedule as learning_rate is)
     muon_momentum: float = 0.95  # Muon's Nesterov momentum
     muon_weight_decay: float = 0.0  # Muon's decoupled weight decay on the blocks' matrices
     grad_clip: float = 1.0  # the largest gradient norm; larger ones are scaled down to it
@@ -175,6 +175,11 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
         raise UserError(f"lr_decay={cfg.lr_decay!r}: use 'cosine', 'linear' or 'wsd'")
     if not 0 < cfg.cooldown_ratio <= 1:
         raise UserError(f"cooldown_ratio={cfg.cooldown_ratio}: must be in (0, 1] (a fraction of the steps)")
+    if cfg.lr_decay == "wsd" and cfg.warmup_ratio + cfg.cooldown_ratio > 1:
+        raise UserError(
+            f"warmup_ratio={cfg.warmup_ratio} and cooldown_ratio={cfg.cooldown_ratio} overlap under lr_decay='wsd' "
+            "(the peak is never held); keep their sum at most 1"
+        )
     if cfg.optimizer not in ("adamw", "muon"):
         raise UserError(f"optimizer={cfg.optimizer!r}: use 'adamw' or 'muon'")
     if cfg.run_name.strip() in ("", ".", "..") or Path(cfg.run_name).name != cfg.run_name or "\\" in cfg.run_name:
@@ -457,7 +462,7 @@ def train(cfg: TrainConfig, job: Job) -> int:
             max_steps=data.max_steps, device=cfg.device,
         )  # fmt: skip
         for step, tokens in enumerate(feed, start=state.step + 1):  # step: the number of steps done once this one is
-            lr = scheduler.get_last_lr()[0]
+            lrs = scheduler.get_last_lr()  # each group's: AdamW's first, Muon's last (optim.MuonAdamW)
             reporter.add_step(train_step(model, raw_model, optimizer, scheduler, tokens, autocast, cfg.grad_clip, job))
             last_step = step == data.max_steps
             stop_signal = job.stop_signal() if not last_step else 0  # the last step ends the run anyway
@@ -466,7 +471,7 @@ def train(cfg: TrainConfig, job: Job) -> int:
                 continue
             with reporter.read_back(step):
                 if reporter.should_log(step):
-                    reporter.log(step, lr)
+                    reporter.log(step, lrs[0], lrs[-1] if cfg.optimizer == "muon" else None)
                 if save:  # before the eval: an eval that fails loses no trained step
                     checkpointer.save(step, reporter.nonfinite_steps, reporter.wandb_run_id)
                 if reporter.should_evaluate(step):

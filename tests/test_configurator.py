@@ -13,6 +13,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
+class Muon:
+    learning_rate: float = 0.1
+    muon_learning_rate: float = 0.01
+    muon_weight_decay: float = 0.0
+
+
+@pytest.mark.parametrize("key, meant", [("muon_lr", "muon_learning_rate"), ("muon_wd", "muon_weight_decay")])
+def test_a_key_abbreviated_word_by_word_is_suggested(key, meant):
+    with pytest.raises(ConfigError, match=f"unknown config key '{key}'; did you mean '{meant}'"):
+        parse_config(Muon, [f"--{key}=1"])
+
+
+@dataclass
 class Example:
     learning_rate: float = 0.1
     steps: int = 10
@@ -192,4 +205,4 @@ def test_every_shipped_config_parses_and_the_muon_recipe_differs_from_the_recipe
     assert {"austen.py", "bookcorpus.py", "bookcorpus_muon.py"} <= set(configs)
     recipe, muon = (dataclasses.asdict(configs[name]) for name in ("bookcorpus.py", "bookcorpus_muon.py"))
     differ = {key for key in recipe if recipe[key] != muon[key]}
-    assert differ == {"run_name", "optimizer", "muon_learning_rate", "lr_decay", "max_steps"}
+    assert differ == {"run_name", "optimizer", "lr_decay", "max_steps"}

@@ -318,7 +318,10 @@ def test_two_nodes_train_as_one_process_with_the_same_global_batch(
     assert (
         "= 2 processes x 2 micro-steps x 2 sequences" in stdout and stdout.count("sequences of 16 tokens") == 1
     )  # rank 0 alone prints
-    assert_same_training(tmp_path, reference)
+    # Muon casts each update to bf16 to orthogonalize it: a gradient one rounding apart (the all-reduce's order)
+    # can land a bf16 ulp apart there, ~2e-5 of a weight at lr 0.01 (9e-5 at most after these 4 steps, measured);
+    # ranks applying each other's updates (a wrong rank handed to Muon) differ by ~2e-2.
+    assert_same_training(tmp_path, reference, atol=1e-3 if optimizer == "muon" else 1e-5)
     # Val loss is averaged over both ranks' halves of the val split.
     val = lambda out: [m["val_loss"] for m in metrics(out) if "val_loss" in m]  # noqa: E731
     assert val(tmp_path) == pytest.approx(val(reference), rel=1e-5)

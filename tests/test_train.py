@@ -112,6 +112,8 @@ def test_resume_is_bitwise_identical(data, tmp_path, capsys, optimizer):
     assert "resumed from" in capsys.readouterr().out
     strip = lambda records: [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in records]  # noqa: E731
     assert strip(metrics(tmp_path)) == strip(uninterrupted)
+    logged = [m for m in uninterrupted if "loss" in m][-1]
+    assert ("muon_lr" in logged) == ("--optimizer=muon" in optimizer)  # Muon's own rate is logged too
     assert len(losses(tmp_path)) == 6 and len({m["step"] for m in uninterrupted if "val_loss" in m}) == 2
     # optimizer.pt pickles tensors in a fixed order; bytes equal means every moment and step equal
     assert {name: (run / "ckpt_0000006" / name).read_bytes() for name in final} == final
@@ -355,7 +357,8 @@ def test_nonfinite_losses_in_a_row_stop_the_run(data, tmp_path, monkeypatch, cap
     with pytest.raises(SystemExit):
         configurator.run(train.main)
     assert re.match(
-        "train.py: error: loss was non-finite for 5 steps in a row .* lower learning_rate or check the data, "
+        r"train.py: error: loss was non-finite for 5 steps in a row .* lower learning_rate \(and muon_learning_rate "
+        "with Muon\\) or check the data, "
         "then --resume=auto continues from .*ckpt_0000006, which is intact\n$",
         capsys.readouterr().err,
     )

@@ -55,6 +55,10 @@ def copy_run(finished, tmp_path) -> Path:
         ("--lr_decay=step", "lr_decay='step': use 'cosine', 'linear' or 'wsd'"),
         ("--optimizer=sgd", "optimizer='sgd': use 'adamw' or 'muon'"),
         ("--cooldown_ratio=0", r"cooldown_ratio=0.0: must be in \(0, 1\]"),
+        (
+            "--lr_decay=wsd --warmup_ratio=0.9",
+            r"warmup_ratio=0.9 and cooldown_ratio=0.2 overlap under lr_decay='wsd' .*; keep their sum at most 1",
+        ),
         ("--muon_momentum=1", r"muon_momentum=1.0: must be in \[0, 1\)"),
         ("--dist_timeout_minutes=inf", "dist_timeout_minutes=inf: must be a finite number"),
         ("--run_name=", "run_name='': must name the run's own directory under out_dir"),
@@ -68,7 +72,7 @@ def copy_run(finished, tmp_path) -> Path:
 def test_bad_values_are_refused_before_the_model_is_built(data, tmp_path, monkeypatch, override, message):
     monkeypatch.setattr(train, "GPT", None)  # building a model would be a TypeError
     with pytest.raises(UserError, match=message):
-        train.main(args(data, tmp_path, override))
+        train.main(args(data, tmp_path, *override.split(" ")))
     assert not (tmp_path / "run").exists()
 
 
@@ -246,7 +250,8 @@ def test_a_checkpoint_is_never_written_with_nonfinite_optimizer_state(data, tmp_
     with pytest.raises(
         UserError,
         match="step 4: .*wte.weight's exp_avg holds inf or NaN, or values near it, so no checkpoint is written; "
-        r"lower learning_rate \(or check the data\), then --resume=auto continues from .*ckpt_0000002, which is intact",
+        r"lower learning_rate \(and muon_learning_rate with Muon\) or check the data, then --resume=auto continues "
+        r"from .*ckpt_0000002, which is intact",
     ):
         train.main(args(data, tmp_path, "--max_steps=8", "--checkpoint_interval=2", "--log_interval=4"))
     assert latest_checkpoint(tmp_path / "run").name == "ckpt_0000002"
@@ -257,7 +262,8 @@ def test_an_update_that_makes_weights_nonfinite_stops_the_run_at_that_step(data,
     # 1e37 makes them finite but ~1e37, whose squares overflow: diverged as surely.
     huge = ["--learning_rate=1e39", "--warmup_ratio=0", "--log_interval=3"]
     message = (
-        r"step {}: its update left weights holding inf or NaN, or near it .*run stops here; lower learning_rate, then "
+        r"step {}: its update left weights holding inf or NaN, or near it .*run stops here; lower learning_rate "
+        r"\(and muon_learning_rate with Muon\), then "
     )
     with pytest.raises(
         UserError, match=message.format(1) + r"--resume=auto starts the run again \(no checkpoint yet\)"
