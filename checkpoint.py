@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 
 import tokenizer
 from checksums import Damaged, checksum_problem, sha256, write_checksums
-from common import UserError, first_nonfinite, first_sentence, fsync, hold_lock, publish, temp_path
+from common import LOWER_LEARNING_RATE, UserError, first_nonfinite, first_sentence, fsync, hold_lock, publish, temp_path
 from distributed import Job
 from hf import from_pretrained, save_pretrained
 from model import GPT
@@ -370,9 +370,7 @@ class Checkpointer:
             if broken := nonfinite_tensor(self.model, self.optimizer):
                 raise UserError(
                     f"step {step}: {broken} holds inf or NaN, or values near it, so no checkpoint is written; "
-                    + then_resume(
-                        self.run_dir, "lower learning_rate (and muon_learning_rate with Muon) or check the data"
-                    )
+                    + then_resume(self.run_dir, f"{LOWER_LEARNING_RATE} or check the data")
                 )
             state = TrainerState(
                 step, self.scheduler.state_dict(), rng_by_rank, self.data_order, nonfinite_steps, wandb_run_id

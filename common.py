@@ -9,6 +9,9 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+# The fix a diverged run's message names: both optimizers' rates (optimizer='muon' trains the blocks with its own).
+LOWER_LEARNING_RATE = "lower learning_rate (and muon_learning_rate with Muon)"
+
 
 class UserError(ValueError):
     """A mistake or an environment problem the user fixes (a bad value, a missing file, the Hub out of

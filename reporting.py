@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import TrainerState, make_dir, then_resume, unwritable
-from common import UserError, atomic_write_bytes
+from common import LOWER_LEARNING_RATE, UserError, atomic_write_bytes
 from distributed import Job
 from evaluator import EvalResult
 from model import GPT
@@ -116,8 +116,7 @@ class Reporter:
             if weights_broken:
                 raise UserError(
                     f"step {s}: its update left weights holding inf or NaN, or near it (loss {loss:.4g}, grad norm "
-                    f"{grad_norm:.4g}), so the run stops here; "
-                    + self._then_resume("lower learning_rate (and muon_learning_rate with Muon)")
+                    f"{grad_norm:.4g}), so the run stops here; " + self._then_resume(LOWER_LEARNING_RATE)
                 )
             if skipped:
                 self._skipped(s, loss, grad_norm)
@@ -137,7 +136,7 @@ class Reporter:
         if self._in_a_row == NONFINITE_STEPS_BEFORE_STOP:
             raise UserError(
                 f"loss was non-finite for {self._in_a_row} steps in a row (up to step {step}); "
-                + self._then_resume("lower learning_rate (and muon_learning_rate with Muon) or check the data")
+                + self._then_resume(f"{LOWER_LEARNING_RATE} or check the data")
             )
 
     def _then_resume(self, fix: str) -> str:
