@@ -126,6 +126,9 @@ def bench_optimizer(cfg):
             for lr in MUON_LRS
         })  # fmt: skip
         muon_lr = min(muon_sweep, key=lambda lr: muon_sweep[lr][0])
+        schedule = report("AdamW + wsd, the schedule alone", {adamw_lr: run(
+            "adamw_wsd", learning_rate=adamw_lr, **{**adamw, "lr_decay": "wsd", "cooldown_ratio": 0.2},
+        )})  # fmt: skip
         whole = report("Muon, c_attn whole", {muon_lr: run(
             "whole", variant="tuning.train_with_c_attn_whole", learning_rate=adamw_lr, muon_learning_rate=muon_lr,
             max_steps=OPTIMIZER_STEPS, **muon,
@@ -145,6 +148,9 @@ def bench_optimizer(cfg):
          "reference": np.mean(adamw_losses), "ours_runs": muon_losses, "reference_runs": adamw_losses},
         {"what": f"optimizer, {size}: val loss in {OPTIMIZER_STEPS} steps, Muon with c_attn as q, k, v apart vs whole "
                  "(lower is better)", "unit": "loss", "ours": muon_sweep[muon_lr][0], "reference": whole[muon_lr][0]},
+        {"what": f"optimizer, {size}: val loss in {OPTIMIZER_STEPS} steps, AdamW + wsd vs AdamW + linear, seed 0 (the "
+                 "schedule's part of Muon's gain; lower is better)", "unit": "loss", "ours": schedule[adamw_lr][0],
+         "reference": adamw_sweep[adamw_lr][0]},
         {"what": f"optimizer, {size}: s a step, Muon vs AdamW (lower is better)", "unit": "s",
          "ours": muon_sweep[muon_lr][1], "reference": adamw_sweep[adamw_lr][1]},
         {"what": "optimizer, GPT-2 124M's block matrices: s a Muon step on 2 torchrun ranks of this CPU (gloo), one "

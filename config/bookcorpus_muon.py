@@ -5,9 +5,10 @@
 #   torchrun --standalone --nproc_per_node=8 train.py config/bookcorpus_muon.py
 # Measured (BENCHMARKS.md, optimizer; CPU): on a 6-layer, 256-wide GPT-2 on the Austen shards, 1,024 tokens a
 # step, Muon (lr 0.01, c_attn as q, k, v apart) + wsd reached in 0.6x the tokens a lower val loss (4.877, 3
-# seeds; lr 0.005: 4.868) than AdamW at its swept optimum in all of them (4.993). Not measured: this model,
-# this data, this batch (64x those tokens; the speedrun's Muon takes 0.05 at 512x), a GPU; the lr carries over
-# widths by torch's 'original' adjustment (sqrt(max(1, rows / cols)) per matrix).
+# seeds; lr 0.005: 4.868) than AdamW at its swept optimum in all of them (4.993 with linear decay; 4.893 with
+# wsd too, the margin then about the seeds' spread). Not measured: this model, this data, this batch (64x
+# those tokens; the speedrun's Muon takes 0.05 at 512x), a GPU; the lr carries over widths by torch's
+# 'original' adjustment (sqrt(max(1, rows / cols)) per matrix).
 import pathlib
 import runpy
 
