@@ -24,8 +24,8 @@ batch_size = 4
 max_steps = 1600
 
 # Muon on the blocks' matrices, AdamW on the rest, warmup-stable-decay: val 4.21 after 1,600 steps where AdamW
-# (lr 2e-3, linear decay, the best of its sweep) gave 4.52 after 2,000 (bench.py --sections=quickstart,
-# BENCHMARKS.md)
+# (lr 2e-3, the best of its sweep) gave 4.52 after 2,000 with linear decay, 4.46 with wsd
+# (bench.py --sections=quickstart, BENCHMARKS.md)
 optimizer = "muon"
 muon_learning_rate = 0.01  # of 0.005, 0.01 and 0.02 (0.005 ended within 0.004 of it)
 learning_rate = 2e-3  # AdamW's, on the embeddings, LayerNorms and biases
