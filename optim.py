@@ -15,6 +15,7 @@ from torch import nn
 from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 from torch.optim.lr_scheduler import LambdaLR
 
+from common import UserError
 from model import GPT
 
 
@@ -205,6 +206,21 @@ def muon_adamw(
         rank=rank, world_size=world_size,
     )  # fmt: skip
     return MuonAdamW(muon, rest)
+
+
+def check_schedule(warmup_ratio: float, decay: str, cooldown_ratio: float) -> None:
+    """Refuses lr_schedule's arguments that name no schedule, or one whose phases overlap."""
+    if not 0 <= warmup_ratio <= 1:
+        raise UserError(f"warmup_ratio={warmup_ratio}: must be in [0, 1] (a fraction of the steps)")
+    if decay not in ("cosine", "linear", "wsd"):
+        raise UserError(f"lr_decay={decay!r}: use 'cosine', 'linear' or 'wsd'")
+    if not 0 < cooldown_ratio <= 1:
+        raise UserError(f"cooldown_ratio={cooldown_ratio}: must be in (0, 1] (a fraction of the steps)")
+    if decay == "wsd" and warmup_ratio + cooldown_ratio > 1:
+        raise UserError(
+            f"warmup_ratio={warmup_ratio} and cooldown_ratio={cooldown_ratio} overlap under lr_decay='wsd' "
+            "(the peak is never held); keep their sum at most 1"
+        )
 
 
 def lr_schedule(

@@ -56,7 +56,7 @@ from distributed import Job
 from evaluator import Evaluator
 from loss import compact_output_layer
 from model import GPT, GPTConfig
-from optim import adamw, clip_divisor, lr_schedule, muon_adamw
+from optim import adamw, check_schedule, clip_divisor, lr_schedule, muon_adamw
 from plot import plot_run
 from reporting import Reporter, flops_per_token, open_run
 from shards import TokenWindows
@@ -169,17 +169,7 @@ def check_config(cfg: TrainConfig, world_size: int) -> None:
     for key in ("dropout", "beta1", "beta2", "muon_momentum"):
         if not 0 <= (value := getattr(cfg, key)) < 1:
             raise UserError(f"{key}={value}: must be in [0, 1)")
-    if not 0 <= cfg.warmup_ratio <= 1:
-        raise UserError(f"warmup_ratio={cfg.warmup_ratio}: must be in [0, 1] (a fraction of the steps)")
-    if cfg.lr_decay not in ("cosine", "linear", "wsd"):
-        raise UserError(f"lr_decay={cfg.lr_decay!r}: use 'cosine', 'linear' or 'wsd'")
-    if not 0 < cfg.cooldown_ratio <= 1:
-        raise UserError(f"cooldown_ratio={cfg.cooldown_ratio}: must be in (0, 1] (a fraction of the steps)")
-    if cfg.lr_decay == "wsd" and cfg.warmup_ratio + cfg.cooldown_ratio > 1:
-        raise UserError(
-            f"warmup_ratio={cfg.warmup_ratio} and cooldown_ratio={cfg.cooldown_ratio} overlap under lr_decay='wsd' "
-            "(the peak is never held); keep their sum at most 1"
-        )
+    check_schedule(cfg.warmup_ratio, cfg.lr_decay, cfg.cooldown_ratio)
     if cfg.optimizer not in ("adamw", "muon"):
         raise UserError(f"optimizer={cfg.optimizer!r}: use 'adamw' or 'muon'")
     if cfg.run_name.strip() in ("", ".", "..") or Path(cfg.run_name).name != cfg.run_name or "\\" in cfg.run_name:
