@@ -24,6 +24,7 @@ from common import UserError
 from measure import (
     default_device,
     machine_name,
+    mean_tokens_per_s,
     prepare_austen,
     run_measured,
     run_train_py,
@@ -319,7 +320,7 @@ def bench_fidelity(cfg):
                 stdout = run_train_py(run, variant)
                 assert softmax in stdout, f"{side} did not take its softmax: {stdout[:2000]}"
                 losses[side].append(val_loss(latest_checkpoint(run_dir), val, cfg.device))
-                tokens_per_s = np.mean([r["tokens_per_s"] for r in timed_logs(run_dir)])
+                tokens_per_s = mean_tokens_per_s(run_dir)
                 seconds_per_step[side].append(8 * block_size / tokens_per_s)
                 print(f"fidelity, seed {seed}: {FIDELITY_SIDES[side]}: val loss {losses[side][-1]:.4f}", flush=True)
         for seed in range(cfg.fidelity_seeds):

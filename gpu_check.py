@@ -44,7 +44,9 @@ from common import UserError
 from measure import (
     ROOT,
     default_device,
+    last_val_loss,
     machine_name,
+    mean_tokens_per_s,
     prepare_austen,
     run_measured,
     run_records,
@@ -123,11 +125,10 @@ def throughput(cfg: GpuCheckConfig, out: Path, data_dir: Path) -> dict:
     results = {}
     for i, (name, (variant, batch)) in enumerate(variants.items()):
         stdout = run_train_py({**common, **batch, "run_name": f"v{i}"}, variant)
-        timed = timed_logs(out / f"v{i}")
         memory = re.search(r"memory: peak ([\d.]+) GiB in the first steps, ([\d.]+) GiB predicted", stdout)
         results[name] = {
-            "tokens_per_s": sum(r["tokens_per_s"] for r in timed) / len(timed),
-            "mfu": timed[-1]["mfu"],
+            "tokens_per_s": mean_tokens_per_s(out / f"v{i}"),
+            "mfu": timed_logs(out / f"v{i}")[-1]["mfu"],
             "micro_batch_size": int(re.search(r"x (\d+) sequences", stdout).group(1)),
             "softmax": "compact" if "one shared row" in stdout else "whole",
             "peak_gib": float(memory.group(1)) if memory else None,
@@ -212,7 +213,7 @@ def quickstart(cfg: GpuCheckConfig, out: Path) -> dict:
     run([sys.executable, "train.py", "config/austen.py", f"--data_dir={data_dir}", f"--out_dir={out}",
          f"--device={cfg.device}", *tiny], timeout=900)  # fmt: skip
     train_seconds = time.perf_counter() - started
-    val_loss = [r["val_loss"] for r in run_records(out / "austen") if "val_loss" in r][-1]
+    val_loss = last_val_loss(out / "austen")
     say(f"quickstart, train.py config/austen.py: {train_seconds:.1f} s, final val loss {val_loss:.3f}")
     started = time.perf_counter()
     sample = run([sys.executable, "sample.py", f"--ckpt={out / 'austen'}", f"--device={cfg.device}"]).stdout
@@ -274,9 +275,7 @@ def muon(cfg: GpuCheckConfig, out: Path, data_dir: Path) -> dict:
     results = {}
     for config in ("bookcorpus", "bookcorpus_muon"):
         run([sys.executable, "train.py", f"config/{config}.py", *(f"--{k}={v}" for k, v in keys.items())], timeout=900)
-        timed = timed_logs(out / config)
-        val_loss = [r["val_loss"] for r in run_records(out / config) if "val_loss" in r][-1]
-        results[config] = {"tokens_per_s": sum(r["tokens_per_s"] for r in timed) / len(timed), "val_loss": val_loss}
+        results[config] = {"tokens_per_s": mean_tokens_per_s(out / config), "val_loss": last_val_loss(out / config)}
         say(f"muon, config/{config}.py, {steps} steps of 8 x {keys['block_size']}: {results[config]}")
     results["Muon / AdamW tok/s"] = results["bookcorpus_muon"]["tokens_per_s"] / results["bookcorpus"]["tokens_per_s"]
     return results

@@ -101,6 +101,17 @@ def timed_logs(run_dir: Path) -> list[dict]:
     return [r for r in run_records(run_dir) if "tokens_per_s" in r][1:]
 
 
+def mean_tokens_per_s(run_dir: Path) -> float:
+    """The mean of a run's tokens/s over its timed logs."""
+    timed = timed_logs(run_dir)
+    return sum(r["tokens_per_s"] for r in timed) / len(timed)
+
+
+def last_val_loss(run_dir: Path) -> float:
+    """The val loss of a run's last eval."""
+    return [r["val_loss"] for r in run_records(run_dir) if "val_loss" in r][-1]
+
+
 def val_loss(model_dir: Path, windows: TokenWindows, device: str) -> float:
     """Mean next-token loss of the HF GPT-2 directory's model over every window, in fp32."""
     import torch

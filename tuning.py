@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 import configurator
-from measure import ROOT, prepare_austen, run_records, run_train_py
+from measure import ROOT, last_val_loss, prepare_austen, run_train_py, timed_logs
 
 
 def train_with_c_attn_whole() -> None:
@@ -90,10 +90,9 @@ MUON_LRS = (0.0025, 0.005, 0.01, 0.02, 0.04)  # Muon's; the rest takes AdamW's b
 
 def val_loss_and_step_seconds(overrides: dict, variant: str = "") -> tuple[float, float]:
     run_train_py(overrides, variant)
-    records = run_records(Path(overrides["out_dir"]) / overrides["run_name"])
-    step_seconds = np.mean([OPTIMIZER_SHAPE["batch_size"] * OPTIMIZER_SHAPE["block_size"] / r["tokens_per_s"]
-                            for r in records if "tokens_per_s" in r][1:])  # fmt: skip
-    return [r["val_loss"] for r in records if "val_loss" in r][-1], step_seconds
+    run_dir = Path(overrides["out_dir"]) / overrides["run_name"]
+    tokens = OPTIMIZER_SHAPE["batch_size"] * OPTIMIZER_SHAPE["block_size"]
+    return last_val_loss(run_dir), np.mean([tokens / r["tokens_per_s"] for r in timed_logs(run_dir)])
 
 
 def bench_optimizer(cfg):
