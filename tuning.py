@@ -37,24 +37,22 @@ def train_with_c_attn_whole() -> None:
 
 
 def muon_step_seconds() -> None:
-    """Under torchrun (gloo): prints the best of 3 Muon steps on GPT-2 124M's 48 block matrices (random
-    gradients, rank 0's clock between barriers), the orthogonalizations split over the ranks if argv[1] is
-    'split', else every rank doing them all."""
+    """Under torchrun (gloo): prints the best of 3 Muon steps (muon_adamw's, AdamW's part left out) on GPT-2
+    124M's 48 block matrices (random gradients, rank 0's clock between barriers), the orthogonalizations split
+    over the ranks if argv[1] is 'split', else every rank doing them all."""
     import torch
     import torch.distributed as dist
 
     import optim
+    from model import GPT, GPTConfig
 
     dist.init_process_group("gloo")
-    split, width = sys.argv[1] == "split", 768
-    matrices = {shape: [torch.nn.Parameter(torch.randn(shape)) for _ in range(12)]
-                for shape in [(3 * width, width), (width, width), (4 * width, width), (width, 4 * width)]}  # fmt: skip
-    groups = [{"params": params, "parts": 3 if shape[0] == 3 * width else 1} for shape, params in matrices.items()]
-    ranks = dict(rank=dist.get_rank(), world_size=dist.get_world_size()) if split else {}
-    muon = optim.Muon(groups, lr=0.01, weight_decay=0.0, adjust_lr_fn="original", **ranks)
-    for params in matrices.values():
-        for p in params:
-            p.grad = torch.randn_like(p)
+    ranks = dict(rank=dist.get_rank(), world_size=dist.get_world_size()) if sys.argv[1] == "split" else {}
+    model = GPT(GPTConfig())  # train.py's grouping of its matrices: c_attn as q, k, v apart
+    muon = optim.muon_adamw(model, 0.0, 0.0, (0.9, 0.999), 1e-8, muon_lr=0.01, muon_momentum=0.95,
+                            muon_weight_decay=0.0, **ranks)._muon  # fmt: skip
+    for p in optim.block_matrices(model):
+        p.grad = torch.randn_like(p)
     seconds = []
     for _ in range(3):
         dist.barrier()
